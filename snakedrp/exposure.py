@@ -1,0 +1,130 @@
+"""The ``Exposure``: image, mask and variance planes with WCS, PSF and zeropoint.
+
+On disk an exposure is a multi-extension FITS file readable by astropy and ds9:
+
+========  ==========================================================================
+HDU       content
+========  ==========================================================================
+PRIMARY   metadata (VISIT, CCD, FILTER, ...), ``ZEROPT``/``ZEROPTER`` (AB mag of 1
+          unit of image flux), provenance
+IMAGE     float32 ``(ny, nx)``; the fitted WCS in its header
+MASK      int32 bit mask; each plane declared as ``MP_<NAME> = bit``
+VARIANCE  float32, in image units squared
+PSF       the PSF model (see :mod:`snakedrp.psf`), when there is one
+========  ==========================================================================
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from .io import write_hdulist
+from .psf import PsfModel, psf_from_hdu
+
+#: Mask plane bits, as the LSST stack numbers them.
+MASK_PLANES: dict[str, int] = {
+    "BAD": 0,
+    "SAT": 1,
+    "INTRP": 2,
+    "CR": 3,
+    "EDGE": 4,
+    "DETECTED": 5,
+    "DETECTED_NEGATIVE": 6,
+    "SUSPECT": 7,
+    "NO_DATA": 8,
+}
+
+
+def mask_bit(name: str) -> int:
+    """Integer value of mask plane ``name`` (``1 << bit``)."""
+    return 1 << MASK_PLANES[name]
+
+
+def mask_bits(*names: str) -> int:
+    """OR of several mask planes' values."""
+    value = 0
+    for name in names:
+        value |= mask_bit(name)
+    return value
+
+
+@dataclass
+class Exposure:
+    """An image with its mask, variance, WCS, PSF and photometric zeropoint.
+
+    Attributes
+    ----------
+    image : ndarray, float32, shape (ny, nx)
+        Pixel values (electrons for calexps).
+    mask : ndarray, int32, shape (ny, nx)
+        Bit mask; see :data:`MASK_PLANES`.
+    variance : ndarray, float32, shape (ny, nx)
+        Per-pixel variance in image units squared.
+    wcs : astropy.wcs.WCS or None
+        Pixel → sky mapping (zero-based pixel convention when used with ``origin=0``).
+    psf : PsfModel or None
+    zeropoint, zeropoint_err : float or None
+        AB magnitude of a source of total flux 1 (image units), and its 1-sigma error.
+    metadata : astropy.io.fits.Header
+        VISIT, CCD, FILTER, DATE-OBS, EXPTIME, ... and provenance keys.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    variance: np.ndarray
+    wcs: WCS | None = None
+    psf: PsfModel | None = None
+    zeropoint: float | None = None
+    zeropoint_err: float | None = None
+    metadata: fits.Header = field(default_factory=fits.Header)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.image.shape
+
+    def to_hdulist(self) -> fits.HDUList:
+        primary = fits.PrimaryHDU(header=self.metadata.copy())
+        if self.zeropoint is not None:
+            primary.header["ZEROPT"] = (float(self.zeropoint), "AB mag of a source of total flux 1")
+            primary.header["ZEROPTER"] = (float(self.zeropoint_err or 0.0), "zeropoint 1-sigma error [mag]")
+        image_header = self.wcs.to_header(relax=True) if self.wcs is not None else fits.Header()
+        hdus = [
+            primary,
+            fits.ImageHDU(self.image.astype(np.float32), header=image_header, name="IMAGE"),
+            fits.ImageHDU(self.mask.astype(np.int32), name="MASK"),
+            fits.ImageHDU(self.variance.astype(np.float32), header=image_header, name="VARIANCE"),
+        ]
+        for name, bit in MASK_PLANES.items():
+            hdus[2].header[f"MP_{name}"] = (bit, f"mask plane {name} is bit {bit}")
+        if self.psf is not None:
+            hdus.append(self.psf.to_hdu())
+        return fits.HDUList(hdus)
+
+    def write(self, path: str | Path) -> None:
+        """Write atomically as a multi-extension FITS file (layout in the module docstring)."""
+        write_hdulist(self.to_hdulist(), path)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Exposure":
+        """Read a file written by :meth:`write`."""
+        with fits.open(path) as hdul:
+            primary = hdul[0].header.copy()
+            image = hdul["IMAGE"].data.astype(np.float32)
+            wcs = WCS(hdul["IMAGE"].header) if "CTYPE1" in hdul["IMAGE"].header else None
+            mask = hdul["MASK"].data.astype(np.int32)
+            variance = hdul["VARIANCE"].data.astype(np.float32)
+            psf = psf_from_hdu(hdul["PSF"]) if "PSF" in hdul else None
+        return cls(
+            image=image,
+            mask=mask,
+            variance=variance,
+            wcs=wcs,
+            psf=psf,
+            zeropoint=primary.get("ZEROPT"),
+            zeropoint_err=primary.get("ZEROPTER"),
+            metadata=primary,
+        )

@@ -1,0 +1,54 @@
+"""File writing helpers: every product is written atomically (temporary file, then rename)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from astropy.io import fits
+from astropy.table import Table
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    A job killed half-way leaves no partial product behind, so Snakemake never mistakes
+    a truncated file for a finished one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_hdulist(hdulist: fits.HDUList, path: str | Path) -> None:
+    """Write a FITS HDU list atomically, with checksums."""
+    with atomic_path(path) as tmp:
+        hdulist.writeto(tmp, overwrite=True, checksum=True)
+
+
+def write_table(table: Table, path: str | Path, *, parquet: bool = False) -> None:
+    """Write an astropy table as FITS (units and descriptions kept), and Parquet beside it.
+
+    The Parquet copy, when asked for, goes to the same path with a ``.parq`` suffix.
+    """
+    with atomic_path(path) as tmp:
+        table.write(tmp, format="fits", overwrite=True)
+    if parquet:
+        ppath = Path(path).with_suffix(".parq")
+        with atomic_path(ppath) as tmp:
+            table.write(tmp, format="parquet", overwrite=True)
+
+
+def write_text(text: str, path: str | Path) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)

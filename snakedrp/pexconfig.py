@@ -1,0 +1,203 @@
+"""Typed, documented task configs (the role pex_config plays in the LSST stack).
+
+A config is a dataclass whose every field is made with :func:`option` (a scalar or list with a
+type, default, one-line doc and optional range/choices) or :func:`subconfig` (a nested config).
+The same classes give the JSON schema of ``config/config.yaml``, the ``show-config`` listing,
+and the typed objects the tasks read.
+
+Example
+-------
+>>> @dataclass
+... class IsrConfig(Config):
+...     do_flat: bool = option(True, "Divide by the master flat?")
+...     overscan_fit: str = option("median", "Overscan model", choices=("median", "poly"))
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config option is unknown, has the wrong type, or lies outside its allowed values."""
+
+
+def option(default, doc: str, *, min=None, max=None, choices=None):
+    """A config field with its default and one-line documentation.
+
+    Parameters
+    ----------
+    default
+        Default value (lists are copied per instance).
+    doc : str
+        One-line description, shown by ``show-config``; give units.
+    min, max : float, optional
+        Inclusive bounds for numbers.
+    choices : sequence, optional
+        Allowed values.
+    """
+    meta = {"doc": doc, "min": min, "max": max, "choices": tuple(choices) if choices else None}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def subconfig(cls, doc: str):
+    """A nested config section of class ``cls``."""
+    return dataclasses.field(default_factory=cls, metadata={"doc": doc, "subconfig": cls})
+
+
+@dataclass
+class Config:
+    """Base class of all task configs."""
+
+    def validate(self) -> None:
+        """Cross-field checks; subclasses override and call ``super().validate()``."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Config):
+                value.validate()
+
+    # ------------------------------------------------------------ conversion
+    def to_dict(self) -> dict:
+        """Nested plain-Python dict of the values."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.to_dict() if isinstance(v, Config) else (list(v) if isinstance(v, tuple) else v)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict | None, *, path: str = "") -> "Config":
+        """Build a config from (possibly partial) nested values, checking names, types, ranges."""
+        values = dict(values or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            where = path or cls.__name__
+            raise ConfigError(
+                f"unknown option {path + '.' if path else ''}{unknown[0]} in {where}; "
+                f"allowed: {', '.join(sorted(known))}"
+            )
+        kwargs = {}
+        hints = typing.get_type_hints(cls)
+        for name, f in known.items():
+            dotted = f"{path}.{name}" if path else name
+            if "subconfig" in f.metadata:
+                kwargs[name] = f.metadata["subconfig"].from_dict(values.get(name), path=dotted)
+            elif name in values:
+                kwargs[name] = _check_value(dotted, values[name], hints[name], f.metadata)
+        obj = cls(**kwargs)
+        obj.validate()
+        return obj
+
+    def hash(self) -> str:
+        """Short stable hash of the values (recorded in product headers)."""
+        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+    # ------------------------------------------------------------ documentation
+    @classmethod
+    def describe(cls, prefix: str = "") -> list[dict]:
+        """One dict per leaf option: name (dotted), type, default, doc, min, max, choices."""
+        rows = []
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            name = f"{prefix}{f.name}"
+            if "subconfig" in f.metadata:
+                rows.extend(f.metadata["subconfig"].describe(prefix=name + "."))
+                continue
+            default = f.default if f.default is not MISSING else f.default_factory()
+            rows.append({
+                "name": name,
+                "type": _type_name(hints[f.name]),
+                "default": default,
+                "doc": f.metadata.get("doc", ""),
+                "min": f.metadata.get("min"),
+                "max": f.metadata.get("max"),
+                "choices": f.metadata.get("choices"),
+            })
+        return rows
+
+    @classmethod
+    def json_schema(cls) -> dict:
+        """JSON schema (draft 7) of this config section, with descriptions and defaults."""
+        props = {}
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if "subconfig" in f.metadata:
+                sub = f.metadata["subconfig"].json_schema()
+                sub["description"] = f.metadata["doc"]
+                props[f.name] = sub
+                continue
+            default = f.default if f.default is not MISSING else f.default_factory()
+            prop = _json_type(hints[f.name])
+            prop["description"] = f.metadata.get("doc", "")
+            prop["default"] = default
+            if f.metadata.get("min") is not None:
+                prop["minimum"] = f.metadata["min"]
+            if f.metadata.get("max") is not None:
+                prop["maximum"] = f.metadata["max"]
+            if f.metadata.get("choices"):
+                prop["enum"] = list(f.metadata["choices"])
+            props[f.name] = prop
+        return {"type": "object", "properties": props, "additionalProperties": False,
+                "description": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""}
+
+
+# ---------------------------------------------------------------- helpers
+_SCALARS = {bool: "boolean", int: "integer", float: "number", str: "string"}
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        (arg, *_) = typing.get_args(tp) or (Any,)
+        return f"list[{getattr(arg, '__name__', str(arg))}]"
+    if origin is typing.Union:
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _json_type(tp) -> dict:
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        (arg, *_) = typing.get_args(tp) or (Any,)
+        return {"type": "array", "items": _json_type(arg)}
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        types = [_SCALARS.get(a, "null" if a is type(None) else "object") for a in args]
+        return {"type": types}
+    if tp is type(None):
+        return {"type": "null"}
+    return {"type": _SCALARS.get(tp, "object")}
+
+
+def _check_value(name: str, value, tp, meta):
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"option {name} must be a list, got {value!r}")
+        (arg, *_) = typing.get_args(tp) or (Any,)
+        return [_check_value(f"{name}[{i}]", v, arg, {}) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp in _SCALARS and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"option {name} must be {tp.__name__}, got {value!r} ({type(value).__name__})")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"option {name} = {value!r} is not allowed; choose from {', '.join(map(repr, choices))}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        raise ConfigError(f"option {name} = {value!r} is outside [{lo}, {hi}]")
+    return value
