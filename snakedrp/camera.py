@@ -82,9 +82,11 @@ class Ccd:
 
 @dataclass(frozen=True)
 class Filter:
-    """Photometric band: name, zeropoint (AB mag giving 1 e-/s), sky (mag/arcsec^2), fringes."""
+    """Photometric filter: name, band (refcat column suffix), zeropoint (AB mag giving 1 e-/s),
+    sky brightness (AB mag/arcsec^2), whether it fringes."""
 
     name: str
+    band: str
     zeropoint: float
     sky_brightness: float
     fringe: bool = False
@@ -145,7 +147,7 @@ class Camera:
                 defects=defects,
             )
         filters = {
-            name: Filter(name=name, zeropoint=float(f["zeropoint"]),
+            name: Filter(name=name, band=str(f["band"]), zeropoint=float(f["zeropoint"]),
                          sky_brightness=float(f["sky_brightness"]), fringe=bool(f.get("fringe", False)))
             for name, f in spec["filters"].items()
         }

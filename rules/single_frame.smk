@@ -1,0 +1,28 @@
+# Single-frame processing (processCcd): ISR → characterize → calibrate in one process per CCD,
+# writing calexp, src (FITS + Parquet), icSrc, calexpBackground and srcMatch.
+
+
+rule process_ccd:
+    input:
+        unpack(get_process_ccd_calibs),
+        raw=get_raw,
+        refcat=get_refcat_index,
+        camera=str(CAMERA_PATH),
+    output:
+        calexp=butler_template("calexp"),
+        src=butler_template("src"),
+        icsrc=butler_template("icSrc"),
+        background=butler_template("calexpBackground"),
+        matches=butler_template("srcMatch"),
+    params:
+        config=section_params("isr", "characterize", "calibrate"),
+    log:
+        log_path("process_ccd", "visit", "ccd"),
+    benchmark:
+        benchmark_path("process_ccd", "visit", "ccd")
+    threads: 1
+    resources:
+        mem_mb=1500,
+        runtime=15,
+    script:
+        "../scripts/process_ccd.py"

@@ -1,0 +1,212 @@
+"""The whole config tree: every stage's section, overrides, ``show-config`` and provenance.
+
+``PipelineConfig`` gathers the sections each stage defines in its own module. Values come,
+in order of precedence, from the dataclass defaults, ``config/config.yaml``, any partial config
+files (``--configfile``) and the command line (``--config``); the last one wins. Keys may be
+nested dicts or dotted names (``isr.do_flat: false``).
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import importlib.metadata
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .calibrate import CalibrateConfig
+from .calibs import CalibsConfig
+from .characterize import CharacterizeConfig
+from .isr import IsrConfig
+from .pexconfig import Config, ConfigError, option, subconfig
+from .registry import IngestConfig
+from .simulate import SimulateConfig
+from .validate import ValidateConfig
+
+#: Packages whose versions every product records.
+KEY_PACKAGES = ("snakedrp", "numpy", "scipy", "astropy", "galsim", "sep", "astroscrappy")
+
+
+@dataclass
+class PipelineConfig(Config):
+    """snakedrp configuration: the data repository, the rerun, and every stage's options."""
+
+    repo: str = option("data/ci_repo", "Data repository root (raw, CALIB, ref_cats, registry, rerun/)")
+    rerun: str = option("ci", "Output rerun name, or 'parent:child' to chain a new rerun onto a parent")
+    id: list[str] = option([], "Data IDs to process, LSST --id syntax (e.g. 'visit=903334..903338:2 ccd=0^1'); empty = all")
+    camera: str = option("ci", "Camera YAML (name in config/cameras/ or a path) used when the workflow simulates the repo")
+    refcat: str = option("sim_gaia", "Reference catalog name under <repo>/ref_cats/")
+    clobber_config: bool = option(False, "Allow running a rerun with a config different from the one it was made with (affected products are rebuilt)")
+    simulate: SimulateConfig = subconfig(SimulateConfig, "Simulated demo/test data (used when the repo has no registry yet)")
+    ingest: IngestConfig = subconfig(IngestConfig, "Ingest of raw files into the registry")
+    calibs: CalibsConfig = subconfig(CalibsConfig, "Master calibrations (constructBias/Dark/Flat/Fringe)")
+    isr: IsrConfig = subconfig(IsrConfig, "Instrument signature removal")
+    characterize: CharacterizeConfig = subconfig(CharacterizeConfig, "Characterize: background, PSF, cosmic rays, aperture correction")
+    calibrate: CalibrateConfig = subconfig(CalibrateConfig, "Calibrate: detection, measurement, astrometry, photometry")
+    validate: ValidateConfig = subconfig(ValidateConfig, "Validation against simulator truth: accuracy goals")
+
+
+# ------------------------------------------------------------------ merging
+def expand_dotted(values: dict) -> dict:
+    """Turn ``{"isr.do_flat": False}`` into ``{"isr": {"do_flat": False}}`` (recursively merged)."""
+    out: dict = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            value = expand_dotted(value)
+        parts = str(key).split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"option {key}: {p} is not a section")
+        merge_into(node, {parts[-1]: value})
+    return out
+
+
+def merge_into(base: dict, update: dict) -> dict:
+    """Recursively merge ``update`` into ``base`` in place (as Snakemake merges configs)."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge_into(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def _leaves(values: dict, prefix: str = ""):
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _leaves(value, name + ".")
+        else:
+            yield name, value
+
+
+def resolve(sources: list[tuple[str, dict]]) -> tuple[PipelineConfig, dict[str, str]]:
+    """Merge config sources in order and validate them.
+
+    Parameters
+    ----------
+    sources : list of (label, dict)
+        E.g. ``[("config/config.yaml", {...}), ("command line", {...})]``; later wins.
+
+    Returns
+    -------
+    config : PipelineConfig
+    origin : dict
+        Dotted option name → label of the source that set it (``"default"`` if none did).
+    """
+    merged: dict = {}
+    origin: dict[str, str] = {}
+    for label, values in sources:
+        values = expand_dotted(normalize_ids(values or {}))
+        for name, _ in _leaves(values):
+            origin[name] = label
+        merge_into(merged, values)
+    config = PipelineConfig.from_dict(merged)
+    for row in PipelineConfig.describe():
+        origin.setdefault(row["name"], "default")
+    return config, origin
+
+
+def normalize_ids(values: dict) -> dict:
+    """Accept ``id`` as one string (``--config id="visit=1"``) as well as a list of strings."""
+    if isinstance(values.get("id"), str):
+        values = {**values, "id": [values["id"]]}
+    return values
+
+
+# ------------------------------------------------------------------ show-config
+def format_config(config: PipelineConfig, origin: dict[str, str] | None = None, pattern: str | None = None) -> str:
+    """The resolved config as commented YAML-like lines, one option each (``--show=config``).
+
+    Each option is preceded by its description, type, default, allowed values and the source
+    of its value. ``pattern`` is a glob on dotted names (e.g. ``"isr.*"``, ``"*fringe*"``).
+    """
+    values = dict(_leaves(config.to_dict()))
+    lines = []
+    for row in PipelineConfig.describe():
+        name = row["name"]
+        if pattern and not fnmatch.fnmatch(name, pattern) and pattern not in name:
+            continue
+        allowed = ""
+        if row["choices"]:
+            allowed = f"; one of {', '.join(map(str, row['choices']))}"
+        elif row["min"] is not None or row["max"] is not None:
+            allowed = f"; range [{row['min']}, {row['max']}]"
+        source = (origin or {}).get(name, "default")
+        lines.append(f"# {row['doc']} ({row['type']}, default {row['default']!r}{allowed}) [from {source}]")
+        lines.append(f"{name}: {yaml.safe_dump(values[name], default_flow_style=True).strip().removesuffix('...').strip()}")
+    return "\n".join(lines) + "\n"
+
+
+def default_config_yaml() -> str:
+    """Text of ``config/config.yaml``: every option at its default, grouped by section."""
+    header = (
+        "# snakedrp configuration: every science option of every stage, at its default.\n"
+        "# Generated from the config dataclasses (python -m snakedrp write-config); each option's\n"
+        "# description, type and range: python -m snakedrp show-config, or config/schema.yaml.\n"
+        "# Override on the command line: snakemake --config isr.do_flat=false, or\n"
+        "# --config isr='{do_flat: false}', or a partial file: --configfile my.yaml\n"
+    )
+    return header + yaml.safe_dump(PipelineConfig().to_dict(), sort_keys=False)
+
+
+def schema_yaml() -> str:
+    """Text of ``config/schema.yaml`` (JSON schema used by ``snakemake.utils.validate``)."""
+    schema = {"$schema": "http://json-schema.org/draft-07/schema#", **PipelineConfig.json_schema()}
+    # the workflow accepts a single id string as well as a list
+    schema["properties"]["id"] = {"type": ["string", "array"], "items": {"type": "string"},
+                                  "description": schema["properties"]["id"]["description"], "default": []}
+    return yaml.safe_dump(schema, sort_keys=False)
+
+
+# ------------------------------------------------------------------ provenance
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of the key packages, for provenance."""
+    versions = {"python": platform.python_version()}
+    for name in KEY_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def provenance_cards(section_name: str, section: Config) -> list[tuple[str, str, str]]:
+    """FITS header cards recording the config section (hash) and software versions."""
+    cards = [("CFGSECT", section_name, "config section that made this product"),
+             ("CFGHASH", section.hash(), "hash of that config section's values")]
+    for i, (name, version) in enumerate(package_versions().items()):
+        cards.append((f"SWNAM{i}", name, "software package"))
+        cards.append((f"SWVER{i}", version, f"version of {name}"))
+    return cards
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """Dotted names whose values differ between two config dicts."""
+    a, b = dict(_leaves(old)), dict(_leaves(new))
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def check_rerun_config(path: Path, config: PipelineConfig, *, clobber: bool) -> list[str]:
+    """Compare ``config`` with the one a rerun was made with (the equivalent of --clobber-config).
+
+    Returns the differing option names. Raises ConfigError if they differ and ``clobber`` is
+    false: products made with different configs must not be mixed silently in one rerun.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    old = yaml.safe_load(path.read_text()) or {}
+    ignore = {"id", "clobber_config", "rerun"}
+    diffs = [d for d in config_differences(old, config.to_dict()) if d.split(".")[0] not in ignore]
+    if diffs and not clobber:
+        raise ConfigError(
+            f"rerun config {path} differs from the current config in {', '.join(diffs[:8])}"
+            f"{' ...' if len(diffs) > 8 else ''}; use a new rerun name, or --config clobber_config=true "
+            "to rebuild the affected products in this rerun"
+        )
+    return diffs

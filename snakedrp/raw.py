@@ -1,0 +1,100 @@
+"""Raw frames as the camera writes them: one FITS file per (visit, ccd), one HDU.
+
+The data are unsigned 16-bit ADU (``BITPIX=16``, ``BZERO=32768``) in the raw layout of the
+camera YAML (amplifier data in readout order, each followed by its serial overscan). The
+header carries the keys in :data:`REQUIRED_KEYS` and a nominal TAN WCS for the *assembled*
+CCD pixel grid, built from the telescope pointing without the optical distortion.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+#: Header keys every raw frame must carry, with their meaning.
+REQUIRED_KEYS: dict[str, str] = {
+    "VISIT": "exposure (visit) number",
+    "CCD": "detector id, as in the camera YAML",
+    "FILTER": "filter name; NONE for bias and dark",
+    "OBSTYPE": "science, bias, dark, flat or fringe",
+    "DATE-OBS": "UTC start of the exposure, ISO 8601",
+    "MJD-OBS": "MJD (UTC) of the exposure start",
+    "EXPTIME": "exposure time [s]",
+    "DARKTIME": "dark time [s]",
+    "AIRMASS": "airmass at the exposure start",
+    "TELRA": "telescope pointing RA [deg]",
+    "TELDEC": "telescope pointing Dec [deg]",
+    "ROTANG": "sky rotation angle of the focal plane [deg]",
+    "CAMERA": "camera name (config/cameras/<name>.yaml)",
+}
+
+OBSTYPES = ("science", "bias", "dark", "flat", "fringe")
+
+
+class RawError(ValueError):
+    """A raw file cannot be used: unreadable, truncated, or missing a required header key."""
+
+
+@dataclass
+class RawFrame:
+    """A raw CCD frame.
+
+    Attributes
+    ----------
+    data : ndarray, float32, shape (ny_raw, nx_raw)
+        ADU in the camera's raw layout.
+    header : astropy.io.fits.Header
+    """
+
+    data: np.ndarray
+    header: fits.Header
+
+    @property
+    def visit(self) -> int:
+        return int(self.header["VISIT"])
+
+    @property
+    def ccd(self) -> int:
+        return int(self.header["CCD"])
+
+    @property
+    def filter(self) -> str:
+        return str(self.header["FILTER"])
+
+    @classmethod
+    def read(cls, path: str | Path) -> "RawFrame":
+        """Read and check a raw file; :class:`RawError` names the file and the problem."""
+        header = read_raw_header(path)
+        try:
+            with fits.open(path, memmap=False) as hdul:
+                data = hdul[0].data
+                if data is None or data.shape != (header["NAXIS2"], header["NAXIS1"]):
+                    raise RawError(f"{path}: data missing or of the wrong shape")
+                data = data.astype(np.float32)
+        except RawError:
+            raise
+        except Exception as err:  # astropy raises several types for damaged files
+            raise RawError(f"{path}: cannot read pixel data ({type(err).__name__}: {err})") from None
+        return cls(data=data, header=header)
+
+
+def read_raw_header(path: str | Path) -> fits.Header:
+    """Read a raw file's header, checking it is complete and that the file is not truncated."""
+    path = Path(path)
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            header = hdul[0].header.copy()
+            # truncation shows as a file shorter than header + data
+            expected = hdul[0]._data_offset + hdul[0]._data_size
+    except Exception as err:
+        raise RawError(f"{path}: not a readable FITS file ({type(err).__name__}: {err})") from None
+    if path.stat().st_size < expected:
+        raise RawError(f"{path}: truncated ({path.stat().st_size} bytes, header and data need {expected})")
+    missing = [k for k in REQUIRED_KEYS if k not in header]
+    if missing:
+        raise RawError(f"{path}: missing required header key(s) {', '.join(missing)}")
+    if header["OBSTYPE"] not in OBSTYPES:
+        raise RawError(f"{path}: OBSTYPE {header['OBSTYPE']!r} is not one of {', '.join(OBSTYPES)}")
+    return header

@@ -1,0 +1,200 @@
+"""Validation of single-frame processing against the simulator's truth.
+
+Each metric compares a pipeline product with what the simulator rendered, and carries its
+goal; :func:`check_goals` lists the failures. Matching between measured and true sources is by
+nearest neighbour in pixel coordinates of the same exposure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import galsim
+import numpy as np
+from astropy.table import Table
+from scipy.spatial import cKDTree
+
+from .exposure import Exposure, mask_bit
+from .pexconfig import Config, option
+
+
+@dataclass
+class ValidateConfig(Config):
+    """Accuracy goals of single-frame processing, checked against the simulator's truth."""
+
+    enabled: bool = option(True, "Run validation when the repository has simulator truth")
+    fail_on_goal: bool = option(True, "Fail the validation job when a figure falls past its goal")
+    match_radius: float = option(1.5, "Radius for matching measured to true sources [pixel]", min=0.1)
+    astrometry_snr_min: float = option(50.0, "S/N above which stars enter the astrometric RMS", min=1.0)
+    astrometry_rms_goal: float = option(10.0, "Goal: astrometric RMS of bright stars vs truth [mas]", min=0.0)
+    zeropoint_goal: float = option(5.0, "Goal: max |fitted - true| calexp zeropoint per CCD [mmag]", min=0.0)
+    psf_fwhm_goal: float = option(1.0, "Goal: RMS relative PSF FWHM error at reserved stars [%]", min=0.0)
+    psf_e_goal: float = option(0.005, "Goal: RMS PSF ellipticity (e1, e2) error at reserved stars", min=0.0)
+    cr_recovery_goal: float = option(95.0, "Goal: fraction of true cosmic-ray pixels flagged CR [%]", min=0.0, max=100.0)
+    cr_min_signal: float = option(5.0, "A true CR pixel counts if its deposit exceeds this many sigma of the noise", min=0.0)
+    completeness_snr: float = option(10.0, "S/N at which completeness is measured", min=1.0)
+    completeness_goal: float = option(90.0, "Goal: src completeness of isolated stars at that S/N [%]", min=0.0, max=100.0)
+    psf_flux_snr_min: float = option(100.0, "S/N above which stars enter the PSF-flux bias", min=1.0)
+    psf_flux_bias_goal: float = option(5.0, "Goal: |median PSF-flux bias| of bright stars [mmag]", min=0.0)
+    isolation_radius: float = option(8.0, "True stars with a brighter neighbour within this radius are not 'isolated' [pixel]", min=0.0)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One validation figure with its goal; ``passed`` when ``value`` is on the right side."""
+
+    name: str
+    value: float
+    goal: float
+    unit: str
+    n: int
+    higher_is_better: bool = False
+
+    @property
+    def passed(self) -> bool:
+        if not np.isfinite(self.value):
+            return False
+        return self.value >= self.goal if self.higher_is_better else self.value <= self.goal
+
+    def line(self) -> str:
+        rel = ">=" if self.higher_is_better else "<="
+        status = "PASS" if self.passed else "FAIL"
+        return f"{status} {self.name}: {self.value:.4g} {self.unit} (goal {rel} {self.goal:g}; n={self.n})"
+
+
+def match_sources(x_meas, y_meas, x_true, y_true, radius: float):
+    """Indices ``(i_meas, i_true)`` of nearest-neighbour matches within ``radius`` pixels."""
+    if len(x_meas) == 0 or len(x_true) == 0:
+        return np.array([], int), np.array([], int)
+    tree = cKDTree(np.column_stack([x_meas, y_meas]))
+    dist, idx = tree.query(np.column_stack([x_true, y_true]), distance_upper_bound=radius)
+    ok = np.isfinite(dist)
+    return idx[ok], np.nonzero(ok)[0]
+
+
+def isolated(x, y, flux, radius: float) -> np.ndarray:
+    """True where no brighter object lies within ``radius`` pixels."""
+    tree = cKDTree(np.column_stack([x, y]))
+    pairs = tree.query_pairs(radius, output_type="ndarray")
+    ok = np.ones(len(x), bool)
+    if len(pairs):
+        i, j = pairs[:, 0], pairs[:, 1]
+        ok[np.where(flux[j] > flux[i], i, j)] = False  # the fainter of each close pair
+    return ok
+
+
+def astrometric_errors_mas(src: Table, truth: Table, objects: Table, config: ValidateConfig) -> np.ndarray:
+    """Sky separation (mas) between measured and true positions of matched bright, unflagged stars."""
+    im, it = match_sources(src["x_centroid"], src["y_centroid"], truth["x"], truth["y"], config.match_radius)
+    snr = np.asarray(src["psf_flux"])[im] / np.asarray(src["psf_flux_err"])[im]
+    keep = (np.asarray(truth["type"])[it] == "star") & (snr > config.astrometry_snr_min)
+    keep &= ~_flagged(src)[im] & ~np.asarray(truth["saturated"], bool)[it]
+    im, it = im[keep], it[keep]
+    by_id = {int(i): k for k, i in enumerate(objects["id"])}
+    rows = np.array([by_id[int(i)] for i in truth["id"][it]], int)
+    ra_t, dec_t = np.asarray(objects["ra"])[rows], np.asarray(objects["dec"])[rows]
+    ra_m, dec_m = np.asarray(src["coord_ra"])[im], np.asarray(src["coord_dec"])[im]
+    dra = ((ra_m - ra_t + 180.0) % 360.0 - 180.0) * np.cos(np.deg2rad(dec_t))
+    return np.hypot(dra, dec_m - dec_t) * 3.6e6
+
+
+def _flagged(src: Table) -> np.ndarray:
+    flags = np.zeros(len(src), bool)
+    for name in src.colnames:
+        if name.startswith("flag_") and src[name].dtype == bool:
+            flags |= np.asarray(src[name])
+    return flags
+
+
+def psf_flux_ratios(src: Table, truth: Table, config: ValidateConfig) -> np.ndarray:
+    """measured/true PSF flux of matched, isolated, unflagged bright stars."""
+    iso = isolated(np.asarray(truth["x"]), np.asarray(truth["y"]), np.asarray(truth["flux"]), config.isolation_radius)
+    im, it = match_sources(src["x_centroid"], src["y_centroid"], truth["x"], truth["y"], config.match_radius)
+    snr = np.asarray(src["psf_flux"])[im] / np.asarray(src["psf_flux_err"])[im]
+    keep = (np.asarray(truth["type"])[it] == "star") & iso[it] & (snr > config.psf_flux_snr_min)
+    keep &= ~_flagged(src)[im] & ~np.asarray(truth["saturated"], bool)[it]
+    return np.asarray(src["psf_flux"])[im[keep]] / np.asarray(truth["flux"])[it[keep]]
+
+
+def completeness(src: Table, truth: Table, calexp: Exposure, psf_sigma: float, config: ValidateConfig):
+    """(n_detected, n_total) of isolated true stars whose expected PSF S/N is within 20 % of the target.
+
+    The expected S/N uses the true flux and the calexp variance at the star:
+    ``F / sqrt(F + 4 pi sigma^2 var_sky)`` (optimal PSF photometry of a Gaussian-like PSF).
+    """
+    x, y, flux = (np.asarray(truth[c], float) for c in ("x", "y", "flux"))
+    ny, nx = calexp.shape
+    inside = (x > 10) & (x < nx - 11) & (y > 10) & (y < ny - 11)
+    ix, iy = np.clip(np.round(x).astype(int), 0, nx - 1), np.clip(np.round(y).astype(int), 0, ny - 1)
+    bad = mask_bit("BAD") | mask_bit("SAT") | mask_bit("NO_DATA") | mask_bit("EDGE")
+    clean = (calexp.mask[iy, ix] & bad) == 0
+    sky_var = np.asarray(calexp.variance[iy, ix], float)
+    snr = flux / np.sqrt(np.maximum(flux, 0) + 4 * np.pi * psf_sigma**2 * sky_var)
+    iso = isolated(x, y, flux, config.isolation_radius)
+    target = config.completeness_snr
+    sel = (np.asarray(truth["type"]) == "star") & inside & clean & iso & (np.abs(snr / target - 1) < 0.2)
+    im, it = match_sources(src["x_centroid"], src["y_centroid"], x[sel], y[sel], config.match_radius)
+    return len(it), int(sel.sum())
+
+
+def cosmic_ray_recovery(calexp: Exposure, cr_truth: np.ndarray, truth: Table, psf_sigma: float,
+                        config: ValidateConfig):
+    """Cosmic-ray pixel recovery and the number of true star cores wrongly flagged CR.
+
+    ``cr_truth`` is the simulator's deposited cosmic-ray charge (e-) or a 0/1 mask; a pixel
+    counts when its deposit exceeds ``cr_min_signal`` sigma of the calexp noise there (a 0/1
+    mask counts every flagged pixel), and when it is not BAD/SAT/NO_DATA.
+    """
+    cr_flag = (calexp.mask & mask_bit("CR")) != 0
+    unusable = (calexp.mask & (mask_bit("BAD") | mask_bit("SAT") | mask_bit("NO_DATA"))) != 0
+    if cr_truth.dtype == np.uint8 or cr_truth.max() <= 1:
+        real = cr_truth > 0
+    else:
+        real = cr_truth > config.cr_min_signal * np.sqrt(np.maximum(calexp.variance, 1e-12))
+    real &= ~unusable
+    recovered = int((cr_flag & real).sum())
+    # star cores: the 3x3 pixels around every true, unsaturated star bright enough to have a core
+    stars = (np.asarray(truth["type"]) == "star") & ~np.asarray(truth["saturated"], bool)
+    ny, nx = calexp.shape
+    ix = np.round(np.asarray(truth["x"])[stars]).astype(int)
+    iy = np.round(np.asarray(truth["y"])[stars]).astype(int)
+    peak = np.asarray(truth["flux"])[stars] / (2 * np.pi * psf_sigma**2)
+    ok = (ix > 1) & (ix < nx - 2) & (iy > 1) & (iy < ny - 2)
+    ok &= peak > 5 * np.sqrt(np.median(calexp.variance))
+    cores_hit = 0
+    for cx, cy in zip(ix[ok], iy[ok]):
+        # a star core is "flagged" only if CR pixels sit there that are not real CR hits
+        box = np.s_[cy - 1:cy + 2, cx - 1:cx + 2]
+        if (cr_flag[box] & ~(cr_truth[box] > 0)).any():
+            cores_hit += 1
+    return recovered, int(real.sum()), cores_hit, int(ok.sum())
+
+
+def psf_shape_errors(calexp: Exposure, psf_sources: Table, true_psf_image) -> tuple[np.ndarray, np.ndarray]:
+    """Relative FWHM errors and (e1, e2) errors of the PSF model at the reserved PSF stars.
+
+    ``true_psf_image(x, y, shape)`` returns the true PSF (with the pixel) drawn centred on a
+    stamp of ``shape``; model and truth are both measured with GalSim adaptive moments.
+    """
+    rows = psf_sources[np.asarray(psf_sources["reserved"], bool)]
+    dsize, de = [], []
+    for x, y in zip(rows["x"], rows["y"]):
+        model = calexp.psf.kernel(float(x), float(y))
+        truth = true_psf_image(float(x), float(y), model.shape)
+        try:
+            mm = galsim.hsm.FindAdaptiveMom(galsim.Image(np.ascontiguousarray(model, dtype=np.float64)))
+            mt = galsim.hsm.FindAdaptiveMom(galsim.Image(np.ascontiguousarray(truth, dtype=np.float64)))
+        except galsim.errors.GalSimHSMError:
+            continue
+        dsize.append(mm.moments_sigma / mt.moments_sigma - 1.0)
+        de.append((mm.observed_shape.e1 - mt.observed_shape.e1, mm.observed_shape.e2 - mt.observed_shape.e2))
+    return np.asarray(dsize), np.asarray(de).reshape(-1, 2)
+
+
+def rms(values) -> float:
+    values = np.asarray(values, float)
+    return float(np.sqrt(np.mean(values**2))) if values.size else float("nan")
+
+
+def check_goals(metrics: list[Metric]) -> list[Metric]:
+    """The metrics that miss their goal."""
+    return [m for m in metrics if not m.passed]
