@@ -51,7 +51,8 @@ CAMERA = Camera.from_yaml(CAMERA_PATH)
 SIM_PARAMS = simulate.resolve_config(CFG.simulate)
 # Until ingest has run, the simulator's plan (cheap, no rendering) stands in for the registry,
 # so a dry run of a fresh demo already lists every job.
-SIMULATING = not REGISTRY_PATH.exists()
+SIMULATING = not REGISTRY_PATH.exists() and not (REPO / "raw").exists()
+INGESTED = REGISTRY_PATH.exists()
 
 
 def plan_registry_rows():
@@ -67,13 +68,16 @@ def plan_registry_rows():
     ]
 
 
-if SIMULATING:
+if INGESTED:
+    REGISTRY = Registry(REGISTRY_PATH)
+elif SIMULATING:
     REGISTRY = Registry.from_rows(plan_registry_rows())
 else:
-    REGISTRY = Registry(REGISTRY_PATH)
+    # Real raw data not yet ingested: only the ingest job can be known before the registry exists.
+    REGISTRY = Registry.from_rows([])
 
 try:
-    SCIENCE = dataid.select(REGISTRY.exposures(obstype="science"), dataid.parse_ids(CFG.id),
+    SCIENCE = [] if len(REGISTRY) == 0 else dataid.select(REGISTRY.exposures(obstype="science"), dataid.parse_ids(CFG.id),
                             keys=("visit", "ccd", "filter"))
 except dataid.DataIdError as err:
     sys.exit(f"snakedrp: data ID error: {err}")

@@ -99,7 +99,8 @@ class Exposure:
             fits.ImageHDU(self.variance.astype(np.float32), header=image_header, name="VARIANCE"),
         ]
         for name, bit in MASK_PLANES.items():
-            hdus[2].header[f"MP_{name}"] = (bit, f"mask plane {name} is bit {bit}")
+            key = f"MP_{name}" if len(name) <= 5 else f"HIERARCH MP_{name}"  # LSST's long keys
+            hdus[2].header[key] = (bit, f"mask plane {name} is bit {bit}")
         if self.psf is not None:
             hdus.append(self.psf.to_hdu())
         return fits.HDUList(hdus)

@@ -38,14 +38,30 @@ def write_hdulist(hdulist: fits.HDUList, path: str | Path) -> None:
 def write_table(table: Table, path: str | Path, *, parquet: bool = False) -> None:
     """Write an astropy table as FITS (units and descriptions kept), and Parquet beside it.
 
-    The Parquet copy, when asked for, goes to the same path with a ``.parq`` suffix.
+    The Parquet copy, when asked for, goes to the same path with a ``.parq`` suffix. Units
+    FITS cannot hold are mapped to FITS ones: ``electron`` (calexp counts) becomes ``ct``.
     """
+    table = table.copy(copy_data=False)
+    for col in table.itercols():
+        if col.unit is not None:
+            col.unit = _fits_unit(col.unit)
     with atomic_path(path) as tmp:
         table.write(tmp, format="fits", overwrite=True)
     if parquet:
         ppath = Path(path).with_suffix(".parq")
         with atomic_path(ppath) as tmp:
             table.write(tmp, format="parquet", overwrite=True)
+
+
+def _fits_unit(unit):
+    import astropy.units as u
+
+    if isinstance(unit, u.CompositeUnit) and u.electron in unit.bases:
+        out = u.Unit(unit.scale)
+        for base, power in zip(unit.bases, unit.powers):
+            out = out * (u.ct if base == u.electron else base) ** power
+        return out
+    return u.ct if unit == u.electron else unit
 
 
 def write_text(text: str, path: str | Path) -> None:

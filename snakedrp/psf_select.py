@@ -1,0 +1,218 @@
+"""PSF star selection on the size–flux stellar locus.
+
+Stars are the tight clump of the smallest adaptive-moment sizes among bright sources; because
+the PSF size and shape vary over the CCD, the locus is a low-order surface in (x, y), fitted
+with clipping to the clump and applied with an S/N-dependent tolerance. Stars must then have
+clean cores, a full kernel box on the CCD and no bright neighbour in it. A seeded fraction is
+reserved for validation and not fitted.
+"""
+from __future__ import annotations
+
+import galsim
+import numpy as np
+from astropy.table import Table
+from scipy.spatial import cKDTree
+
+from .psf import PsfConfig, PsfError, _bad_bits, _cutouts, _xy_columns, kernel_size_for, poly_basis
+
+#: Flux columns tried, in order, for the candidates' S/N and the isolation test.
+FLUX_COLUMNS = (("flux", "flux_err"), ("psf_flux", "psf_flux_err"), ("calib_flux", "calib_flux_err"),
+                ("ap_flux", "ap_flux_err"))
+
+
+def _flux_columns(table: Table) -> tuple[np.ndarray, np.ndarray]:
+    for name, err in FLUX_COLUMNS:
+        if name in table.colnames and err in table.colnames:
+            return np.asarray(table[name], float), np.asarray(table[err], float)
+    raise KeyError(f"source table needs one of the flux column pairs {FLUX_COLUMNS}; has {table.colnames}")
+
+
+def _flagged(table: Table) -> np.ndarray:
+    flags = np.zeros(len(table), bool)
+    for name in table.colnames:
+        if name.startswith("flag") and table[name].dtype == bool:
+            flags |= np.asarray(table[name])
+    return flags
+
+
+def measure_moments(image: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray,
+                    size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Adaptive moments (GalSim HSM) of sources on ``size``-sided stamps.
+
+    Parameters
+    ----------
+    image : ndarray, shape (ny, nx)
+        Background-subtracted image.
+    bad : ndarray of bool, shape (ny, nx)
+        Pixels to ignore.
+    x, y : ndarray
+        Zero-based positions; stamps must lie inside the image.
+
+    Returns
+    -------
+    sigma, e1, e2 : ndarray
+        ``det(M)**0.25`` [pixel] and the distortion; NaN where the moments fail.
+    """
+    half = size // 2
+    ix = np.floor(np.asarray(x) + 0.5).astype(int)
+    iy = np.floor(np.asarray(y) + 0.5).astype(int)
+    stamps = _cutouts(image, ix, iy, half).astype(np.float64)
+    badpix = _cutouts(bad, ix, iy, half).astype(np.int32)
+    out = np.full((3, len(ix)), np.nan)
+    for k in range(len(ix)):
+        res = galsim.hsm.FindAdaptiveMom(galsim.Image(stamps[k], copy=False),
+                                         badpix=galsim.Image(badpix[k], copy=False), strict=False)
+        if res.moments_status == 0:
+            out[:, k] = res.moments_sigma, res.observed_shape.e1, res.observed_shape.e2
+    return out[0], out[1], out[2]
+
+
+def _fit_surface(x, y, values, errors, keep, nsigma, shape, n_iter=6):
+    """Robust polynomial surface of ``values`` over the CCD, fitted to the ``keep`` rows.
+
+    The degree rises 0 -> 1 -> 2 (as the rows allow) while the rows are re-chosen among all with
+    ``|values - fit| < nsigma * s * errors``, ``s >= 1`` the robust scatter of the normalised
+    residuals: a contaminated first guess (galaxies next to the locus) is clipped before the
+    surface may bend towards it. Returns the fitted values at every row.
+    """
+    ny, nx = shape
+    u, v = (x - (nx - 1) / 2) / max((nx - 1) / 2, 1), (y - (ny - 1) / 2) / max((ny - 1) / 2, 1)
+    fit = np.full(len(values), np.median(values[keep]))
+    for it in range(n_iter):
+        z = (values - fit) / errors
+        scale = max(1.4826 * np.median(np.abs(z[keep] - np.median(z[keep]))), 1.0)
+        new = np.abs(z) < nsigma * scale
+        if new.sum() < 3:
+            break
+        keep = new
+        degree = min(it, 2 if keep.sum() >= 24 else (1 if keep.sum() >= 9 else 0))
+        if degree == 0:
+            fit = np.full(len(values), np.median(values[keep]))
+            continue
+        basis = poly_basis(u, v, degree)
+        sw = 1.0 / errors[keep]
+        coef = np.linalg.lstsq(basis[keep] * sw[:, None], values[keep] * sw, rcond=None)[0]
+        fit = basis @ coef
+    return fit
+
+
+def select_psf_stars(sources: Table, image: np.ndarray, mask: np.ndarray,
+                     config: PsfConfig | None = None) -> Table:
+    """Pick PSF stars from a source table and reserve a fraction of them.
+
+    Parameters
+    ----------
+    sources : Table
+        Detected sources: ``x, y`` (or ``x_centroid, y_centroid``; zero-based pixels), a flux
+        pair (``flux, flux_err`` or ``psf_flux``/``calib_flux``/``ap_flux`` and their ``_err``,
+        electrons). Boolean columns named ``flag*`` that are True exclude a source.
+    image : ndarray, shape (ny, nx)
+        Background-subtracted image [electrons].
+    mask : ndarray of int, shape (ny, nx)
+        Bit mask; ``config.bad_mask_planes`` mark unusable pixels.
+    config : PsfConfig
+
+    Returns
+    -------
+    Table
+        The selected rows of ``sources`` (input order) plus ``source_index`` (row in
+        ``sources``), ``moments_sigma`` [pixel], ``moments_e1``, ``moments_e2`` (adaptive
+        moments), ``psf_candidate`` (True) and ``reserved`` (held out of the PSF fit).
+
+    Raises
+    ------
+    PsfError
+        No stellar locus can be found (too few bright, unflagged sources).
+    """
+    config = config or PsfConfig()
+    ny, nx = image.shape
+    x, y = _xy_columns(sources)
+    flux, flux_err = _flux_columns(sources)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = flux / flux_err
+    bad = (np.asarray(mask) & _bad_bits(config.bad_mask_planes)) != 0
+    ms = config.moments_stamp_size
+    hm = ms // 2
+    ix = np.floor(x + 0.5)
+    iy = np.floor(y + 0.5)
+    ok = np.isfinite(x + y + snr) & (flux_err > 0) & (snr >= config.snr_min) & ~_flagged(sources)
+    ok &= (ix - hm >= 0) & (ix + hm < nx) & (iy - hm >= 0) & (iy + hm < ny)
+    cand = np.nonzero(ok)[0]
+    cand = cand[np.argsort(-snr[cand], kind="stable")][: config.max_candidates]
+    # a saturated or defective core spoils the moments; such sources cannot be PSF stars anyway
+    core = bad[iy[cand].astype(int), ix[cand].astype(int)]
+    cand = cand[~core]
+
+    sigma, e1, e2 = measure_moments(image, bad, x[cand], y[cand], ms)
+    good = np.isfinite(sigma) & (sigma > config.fwhm_min / 2.3548) & (sigma < config.fwhm_max / 2.3548)
+    cand, sigma, e1, e2 = cand[good], sigma[good], e1[good], e2[good]
+    if len(cand) < 5:
+        raise PsfError(f"no stellar locus: only {len(cand)} unflagged sources with S/N >= {config.snr_min:g} "
+                       f"and measurable sizes (of {len(sources)} sources)")
+
+    # the stellar clump: the smallest-size peak of the ln(size) density holding >= 30 % of the highest
+    ls = np.log(sigma)
+    w = config.locus_width
+    grid = np.arange(ls.min() - w, ls.max() + w, w / 8)
+    srt = np.sort(ls)
+    density = np.searchsorted(srt, grid + w) - np.searchsorted(srt, grid - w)
+    is_peak = (density >= np.maximum(0.3 * density.max(), 3))
+    is_peak &= density >= np.concatenate([[0], density[:-1]])
+    is_peak &= density >= np.concatenate([density[1:], [0]])
+    peak = grid[np.nonzero(is_peak)[0][0]]
+    members = np.abs(ls - peak) < w
+
+    # the locus as surfaces in (x, y), with S/N-dependent tolerances (size error ~ 1/SNR)
+    s = snr[cand]
+    err_ls = np.hypot(config.locus_min_width, 1.0 / s)
+    err_e = np.hypot(config.ellipticity_min_width, 2.0 / s)
+    xs, ys = x[cand], y[cand]
+    fit_ls = _fit_surface(xs, ys, ls, err_ls, members, config.locus_nsigma, (ny, nx))
+    star = np.abs(ls - fit_ls) < config.locus_nsigma * err_ls
+    if star.sum() >= 5:
+        fit_e1 = _fit_surface(xs, ys, e1, err_e, star, config.locus_nsigma, (ny, nx))
+        fit_e2 = _fit_surface(xs, ys, e2, err_e, star, config.locus_nsigma, (ny, nx))
+        star &= (np.abs(e1 - fit_e1) < config.locus_nsigma * err_e) & (np.abs(e2 - fit_e2) < config.locus_nsigma * err_e)
+    if star.sum() == 0:
+        raise PsfError("no stars on the stellar locus")
+
+    # clean core, whole kernel box (plus the resampling margin) on the CCD, no bright neighbour
+    fwhm = 2.3548 * float(np.median(sigma[star]))
+    half = kernel_size_for(fwhm, config) // 2
+    margin = half + 4
+    sel = cand[star]
+    isx, isy = ix[sel].astype(int), iy[sel].astype(int)
+    keep = (isx - margin >= 0) & (isx + margin < nx) & (isy - margin >= 0) & (isy + margin < ny)
+    rc = max(int(np.ceil(config.core_radius_fwhm * fwhm)), 1)
+    for k in np.nonzero(keep)[0]:
+        yy, xx = np.ogrid[-rc:rc + 1, -rc:rc + 1]
+        box = bad[isy[k] - rc: isy[k] + rc + 1, isx[k] - rc: isx[k] + rc + 1]
+        if (box & (xx**2 + yy**2 <= rc**2)).any():
+            keep[k] = False
+    reach = half + fwhm
+    finite = np.isfinite(x + y)
+    tree = cKDTree(np.column_stack([x[finite], y[finite]]))
+    index = np.nonzero(finite)[0]
+    for k in np.nonzero(keep)[0]:
+        i = sel[k]
+        near = index[tree.query_ball_point([x[i], y[i]], np.sqrt(2) * reach)]
+        near = near[(near != i) & (np.abs(x[near] - x[i]) <= reach) & (np.abs(y[near] - y[i]) <= reach)]
+        if (np.nan_to_num(flux[near], nan=np.inf) > config.isolation_flux_ratio * flux[i]).any():
+            keep[k] = False
+    chosen = np.sort(sel[keep])
+    lookup = {int(c): j for j, c in enumerate(cand)}
+    rows = np.array([lookup[int(c)] for c in chosen], int)
+
+    out = sources[chosen]
+    out["source_index"] = chosen
+    out["moments_sigma"] = sigma[rows]
+    out["moments_e1"] = e1[rows]
+    out["moments_e2"] = e2[rows]
+    out["psf_candidate"] = np.ones(len(out), bool)
+    reserved = np.zeros(len(out), bool)
+    n_reserve = int(round(config.reserve_fraction * len(out)))
+    if n_reserve:
+        rng = np.random.default_rng(config.reserve_seed)
+        reserved[rng.choice(len(out), n_reserve, replace=False)] = True
+    out["reserved"] = reserved
+    return out
