@@ -30,9 +30,12 @@ def atomic_path(path: str | Path):
 
 
 def write_hdulist(hdulist: fits.HDUList, path: str | Path) -> None:
-    """Write a FITS HDU list atomically, with checksums."""
+    """Write a FITS HDU list atomically.
+
+    No CHECKSUM cards: astropy dates their comments, and the same inputs must give the same bytes.
+    """
     with atomic_path(path) as tmp:
-        hdulist.writeto(tmp, overwrite=True, checksum=True)
+        hdulist.writeto(tmp, overwrite=True)
 
 
 def write_table(table: Table, path: str | Path, *, parquet: bool = False) -> None:
