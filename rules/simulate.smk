@@ -9,6 +9,7 @@ rule simulate_field:
     output:
         objects=str(TRUTH_DIR / "objects.fits"),
         visits=str(TRUTH_DIR / "visits.fits"),
+        exposures=str(TRUTH_DIR / "exposures.fits"),
         refcat=str(REPO / "ref_cats" / CFG.refcat / "index.json"),
         camera=str(REPO / "_camera.yaml"),
     params:

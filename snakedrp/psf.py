@@ -74,9 +74,14 @@ class PsfModel(ABC):
 
 def lanczos3(t: np.ndarray) -> np.ndarray:
     """Lanczos kernel of order 3 evaluated at offsets ``t`` (pixels)."""
+    return lanczos(t, 3)
+
+
+def lanczos(t: np.ndarray, order: int) -> np.ndarray:
+    """Lanczos kernel of integer ``order`` evaluated at offsets ``t`` (pixels)."""
     t = np.asarray(t, float)
-    out = np.sinc(t) * np.sinc(t / 3.0)
-    out[np.abs(t) >= 3.0] = 0.0
+    out = np.sinc(t) * np.sinc(t / order)
+    out[np.abs(t) >= order] = 0.0
     return out
 
 
@@ -162,28 +167,33 @@ def kernel_moments(kernel: np.ndarray) -> tuple[float, float, float]:
     return float(res.moments_sigma), float(res.observed_shape.e1), float(res.observed_shape.e2)
 
 
-def _lanczos_weights(d: np.ndarray) -> np.ndarray:
-    """Normalised Lanczos-3 taps for shifts ``d`` (shape (n,)): shape (n, 7), tap k is offset k - 3."""
-    w = lanczos3(np.arange(-3, 4)[None, :] - np.asarray(d, float)[:, None])
-    return w / w.sum(axis=1, keepdims=True)
+def _shift_matrices(d: np.ndarray, n: int, order: int) -> np.ndarray:
+    """Banded matrices ``M`` (shape (len(d), n, n)) with ``(M @ v)[i] = sum_o w_o v[i - o]``.
+
+    ``w_o`` are the normalised Lanczos taps ``L(o - d)``, ``o = -order..order``.
+    """
+    offsets = np.arange(-order, order + 1)
+    w = lanczos(offsets[None, :] - np.asarray(d, float)[:, None], order)
+    w /= w.sum(axis=1, keepdims=True)
+    m = np.zeros((len(w), n, n))
+    for k, o in enumerate(offsets):
+        i = np.arange(max(o, 0), min(n + o, n))
+        m[:, i, i - o] = w[:, k, None]
+    return m
 
 
-def shift_stack(stack: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
-    """:func:`shift_image` applied to each image of ``stack`` (shape (n, ny, nx)) by its own ``(dx, dy)``.
+def shift_stack(stack: np.ndarray, dx: np.ndarray, dy: np.ndarray, order: int = 3) -> np.ndarray:
+    """Shift each image of ``stack`` (shape (n, ny, nx)) by its own ``(dx, dy)`` (|d| <= 1/2 pixel).
 
-    Pixels within 3 of the border see zeros beyond it, exactly as :func:`shift_image` does.
+    Separable Lanczos resampling of the given ``order``; order 3 is :func:`shift_image`. Pixels
+    within ``order`` of the border see zeros beyond it. The shift is a product with two banded
+    matrices per image (BLAS is faster than one pass per tap).
     """
     stack = np.asarray(stack, float)
     n, ny, nx = stack.shape
-    wx, wy = _lanczos_weights(dx), _lanczos_weights(dy)
-    padded = np.pad(stack, ((0, 0), (3, 3), (3, 3)))
-    tmp = np.zeros((n, ny + 6, nx))
-    for k, o in enumerate(range(-3, 4)):
-        tmp += wx[:, k, None, None] * padded[:, :, 3 - o: 3 - o + nx]
-    out = np.zeros((n, ny, nx))
-    for k, o in enumerate(range(-3, 4)):
-        out += wy[:, k, None, None] * tmp[:, 3 - o: 3 - o + ny, :]
-    return out
+    mx = _shift_matrices(np.asarray(dx, float).reshape(n), nx, order)
+    my = _shift_matrices(np.asarray(dy, float).reshape(n), ny, order)
+    return my @ stack @ mx.transpose(0, 2, 1)
 
 
 def gaussian_centroid(stack: np.ndarray, sigma: float, *, n_iter: int = 8,
@@ -255,10 +265,10 @@ class PsfConfig(Config):
     moments_stamp_size: int = option(25, "Stamp side for the candidates' adaptive moments [pixel, odd]", min=9, max=101)
     fwhm_min: float = option(1.5, "Smallest plausible PSF FWHM [pixel]; smaller sources are artefacts", min=0.5)
     fwhm_max: float = option(20.0, "Largest plausible PSF FWHM [pixel]", min=1.0)
-    locus_width: float = option(0.12, "Half-width of the first stellar-locus window in ln(size) (0.12 = +-12 %)", min=0.01, max=1.0)
+    locus_width: float = option(0.03, "Half-width in ln(size) of the local stellar clump among each candidate's neighbours (0.03 = +-3 %)", min=0.005, max=1.0)
     locus_nsigma: float = option(3.0, "Keep stars within this many robust sigmas of the fitted size and ellipticity surfaces", min=1.0)
-    locus_min_width: float = option(0.015, "Floor on the accepted scatter in ln(size) about the size surface", min=0.0)
-    ellipticity_min_width: float = option(0.015, "Floor on the accepted scatter of (e1, e2) about the ellipticity surface", min=0.0)
+    locus_min_width: float = option(0.005, "Floor on the accepted scatter in ln(size) about the size surface", min=0.0)
+    ellipticity_min_width: float = option(0.01, "Floor on the accepted scatter of (e1, e2) about the ellipticity surface", min=0.0)
     isolation_flux_ratio: float = option(0.01, "A neighbour brighter than this fraction of a star's flux inside its kernel box (+1 FWHM) rejects the star", min=0.0)
     core_radius_fwhm: float = option(2.0, "A star with a masked pixel within this many FWHM of its centre is rejected", min=0.0)
     bad_mask_planes: list[str] = option(["BAD", "SAT", "CR", "INTRP", "EDGE", "NO_DATA", "SUSPECT"],
@@ -267,7 +277,7 @@ class PsfConfig(Config):
     reserve_seed: int = option(1, "Seed of the reserved-star draw (the draw is deterministic for a given star list)", min=0)
     # --- the model (build_psf)
     kernel_size: int = option(0, "PSF kernel side [pixel, odd]; 0 = automatic: 2 * ceil(kernel_radius_fwhm * FWHM) + 1", min=0, max=151)
-    kernel_radius_fwhm: float = option(3.5, "Automatic kernel half-size in units of the stars' FWHM", min=1.0, max=10.0)
+    kernel_radius_fwhm: float = option(3.0, "Automatic kernel half-size in units of the stars' FWHM", min=1.0, max=10.0)
     kernel_size_min: int = option(15, "Smallest automatic kernel side [pixel]", min=5)
     kernel_size_max: int = option(51, "Largest automatic kernel side [pixel]", min=5)
     degree: int = option(2, "Degree of the polynomial variation of every kernel pixel over the CCD", min=0, max=5)
@@ -277,6 +287,7 @@ class PsfConfig(Config):
     n_iter: int = option(3, "Fit / clip iterations", min=1, max=20)
     clip_sigma: float = option(4.0, "Reject stars whose residual chi^2 is this many robust sigmas above the median", min=1.0)
     pixel_clip_sigma: float = option(5.0, "Ignore star pixels this many sigmas off the model (cosmic rays, neighbours)", min=2.0)
+    resample_order: int = option(5, "Lanczos order of the stars' sub-pixel re-centring and of PixelPsf.draw (3 narrows a 3-px FWHM PSF by ~0.4 %)", choices=(3, 4, 5, 6, 7))
     model_error: float = option(0.02, "Fractional model error added to the pixel noise when clipping and weighting", min=0.0)
 
     def validate(self) -> None:
@@ -320,10 +331,12 @@ class PixelPsf(PsfModel):
         Normalisation of the CCD position [pixel].
     n_stars : int
         Stars the model was fitted to (provenance).
+    resample_order : int
+        Lanczos order of the sub-pixel shifts in :meth:`draw` (the order the model was built with).
     """
 
     def __init__(self, coeffs: np.ndarray, degree: int, x_center: float, x_scale: float,
-                 y_center: float, y_scale: float, n_stars: int = 0):
+                 y_center: float, y_scale: float, n_stars: int = 0, resample_order: int = 5):
         coeffs = np.asarray(coeffs, float)
         if coeffs.ndim != 3 or coeffs.shape[1] != coeffs.shape[2] or coeffs.shape[1] % 2 == 0:
             raise ValueError(f"coeffs must have shape (n_terms, n, n) with n odd, got {coeffs.shape}")
@@ -334,6 +347,7 @@ class PixelPsf(PsfModel):
         self.x_center, self.x_scale = float(x_center), float(x_scale)
         self.y_center, self.y_scale = float(y_center), float(y_scale)
         self.n_stars = int(n_stars)
+        self.resample_order = int(resample_order)
 
     @property
     def size(self) -> int:
@@ -355,6 +369,17 @@ class PixelPsf(PsfModel):
     def kernel(self, x, y):
         return self.kernels([x], [y])[0]
 
+    def draw(self, x, y):
+        """As :meth:`PsfModel.draw`, with the Lanczos-5 resampling the model was built with.
+
+        Lanczos-3 narrows a 3-4 pixel FWHM star by up to 0.7 % (at half-pixel shifts); order 5 by
+        < 0.2 %.
+        """
+        n = self.size
+        ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+        stamp = shift_stack(self.kernel(x, y)[None], [x - ix], [y - iy], order=self.resample_order)[0]
+        return stamp, ix - n // 2, iy - n // 2
+
     def to_hdu(self):
         hdu = fits.ImageHDU(self.coeffs, name="PSF")
         h = hdu.header
@@ -365,6 +390,7 @@ class PixelPsf(PsfModel):
         h["YCENTER"] = (self.y_center, "v = (y - YCENTER) / YSCALE, y zero-based [pixel]")
         h["YSCALE"] = (self.y_scale, "[pixel]")
         h["NSTARS"] = (self.n_stars, "stars in the fit")
+        h["RESAMPLE"] = (self.resample_order, "Lanczos order of sub-pixel shifts")
         h["TERMS"] = (" ".join(f"u{i}v{j}" for i, j in poly_terms(self.degree)), "plane k: u**i v**j")
         return hdu
 
@@ -372,7 +398,7 @@ class PixelPsf(PsfModel):
     def from_hdu(cls, hdu):
         h = hdu.header
         return cls(np.asarray(hdu.data, float), h["DEGREE"], h["XCENTER"], h["XSCALE"],
-                   h["YCENTER"], h["YSCALE"], h.get("NSTARS", 0))
+                   h["YCENTER"], h["YSCALE"], h.get("NSTARS", 0), h.get("RESAMPLE", 5))
 
 
 @dataclass(frozen=True)
@@ -480,7 +506,8 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
         sigma0 = 2.0
     size = kernel_size_for(2.3548 * sigma0, config)
     half = size // 2
-    pad = 3                                   # Lanczos-3 support
+    order = config.resample_order
+    pad = order                               # Lanczos support
     hs = half + pad + 1                       # raw stamp half-size: the centroid may move a pixel
 
     ix0 = np.floor(x_all + 0.5).astype(int)
@@ -511,7 +538,7 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
     # sub-pixel centroids: Gaussian-weighted, then re-checked on the resampled star
     dx, dy = gaussian_centroid(raw, sigma0, weights=(~bad).astype(float))
     for _ in range(2):
-        shifted = shift_stack(raw, -dx, -dy)
+        shifted = shift_stack(raw, -dx, -dy, order)
         rx, ry = gaussian_centroid(shifted, sigma0, weights=(~bad).astype(float), n_iter=3)
         dx, dy = dx + rx, dy + ry
     # move each star's stamp so that |offset| <= 0.5
@@ -531,9 +558,10 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
     basis = poly_basis((xc - x_center) / x_scale, (yc - y_center) / y_scale, degree)
 
     # first pass: box-sum fluxes and a robust (median) constant model
-    flux = shift_stack(raw, -dx, -dy)[inner].sum(axis=(1, 2))
+    centred = shift_stack(raw, -dx, -dy, order)[inner]
+    flux = centred.sum(axis=(1, 2))
     good_flux = flux > 0
-    norm = shift_stack(raw, -dx, -dy)[inner] / np.where(good_flux, flux, 1.0)[:, None, None]
+    norm = centred / np.where(good_flux, flux, 1.0)[:, None, None]
     coeffs = np.zeros((len(poly_terms(degree)), size, size))
     coeffs[0] = np.median(norm[good_flux], axis=0)
     use = good_flux.copy()
@@ -547,7 +575,7 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
         # the model at each star's sub-pixel position, in the raw stamp frame
         pred = np.zeros(raw.shape)
         pred[inner] = model
-        pred = shift_stack(pred, dx, dy)
+        pred = shift_stack(pred, dx, dy, order)
         # PSF-fit flux with model-based weights
         wfit = 1.0 / (sky_var[:, None, None] + np.maximum(flux, 0)[:, None, None] * np.maximum(pred, 0))
         wfit = np.where(pixel_bad, 0.0, wfit)
@@ -566,7 +594,7 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
         pixel_bad = bad | grown
         filled = np.where(pixel_bad, scaled, raw)
         fpos = np.where(flux > 0, flux, 1.0)
-        data = shift_stack(filled, -dx, -dy)[inner] / fpos[:, None, None]
+        data = shift_stack(filled, -dx, -dy, order)[inner] / fpos[:, None, None]
         weight = fpos[:, None, None] ** 2 / (sky_var[:, None, None] + fpos[:, None, None] * np.maximum(model, 0)
                                              + (config.model_error * fpos[:, None, None] * model) ** 2)
         # a bad raw pixel taints the resampled pixel at the same place (the shift is < 1/2 pixel)
@@ -588,7 +616,8 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
         new = _solve_pixels(data[use].reshape(use.sum(), -1), weight[use].reshape(use.sum(), -1), basis[use])
         coeffs = new.reshape(-1, size, size)
 
-    psf = PixelPsf(coeffs, degree, x_center, x_scale, y_center, y_scale, n_stars=int(use.sum()))
+    psf = PixelPsf(coeffs, degree, x_center, x_scale, y_center, y_scale, n_stars=int(use.sum()),
+                   resample_order=order)
     out = stars.copy()
     used = np.zeros(n_all, bool)
     used[cand[use]] = True

@@ -67,33 +67,47 @@ def measure_moments(image: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.nda
     return out[0], out[1], out[2]
 
 
-def _fit_surface(x, y, values, errors, keep, nsigma, shape, n_iter=6):
-    """Robust polynomial surface of ``values`` over the CCD, fitted to the ``keep`` rows.
+def _fit_surface(x, y, values, errors, keep, nsigma, shape, n_iter=5):
+    """Clipped polynomial surface of ``values`` over the CCD, first fitted to the ``keep`` rows.
 
-    The degree rises 0 -> 1 -> 2 (as the rows allow) while the rows are re-chosen among all with
-    ``|values - fit| < nsigma * s * errors``, ``s >= 1`` the robust scatter of the normalised
-    residuals: a contaminated first guess (galaxies next to the locus) is clipped before the
-    surface may bend towards it. Returns the fitted values at every row.
+    The rows are then re-chosen among all with ``|values - fit| < nsigma * s * errors``, ``s >= 1``
+    the robust scatter of the normalised residuals of the rows in the previous fit. The degree
+    is 2, or less when rows are few. Returns the fitted values at every row.
     """
     ny, nx = shape
     u, v = (x - (nx - 1) / 2) / max((nx - 1) / 2, 1), (y - (ny - 1) / 2) / max((ny - 1) / 2, 1)
     fit = np.full(len(values), np.median(values[keep]))
-    for it in range(n_iter):
-        z = (values - fit) / errors
-        scale = max(1.4826 * np.median(np.abs(z[keep] - np.median(z[keep]))), 1.0)
-        new = np.abs(z) < nsigma * scale
-        if new.sum() < 3:
-            break
-        keep = new
-        degree = min(it, 2 if keep.sum() >= 24 else (1 if keep.sum() >= 9 else 0))
-        if degree == 0:
-            fit = np.full(len(values), np.median(values[keep]))
-            continue
+    for _ in range(n_iter):
+        degree = 2 if keep.sum() >= 24 else (1 if keep.sum() >= 9 else 0)
         basis = poly_basis(u, v, degree)
         sw = 1.0 / errors[keep]
         coef = np.linalg.lstsq(basis[keep] * sw[:, None], values[keep] * sw, rcond=None)[0]
         fit = basis @ coef
+        z = (values - fit) / errors
+        scale = max(1.4826 * np.median(np.abs(z[keep])), 1.0)
+        new = np.abs(z) < nsigma * scale
+        if new.sum() < 3 or (new == keep).all():
+            break
+        keep = new
     return fit
+
+
+def _local_locus(x, y, ls, width, n_neighbours=24, min_count=3):
+    """Per source, ln(size) of the smallest-size clump of >= ``min_count`` sources among its neighbours.
+
+    PSF stars near each other share one size, galaxies only are larger and artefacts are few, so
+    the smallest well-populated size among a source's ``n_neighbours`` nearest is the local
+    stellar locus; no global model of the PSF size over the CCD is needed yet.
+    """
+    k = min(n_neighbours, len(ls))
+    _, near = cKDTree(np.column_stack([x, y])).query(np.column_stack([x, y]), k=k)
+    vals = np.sort(ls[np.atleast_2d(near).reshape(len(ls), k)], axis=1)
+    out = np.empty(len(ls))
+    for i, v in enumerate(vals):
+        count = np.searchsorted(v, v + width, side="right") - np.searchsorted(v, v - width)
+        first = np.nonzero(count >= min(min_count, k))[0][0]
+        out[i] = np.median(v[np.abs(v - v[first]) <= width])
+    return out
 
 
 def select_psf_stars(sources: Table, image: np.ndarray, mask: np.ndarray,
@@ -150,17 +164,10 @@ def select_psf_stars(sources: Table, image: np.ndarray, mask: np.ndarray,
         raise PsfError(f"no stellar locus: only {len(cand)} unflagged sources with S/N >= {config.snr_min:g} "
                        f"and measurable sizes (of {len(sources)} sources)")
 
-    # the stellar clump: the smallest-size peak of the ln(size) density holding >= 30 % of the highest
+    # the stellar locus: first the local smallest-size clump, then smooth surfaces over the CCD
     ls = np.log(sigma)
-    w = config.locus_width
-    grid = np.arange(ls.min() - w, ls.max() + w, w / 8)
-    srt = np.sort(ls)
-    density = np.searchsorted(srt, grid + w) - np.searchsorted(srt, grid - w)
-    is_peak = (density >= np.maximum(0.3 * density.max(), 3))
-    is_peak &= density >= np.concatenate([[0], density[:-1]])
-    is_peak &= density >= np.concatenate([density[1:], [0]])
-    peak = grid[np.nonzero(is_peak)[0][0]]
-    members = np.abs(ls - peak) < w
+    local = _local_locus(x[cand], y[cand], ls, config.locus_width)
+    members = np.abs(ls - local) < config.locus_width
 
     # the locus as surfaces in (x, y), with S/N-dependent tolerances (size error ~ 1/SNR)
     s = snr[cand]

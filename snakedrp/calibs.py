@@ -1,0 +1,368 @@
+"""Master calibrations (LSST constructBias / constructDark / constructFlat / constructFringe).
+
+Each ``construct_*`` runs :class:`snakedrp.isr.IsrTask` on every input frame, with the steps up
+to the one being built switched on (one implementation of overscan, assembly, gain ...), then
+combines the frames with a sigma-clipped mean, pixel by pixel.
+
+=========  ======================  =====================================================
+master     unit                    per-frame processing before the combination
+=========  ======================  =====================================================
+bias       ADU                     overscan, assembly
+dark       e-/s                    + bias, gain; divided by the frame's DARKTIME
+flat       none, median 1          + dark; divided by the frame's median
+fringe     fraction of the sky     + flat; ``(frame - sky) / sky``, sources masked
+=========  ======================  =====================================================
+
+Every master is an :class:`~snakedrp.exposure.Exposure` (no WCS): ``image`` the clipped mean,
+``variance`` the variance *of that mean* (per pixel, the clipped inputs' sample variance over
+their number: the master's own noise, which ISR adds to the science variance), ``mask``
+NO_DATA|BAD where no input pixel survived (value 0, or 1 for the flat). Input pixels masked
+SAT, BAD or NO_DATA by the per-frame ISR are left out. Metadata: OBSTYPE, CCD, FILTER,
+NCOMBINE, BUNIT and the clipping parameters.
+
+The fringe template is **per unit sky**: a frame whose sky level is ``S`` electrons shows a
+fringe pattern ``S * template`` when its fringe-to-sky ratio equals that of the fringe
+frames; :meth:`IsrTask.run` fits a single amplitude ``a`` (≈ ``S`` scaled by the night's
+fringe strength) and subtracts ``a * template``. The template has zero mean over its
+unmasked pixels.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, replace
+
+import numpy as np
+from astropy.io import fits
+from astropy.stats import sigma_clip
+from astropy.utils.exceptions import AstropyUserWarning
+from scipy import ndimage
+
+from .camera import Camera
+from .exposure import Exposure, mask_bits
+from .isr import IsrConfig, IsrError, IsrTask
+from .pexconfig import Config, option, subconfig
+from .raw import RawFrame
+
+log = logging.getLogger(__name__)
+
+#: Per-frame mask planes whose pixels are left out of the combination.
+EXCLUDE_BITS = mask_bits("SAT", "BAD", "NO_DATA")
+#: Rows combined at a time (bounds the memory of the clipping temporaries).
+COMBINE_ROWS = 256
+
+
+class CalibError(ValueError):
+    """A master calibration cannot be built (too few or inconsistent inputs); names the ccd."""
+
+
+@dataclass
+class CombineConfig(Config):
+    """Pixel-by-pixel sigma-clipped mean of the processed input frames."""
+
+    clip_sigma: float = option(3.0, "Reject input pixels farther than this many sigma from the stack median", min=1.0)
+    clip_iterations: int = option(3, "Clipping iterations (astropy sigma_clip maxiters)", min=1, max=20)
+    min_inputs: int = option(3, "Fewest input frames (after dropping unusable ones) to build the master", min=1)
+
+
+@dataclass
+class FringeCombineConfig(CombineConfig):
+    """Combination of night-sky frames into the fringe template, with per-frame source masking."""
+
+    source_threshold: float = option(5.0, "Per frame, leave out pixels this many robust sigma above the sky (stars, galaxies); 0: off", min=0.0)
+    source_grow: int = option(2, "Grow the per-frame source mask by this many pixels [pixel]", min=0, max=50)
+
+
+@dataclass
+class CalibsConfig(Config):
+    """Master calibrations: per-frame ISR options and the combination of each calibration type."""
+
+    bias: CombineConfig = subconfig(CombineConfig, "Master bias (ADU)")
+    dark: CombineConfig = subconfig(CombineConfig, "Master dark (e-/s)")
+    flat: CombineConfig = subconfig(CombineConfig, "Master flat (median 1)")
+    fringe: FringeCombineConfig = subconfig(FringeCombineConfig, "Fringe template (per unit sky, zero mean)")
+    isr: IsrConfig = subconfig(IsrConfig, "Per-frame ISR of calibration inputs (overscan, saturation, NaN masking); each construct_* sets the bias/gain/dark/flat/fringe switches itself")
+
+
+@dataclass(frozen=True)
+class CombineResult:
+    """Sigma-clipped mean of a stack.
+
+    Attributes
+    ----------
+    mean, variance : ndarray, float32, shape (ny, nx)
+        Clipped mean and the variance of that mean; NaN where ``n_used`` is 0.
+    n_used : ndarray, int16, shape (ny, nx)
+        Inputs that survived the clipping.
+    """
+
+    mean: np.ndarray
+    variance: np.ndarray
+    n_used: np.ndarray
+
+
+def combine_clipped(images: list[np.ndarray], *, clip_sigma: float = 3.0, clip_iterations: int = 3) -> CombineResult:
+    """Pixel-by-pixel sigma-clipped mean of frames (astropy ``sigma_clip`` along the stack).
+
+    Parameters
+    ----------
+    images : list of ndarray, float32, shape (ny, nx)
+        The frames; NaN marks pixels to leave out.
+    clip_sigma, clip_iterations
+        Clipping about the median, with the standard deviation of the surviving pixels.
+
+    Returns
+    -------
+    CombineResult
+        ``variance`` is the sample variance (ddof 1) of the surviving pixels over their number;
+        with a single surviving input it is the median of the other pixels' variances.
+    """
+    ny, nx = images[0].shape
+    mean = np.empty((ny, nx), np.float32)
+    variance = np.empty((ny, nx), np.float32)
+    n_used = np.empty((ny, nx), np.int16)
+    for y in range(0, ny, COMBINE_ROWS):
+        b = slice(y, min(y + COMBINE_ROWS, ny))
+        stack = np.stack([im[b] for im in images])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyUserWarning)  # NaN inputs are meant to be dropped
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels → NaN, handled below
+            clipped = sigma_clip(stack, sigma=clip_sigma, maxiters=clip_iterations, axis=0,
+                                 cenfunc="median", stdfunc="std", masked=True, copy=False)
+            n = clipped.count(axis=0)
+            mean[b] = np.ma.filled(clipped.mean(axis=0), np.nan)
+            var = np.ma.filled(clipped.var(axis=0, ddof=1), np.nan) / np.maximum(n, 1)
+        var[n < 2] = np.nan
+        variance[b] = var
+        n_used[b] = n
+    single = (n_used == 1)
+    if single.any():
+        finite = np.isfinite(variance)
+        variance[single] = np.median(variance[finite]) if finite.any() else np.nan
+    return CombineResult(mean=mean, variance=variance, n_used=n_used)
+
+
+# ------------------------------------------------------------------ helpers
+def _check_inputs(raws: list[RawFrame], kind: str, obstypes: tuple[str, ...], minimum: int, *, same_filter: bool):
+    if not raws:
+        raise CalibError(f"master {kind}: no input frames")
+    ccds = {r.ccd for r in raws}
+    if len(ccds) != 1:
+        raise CalibError(f"master {kind}: inputs from several ccds {sorted(ccds)}")
+    ccd = ccds.pop()
+    wrong = [r.visit for r in raws if str(r.header.get("OBSTYPE", "")).lower() not in obstypes]
+    if wrong:
+        raise CalibError(f"master {kind} ccd {ccd}: visit(s) {wrong} are not of OBSTYPE {'/'.join(obstypes)}")
+    if same_filter:
+        filters = {r.filter for r in raws}
+        if len(filters) != 1:
+            raise CalibError(f"master {kind} ccd {ccd}: inputs in several filters {sorted(filters)}")
+    if len(raws) < minimum:
+        raise CalibError(f"master {kind} ccd {ccd}: {len(raws)} input frame(s), at least {minimum} needed")
+    return ccd
+
+
+def _frame_isr(config: CalibsConfig, **steps) -> IsrTask:
+    """IsrTask with the calibs' per-frame options and the given step switches."""
+    base = dict(do_bias=False, do_dark=False, do_flat=False, do_fringe=False, do_gain=False, do_variance=False,
+                do_defect=False, do_interpolate=False, edge_width=0)
+    return IsrTask(replace(config.isr, **{**base, **steps}))
+
+
+def _process(raws, camera, task: IsrTask, kind: str, ccd: int, minimum: int, transform=None, **calibs):
+    """Run ISR on every frame; return float32 images with excluded pixels NaN, and the frames used."""
+    images, used = [], []
+    for raw in raws:
+        try:
+            exposure = task.run(raw, camera=camera, **calibs).exposure
+        except IsrError as err:
+            log.warning("master %s ccd %d: frame left out: %s", kind, ccd, err)
+            continue
+        image = exposure.image
+        image[(exposure.mask & EXCLUDE_BITS) != 0] = np.nan
+        if transform is not None:
+            image = transform(image, raw)
+        images.append(image.astype(np.float32, copy=False))
+        used.append(raw)
+    if len(images) < minimum:
+        raise CalibError(f"master {kind} ccd {ccd}: {len(images)} usable frame(s), at least {minimum} needed")
+    return images, used
+
+
+def _master(combined: CombineResult, used: list[RawFrame], *, kind: str, ccd: int, unit: str,
+            combine: CombineConfig, fill: float, filter: str | None = None) -> Exposure:
+    image, variance = combined.mean, combined.variance
+    empty = combined.n_used == 0
+    mask = np.zeros(image.shape, np.int32)
+    if empty.any():
+        mask[empty] = mask_bits("NO_DATA", "BAD")
+        image[empty] = fill
+        variance[empty] = 0.0
+    meta = fits.Header()
+    meta["OBSTYPE"] = (kind, "master calibration type")
+    meta["CCD"] = (ccd, "detector id")
+    meta["FILTER"] = (filter or "NONE", "filter of the inputs")
+    if "CAMERA" in used[0].header:
+        meta["CAMERA"] = (used[0].header["CAMERA"], "camera name")
+    meta["BUNIT"] = (unit, "image unit")
+    meta["NCOMBINE"] = (len(used), "input frames combined")
+    visits = sorted(r.visit for r in used)
+    meta["VISITMIN"] = (visits[0], "first input visit")
+    meta["VISITMAX"] = (visits[-1], "last input visit")
+    meta["CLIPSIG"] = (combine.clip_sigma, "sigma-clipping threshold")
+    meta["CLIPITER"] = (combine.clip_iterations, "sigma-clipping iterations")
+    meta["NNODATA"] = (int(empty.sum()), "pixels with no surviving input")
+    return Exposure(image=image, mask=mask, variance=variance, metadata=meta)
+
+
+def _median_unmasked(image: np.ndarray) -> float:
+    finite = image[np.isfinite(image)]
+    if finite.size == 0:
+        raise CalibError("no unmasked pixel to normalise")
+    return float(np.median(finite))
+
+
+# ------------------------------------------------------------------ the masters
+def construct_bias(raws: list[RawFrame], camera: Camera, config: CalibsConfig | None = None) -> Exposure:
+    """Master bias [ADU]: overscan-subtracted, assembled bias frames, sigma-clipped mean.
+
+    Parameters
+    ----------
+    raws : list of RawFrame
+        Bias frames (OBSTYPE bias) of one CCD.
+    camera : Camera
+    config : CalibsConfig, optional
+
+    Returns
+    -------
+    Exposure
+        ``image`` [ADU] and ``variance`` [ADU^2] of shape ``camera.ccd_shape``.
+    """
+    config = config or CalibsConfig()
+    ccd = _check_inputs(raws, "bias", ("bias",), config.bias.min_inputs, same_filter=False)
+    images, used = _process(raws, camera, _frame_isr(config), "bias", ccd, config.bias.min_inputs)
+    combined = combine_clipped(images, clip_sigma=config.bias.clip_sigma, clip_iterations=config.bias.clip_iterations)
+    return _master(combined, used, kind="bias", ccd=ccd, unit="adu", combine=config.bias, fill=0.0)
+
+
+def construct_dark(raws: list[RawFrame], camera: Camera, *, bias: Exposure | None,
+                   config: CalibsConfig | None = None) -> Exposure:
+    """Master dark [e-/s]: per frame ISR through bias and gain, divided by DARKTIME, clipped mean.
+
+    Parameters
+    ----------
+    raws : list of RawFrame
+        Dark frames (OBSTYPE dark) of one CCD, DARKTIME > 0.
+    bias : Exposure or None
+        Master bias [ADU]; None skips bias subtraction.
+
+    Returns
+    -------
+    Exposure
+        ``image`` [e-/s], ``variance`` [(e-/s)^2].
+    """
+    config = config or CalibsConfig()
+    ccd = _check_inputs(raws, "dark", ("dark",), config.dark.min_inputs, same_filter=False)
+    for raw in raws:
+        if not float(raw.header.get("DARKTIME", 0.0)) > 0:
+            raise CalibError(f"master dark ccd {ccd}: visit {raw.visit} has DARKTIME {raw.header.get('DARKTIME')} (must be > 0)")
+
+    def per_second(image, raw):
+        image /= np.float32(raw.header["DARKTIME"])
+        return image
+
+    task = _frame_isr(config, do_bias=bias is not None, do_gain=True)
+    images, used = _process(raws, camera, task, "dark", ccd, config.dark.min_inputs, per_second, bias=bias)
+    combined = combine_clipped(images, clip_sigma=config.dark.clip_sigma, clip_iterations=config.dark.clip_iterations)
+    return _master(combined, used, kind="dark", ccd=ccd, unit="electron/s", combine=config.dark, fill=0.0)
+
+
+def construct_flat(raws: list[RawFrame], camera: Camera, *, bias: Exposure | None, dark: Exposure | None,
+                   config: CalibsConfig | None = None) -> Exposure:
+    """Master flat, median 1 over its unmasked pixels (docs/ARCHITECTURE.md).
+
+    Each frame goes through ISR up to the dark (overscan, assembly, bias, gain, dark) and is
+    divided by its own median; the clipped mean is divided by its median over the pixels
+    that had data.
+
+    Parameters
+    ----------
+    raws : list of RawFrame
+        Flat-field frames (OBSTYPE flat) of one CCD and one filter.
+    bias, dark : Exposure or None
+        Master bias [ADU] and dark [e-/s]; None skips that step.
+
+    Returns
+    -------
+    Exposure
+        ``image`` (dimensionless, median 1), ``variance`` of it; FLATMED records the combined
+        frame's median before the final normalisation (≈ 1).
+    """
+    config = config or CalibsConfig()
+    ccd = _check_inputs(raws, "flat", ("flat",), config.flat.min_inputs, same_filter=True)
+
+    def normalise(image, raw):
+        image /= np.float32(_median_unmasked(image))
+        return image
+
+    task = _frame_isr(config, do_bias=bias is not None, do_gain=True, do_dark=dark is not None)
+    images, used = _process(raws, camera, task, "flat", ccd, config.flat.min_inputs, normalise, bias=bias, dark=dark)
+    combined = combine_clipped(images, clip_sigma=config.flat.clip_sigma, clip_iterations=config.flat.clip_iterations)
+    level = _median_unmasked(combined.mean)
+    mean, variance = combined.mean, combined.variance  # normalised in place
+    mean /= np.float32(level)
+    variance /= np.float32(level**2)
+    master = _master(combined, used, kind="flat", ccd=ccd, unit="", combine=config.flat, fill=1.0, filter=raws[0].filter)
+    master.metadata["FLATMED"] = (round(level, 6), "median of the combined frame before normalising")
+    return master
+
+
+def construct_fringe(raws: list[RawFrame], camera: Camera, *, bias: Exposure | None, dark: Exposure | None,
+                     flat: Exposure | None, config: CalibsConfig | None = None) -> Exposure:
+    """Fringe template per unit sky, zero mean (see the module docstring).
+
+    Each night-sky frame goes through ISR up to the flat; its sky ``S`` is the median of the
+    unmasked pixels; pixels more than ``source_threshold`` robust sigma above the sky (grown by
+    ``source_grow``) are left out; the frame becomes ``(frame - S) / S``. The clipped mean of
+    the frames (dithered, so sources fall on different pixels) minus its mean is the template.
+
+    Parameters
+    ----------
+    raws : list of RawFrame
+        Night-sky frames (OBSTYPE fringe or science) of one CCD and one filter.
+    bias, dark, flat : Exposure or None
+        Masters; None skips that step.
+
+    Returns
+    -------
+    Exposure
+        ``image`` [fraction of the sky], ``variance`` of it.
+    """
+    config = config or CalibsConfig()
+    fc = config.fringe
+    ccd = _check_inputs(raws, "fringe", ("fringe", "science"), fc.min_inputs, same_filter=True)
+
+    def per_unit_sky(image, raw):
+        sky = _median_unmasked(image)
+        if not sky > 0:
+            raise CalibError(f"master fringe ccd {ccd}: visit {raw.visit} has sky level {sky:.1f} (must be > 0)")
+        image -= np.float32(sky)
+        if fc.source_threshold > 0:
+            finite = image[np.isfinite(image)]
+            sigma = 1.4826 * np.median(np.abs(finite))
+            with np.errstate(invalid="ignore"):
+                sources = image > fc.source_threshold * sigma
+            if fc.source_grow:
+                sources = ndimage.maximum_filter(sources.view(np.uint8), size=2 * fc.source_grow + 1).astype(bool)
+            image[sources] = np.nan
+        image /= np.float32(sky)
+        return image
+
+    task = _frame_isr(config, do_bias=bias is not None, do_gain=True, do_dark=dark is not None, do_flat=flat is not None)
+    images, used = _process(raws, camera, task, "fringe", ccd, fc.min_inputs, per_unit_sky, bias=bias, dark=dark, flat=flat)
+    combined = combine_clipped(images, clip_sigma=fc.clip_sigma, clip_iterations=fc.clip_iterations)
+    finite = np.isfinite(combined.mean)
+    combined.mean[finite] -= np.float32(np.mean(combined.mean[finite], dtype=np.float64))
+    master = _master(combined, used, kind="fringe", ccd=ccd, unit="", combine=fc, fill=0.0, filter=raws[0].filter)
+    master.metadata["FRNGUNIT"] = ("per unit sky", "template x sky level [e-] = fringe [e-]")
+    return master

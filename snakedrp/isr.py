@@ -1,0 +1,740 @@
+"""Instrument signature removal (the LSST ``IsrTask``): raw ADU frame → exposure in electrons.
+
+Steps, in the order :meth:`IsrTask.run` applies them (each a function here, each switchable):
+
+1. ``detect_saturation``  pixels >= the amplifier's saturation level in *raw* ADU (before any
+   bias or overscan is removed, as the hardware saturates on the raw signal).
+2. ``overscan_correct``   per amplifier, subtract the serial overscan: a single median, or a
+   polynomial / cubic spline in the row direction fitted to the per-row clipped mean.
+3. ``assemble``           trim the overscan and place each amplifier at its assembled section,
+   un-mirroring ``flip_x`` amplifiers.
+4. ``mask_defects``, ``mask_saturation``  set BAD at the camera's defect boxes and SAT (grown
+   mostly along columns, to cover bleed trails); only mask bits change here.
+5. ``subtract_bias``      master bias, ADU, assembled.
+6. ``apply_gain``         ADU → electrons per amplifier.
+7. ``make_variance``      ``max(image, 0) + read_noise**2`` [e-^2] per amplifier, computed here,
+   before dark and flat, where the image is still the detected charge (the Poisson term must
+   count detected electrons); the later steps propagate it (``var / flat**2`` ...).
+8. ``subtract_dark``      master dark [e-/s] times the header's DARKTIME.
+9. ``divide_flat``        master flat, median 1 (docs/ARCHITECTURE.md).
+10. ``fit_fringe_amplitude`` + ``subtract_fringe``  only for filters the camera marks as
+    fringing: least-squares amplitude of the fringe template against box medians of the image.
+11. ``mask_nonfinite``    NaN/inf pixels → NO_DATA|BAD, value 0, variance inf; a whole CCD
+    without usable data raises :class:`IsrError`.
+12. ``interpolate_over_masked``  linear interpolation across columns over BAD (and SAT) pixels,
+    which gain INTRP.
+13. ``mask_edge``         EDGE on a border of ``edge_width`` pixels.
+
+Calibration products' BAD/NO_DATA pixels mark the science pixels BAD. Output: float32 image and
+variance in electrons (ADU when ``do_gain`` is false), int32 mask, the raw header's nominal WCS,
+and metadata with the raw keys plus ``ISR*`` keys saying which steps ran.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from astropy.io import fits
+from astropy.stats import sigma_clip
+from astropy.utils.exceptions import AstropyUserWarning
+from astropy.wcs import WCS, FITSFixedWarning
+from scipy import ndimage
+from scipy.interpolate import LSQUnivariateSpline
+
+from .camera import Amplifier, Box, Camera
+from .exposure import Exposure, mask_bit, mask_bits
+from .pexconfig import Config, ConfigError, option
+from .raw import RawFrame
+
+#: Raw header keys copied into the exposure's metadata (when present).
+METADATA_KEYS = ("VISIT", "CCD", "FILTER", "OBSTYPE", "DATE-OBS", "MJD-OBS", "EXPTIME", "DARKTIME",
+                 "AIRMASS", "TELRA", "TELDEC", "ROTANG", "CAMERA")
+
+#: Mask planes whose pixels are never used as data (fringe fit, interpolation neighbours).
+UNUSABLE_BITS = mask_bits("BAD", "SAT", "NO_DATA")
+#: Calibration-product mask planes that make the corrected science pixel BAD.
+CALIB_BAD_BITS = mask_bits("BAD", "NO_DATA")
+
+
+class IsrError(RuntimeError):
+    """ISR cannot proceed (missing calibration, wrong shape, no usable data); names visit and ccd."""
+
+
+@dataclass
+class IsrConfig(Config):
+    """Instrument signature removal: overscan, assembly, bias, dark, flat, fringe, defects, masks."""
+
+    do_overscan: bool = option(True, "Subtract each amplifier's serial overscan?")
+    overscan_fit: str = option("poly", "Overscan model along rows: median = one level per amp; poly/spline = fit to the per-row clipped mean",
+                               choices=("median", "poly", "spline"))
+    overscan_order: int = option(3, "Polynomial order of the overscan fit (overscan_fit=poly)", min=0, max=12)
+    overscan_spline_knots: int = option(8, "Interior knots, evenly spaced in rows, of the cubic overscan spline (overscan_fit=spline)", min=1, max=200)
+    overscan_clip_sigma: float = option(3.0, "Clip overscan pixels (within a row) and rows (about the fit) beyond this many sigma", min=1.0)
+    overscan_clip_iterations: int = option(3, "Clipping iterations for the overscan rows and the fit", min=0, max=20)
+    overscan_skip_columns: int = option(0, "Leading overscan columns (next to the data, readout order) left out of the fit, e.g. charge-transfer trails [pixel]", min=0)
+    do_assemble: bool = option(True, "Trim the overscan and assemble the amplifiers into the CCD image (honouring flip_x)?")
+    do_saturation: bool = option(True, "Mask pixels at or above the amplifier saturation level (raw ADU) as SAT?")
+    saturated_grow: int = option(1, "Grow the SAT mask by this many pixels in every direction [pixel]", min=0, max=50)
+    saturated_bleed_grow: int = option(4, "Grow the SAT mask by this many more pixels along columns (y), to cover the faint ends of bleed trails [pixel]", min=0, max=200)
+    do_bias: bool = option(True, "Subtract the master bias (ADU)?")
+    do_gain: bool = option(True, "Convert ADU to electrons with each amplifier's gain?")
+    do_variance: bool = option(True, "Build the variance plane (Poisson + read noise, calibration variances propagated)? Zero otherwise")
+    use_calib_variance: bool = option(True, "Add the master calibrations' own variance planes to the variance?")
+    do_dark: bool = option(True, "Subtract the master dark (e-/s) scaled by the header DARKTIME?")
+    do_flat: bool = option(True, "Divide by the master flat (median 1)?")
+    do_fringe: bool = option(True, "Fit and subtract the fringe template (only filters with fringe: true in the camera)?")
+    fringe_num_points: int = option(30000, "Random positions at which image and template are compared in the fringe fit", min=10)
+    fringe_box_half: int = option(2, "Half-size of the box whose median is taken at each fringe position [pixel]", min=0, max=50)
+    fringe_clip_sigma: float = option(3.0, "Reject fringe-fit positions whose residual exceeds this many (MAD) sigma", min=1.0)
+    fringe_iterations: int = option(10, "Maximum clipping iterations of the fringe fit", min=1, max=100)
+    fringe_background: str = option("plane", "Background fitted with the fringe amplitude: a constant or a plane in x, y",
+                                    choices=("constant", "plane"))
+    fringe_seed: int = option(0, "Seed (with visit and ccd) of the fringe-fit positions", min=0)
+    do_defect: bool = option(True, "Mask the camera's defect boxes as BAD?")
+    do_interpolate: bool = option(True, "Interpolate across columns over BAD pixels (and SAT, see do_saturation_interpolation); sets INTRP")
+    do_saturation_interpolation: bool = option(True, "Also interpolate over SAT pixels (saturated cores, bleed trails)?")
+    do_nan_masking: bool = option(True, "Mask NaN/inf pixels as NO_DATA|BAD (value 0, variance inf)?")
+    edge_width: int = option(2, "Mask this many pixels along the CCD border as EDGE (0: none) [pixel]", min=0, max=500)
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.do_assemble:
+            needs = [n for n in ("do_bias", "do_dark", "do_flat", "do_fringe", "do_defect") if getattr(self, n)]
+            if needs:
+                raise ConfigError(f"isr: {', '.join(needs)} need(s) do_assemble (calibrations and defects are in assembled pixels)")
+        if self.do_dark and not self.do_gain:
+            raise ConfigError("isr: do_dark needs do_gain (the master dark is in electrons per second)")
+
+
+@dataclass(frozen=True)
+class IsrResult:
+    """What ISR produces.
+
+    Attributes
+    ----------
+    exposure : Exposure
+        ``image`` and ``variance`` float32 (electrons, e-^2), ``mask`` int32, shape
+        ``camera.ccd_shape`` (the raw shape if ``do_assemble`` is false); ``wcs`` the nominal
+        WCS of the raw header; ``metadata`` raw keys plus ``ISR*`` step flags.
+    fringe_amplitude : float or None
+        Fitted amplitude of the fringe template (e-, i.e. sky level, for a per-unit-sky
+        template); None when no fringe was subtracted.
+    """
+
+    exposure: Exposure
+    fringe_amplitude: float | None = None
+
+
+# ---------------------------------------------------------------------------- helpers
+def amp_regions(amplifiers, *, assembled: bool) -> list[tuple[slice, slice]]:
+    """Each amplifier's pixels in the output image: its assembled box, or raw data box."""
+    return [(a.assembled if assembled else a.raw_data).slices for a in amplifiers]
+
+
+#: Rows per block in whole-image arithmetic: the temporaries stay in cache (2x faster than
+#: whole-image temporaries on a 2048 x 4176 CCD).
+BLOCK_ROWS = 128
+
+
+def _blocks(n_rows: int):
+    for y in range(0, n_rows, BLOCK_ROWS):
+        yield slice(y, min(y + BLOCK_ROWS, n_rows))
+
+
+def _place(src: np.ndarray, amp: Amplifier) -> np.ndarray:
+    # raw data of a flip_x amplifier are mirrored in x (it reads out to the right)
+    return src[:, ::-1] if amp.flip_x else src
+
+
+# ---------------------------------------------------------------------------- overscan
+def fit_overscan(overscan: np.ndarray, *, fit: str = "poly", order: int = 3, knots: int = 8,
+                 clip_sigma: float = 3.0, clip_iterations: int = 3) -> np.ndarray:
+    """Model of the overscan level along the rows of one amplifier.
+
+    Parameters
+    ----------
+    overscan : ndarray, shape (ny, n_columns)
+        Overscan pixels [ADU]; NaN pixels are ignored.
+    fit : {"median", "poly", "spline"}
+        ``median``: one level, the median of all overscan pixels. ``poly``/``spline``: a
+        polynomial of ``order`` / a cubic spline with ``knots`` interior knots fitted to the
+        per-row sigma-clipped mean, rows beyond ``clip_sigma`` (MAD) sigma of the fit rejected.
+
+    Returns
+    -------
+    ndarray, float32, shape (ny,)
+        Overscan level of each row [ADU]; NaN if the overscan holds no finite pixel.
+    """
+    ny = overscan.shape[0]
+    if fit == "median":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN overscan → NaN level
+            level = np.nanmedian(overscan)
+        return np.full(ny, level, np.float32)
+    if clip_iterations > 0:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyUserWarning)  # NaN pixels are meant to be dropped
+            clipped = sigma_clip(overscan, sigma=clip_sigma, maxiters=clip_iterations, axis=1, masked=True)
+        row_mean = np.ma.filled(clipped.mean(axis=1).astype(np.float64), np.nan)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            row_mean = np.nanmean(overscan, axis=1, dtype=np.float64)
+    rows = np.arange(ny, dtype=np.float64)
+    good = np.isfinite(row_mean)
+    n_params = order + 1 if fit == "poly" else knots + 4
+    if good.sum() < max(n_params + 1, 2):
+        level = np.nanmedian(row_mean) if good.any() else np.nan
+        return np.full(ny, level, np.float32)
+
+    def _fit(use):
+        if fit == "poly":
+            return np.polynomial.Polynomial.fit(rows[use], row_mean[use], order)
+        x = rows[use]
+        inner = np.linspace(x[0], x[-1], knots + 2)[1:-1]
+        return LSQUnivariateSpline(x, row_mean[use], inner, k=3)
+
+    use = good
+    model = _fit(use)
+    for _ in range(clip_iterations):
+        resid = row_mean - model(rows)
+        scale = 1.4826 * np.median(np.abs(resid[use] - np.median(resid[use])))
+        if not scale > 0:
+            break
+        new_use = good & (np.abs(resid) <= clip_sigma * scale)
+        if np.array_equal(new_use, use) or new_use.sum() < n_params + 1:
+            break
+        use = new_use
+        model = _fit(use)
+    return model(rows).astype(np.float32)
+
+
+def overscan_correct(data: np.ndarray, amplifiers, *, config: IsrConfig) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Subtract each amplifier's overscan model from its data and overscan columns.
+
+    Parameters
+    ----------
+    data : ndarray, float32, shape (ny_raw, nx_raw)
+        Raw frame [ADU], camera raw layout; not modified.
+    amplifiers : sequence of Amplifier
+    config : IsrConfig
+        ``overscan_*`` options.
+
+    Returns
+    -------
+    corrected : ndarray, float32, shape (ny_raw, nx_raw)
+        Raw layout with the overscan level removed [ADU].
+    models : list of ndarray, float32, shape (ny_amp,)
+        Each amplifier's overscan level per row [ADU].
+    """
+    covered = sum(a.raw_data.shape[0] * a.raw_data.shape[1] + a.raw_overscan.shape[0] * a.raw_overscan.shape[1]
+                  for a in amplifiers)
+    out = np.empty_like(data, dtype=np.float32) if covered == data.size else data.astype(np.float32, copy=True)
+    models = []
+    for amp in amplifiers:
+        ys, xs = amp.raw_overscan.slices
+        skip = min(config.overscan_skip_columns, amp.raw_overscan.shape[1] - 1)
+        columns = data[ys, xs.start + skip:xs.stop]
+        model = fit_overscan(columns, fit=config.overscan_fit, order=config.overscan_order,
+                             knots=config.overscan_spline_knots, clip_sigma=config.overscan_clip_sigma,
+                             clip_iterations=config.overscan_clip_iterations)
+        if amp.raw_overscan.y0 != amp.raw_data.y0 or amp.raw_overscan.shape[0] != amp.raw_data.shape[0]:
+            raise IsrError(f"amplifier {amp.name}: overscan rows {amp.raw_overscan} do not match data rows {amp.raw_data}")
+        column = model[:, None]
+        for box in (amp.raw_data, amp.raw_overscan):
+            np.subtract(data[box.slices], column, out=out[box.slices])
+        models.append(model)
+    return out, models
+
+
+# ---------------------------------------------------------------------------- assembly, masks
+def assemble(data: np.ndarray, amplifiers, ccd_shape: tuple[int, int]) -> np.ndarray:
+    """Trim and assemble the amplifiers into the CCD image.
+
+    Parameters
+    ----------
+    data : ndarray, shape (ny_raw, nx_raw)
+        Raw layout (overscan-corrected or not).
+    amplifiers : sequence of Amplifier
+        ``raw_data`` → ``assembled`` boxes; ``flip_x`` data are un-mirrored.
+    ccd_shape : (ny, nx)
+
+    Returns
+    -------
+    ndarray, float32, shape ccd_shape
+    """
+    out = np.empty(ccd_shape, np.float32)
+    for amp in amplifiers:
+        if amp.raw_data.shape != amp.assembled.shape:
+            raise IsrError(f"amplifier {amp.name}: raw data {amp.raw_data} and assembled {amp.assembled} differ in shape")
+        out[amp.assembled.slices] = _place(data[amp.raw_data.slices], amp)
+    return out
+
+
+def detect_saturation(data: np.ndarray, amplifiers, shape: tuple[int, int], *, assembled: bool) -> np.ndarray:
+    """Pixels at or above their amplifier's saturation level in raw ADU.
+
+    Parameters
+    ----------
+    data : ndarray, shape (ny_raw, nx_raw)
+        The raw frame [ADU], before any overscan or bias subtraction.
+    shape : (ny, nx)
+        Shape of the output layout (assembled CCD, or raw if ``assembled`` is false).
+
+    Returns
+    -------
+    ndarray, bool, shape ``shape``
+    """
+    saturated = np.zeros(shape, bool)
+    for amp in amplifiers:
+        hit = data[amp.raw_data.slices] >= amp.saturation
+        if assembled:
+            saturated[amp.assembled.slices] = _place(hit, amp)
+        else:
+            saturated[amp.raw_data.slices] = hit
+    return saturated
+
+
+def mask_saturation(mask: np.ndarray, saturated: np.ndarray, *, grow: int = 1, bleed_grow: int = 4) -> int:
+    """Set SAT on saturated pixels grown by ``grow`` (x) and ``grow + bleed_grow`` (y) pixels.
+
+    Bleed trails run along columns and their ends hold less than full-well charge, so the
+    mask grows further in y. Works on the bounding box of the saturated pixels only.
+    Returns the number of SAT pixels.
+    """
+    rows = np.flatnonzero(saturated.any(axis=1))
+    if rows.size == 0:
+        return 0
+    cols = np.flatnonzero(saturated.any(axis=0))
+    gy = grow + bleed_grow
+    ny, nx = mask.shape
+    y0, y1 = max(rows[0] - gy, 0), min(rows[-1] + gy + 1, ny)
+    x0, x1 = max(cols[0] - grow, 0), min(cols[-1] + grow + 1, nx)
+    box = saturated[y0:y1, x0:x1].view(np.uint8)
+    if grow:
+        box = ndimage.maximum_filter1d(box, 2 * grow + 1, axis=1, mode="constant")
+    if gy:
+        box = ndimage.maximum_filter1d(box, 2 * gy + 1, axis=0, mode="constant")
+    grown = box.astype(bool)
+    sub = mask[y0:y1, x0:x1]
+    np.bitwise_or(sub, mask_bit("SAT"), out=sub, where=grown)
+    return int(grown.sum())
+
+
+def mask_defects(mask: np.ndarray, defects) -> int:
+    """Set BAD on the camera's defect boxes (assembled CCD pixels); returns the pixel count."""
+    n = 0
+    bad = mask_bit("BAD")
+    for box in defects:
+        mask[box.slices] |= bad
+        n += box.shape[0] * box.shape[1]
+    return n
+
+
+def mask_edge(mask: np.ndarray, width: int) -> None:
+    """Set EDGE on a border ``width`` pixels wide."""
+    if width <= 0:
+        return
+    edge = mask_bit("EDGE")
+    mask[:width] |= edge
+    mask[-width:] |= edge
+    mask[:, :width] |= edge
+    mask[:, -width:] |= edge
+
+
+def propagate_calib_mask(mask: np.ndarray, calib: Exposure) -> None:
+    """Mark BAD the pixels a calibration product marks BAD or NO_DATA."""
+    if calib.mask is None or not calib.mask.any():
+        return
+    bad = mask_bit("BAD")
+    for b in _blocks(mask.shape[0]):
+        hit = (calib.mask[b] & CALIB_BAD_BITS) != 0
+        np.bitwise_or(mask[b], bad, out=mask[b], where=hit)
+
+
+# ---------------------------------------------------------------------------- calibrations
+def _check_calib(name: str, calib: Exposure, shape, where: str) -> None:
+    if calib.image.shape != tuple(shape):
+        raise IsrError(f"{where}: {name} has shape {calib.image.shape}, the CCD is {tuple(shape)}")
+
+
+def subtract_bias(image: np.ndarray, bias: Exposure) -> None:
+    """``image -= bias`` in place; both ADU, assembled (its variance is added after the gain)."""
+    image -= bias.image
+
+
+def apply_gain(image: np.ndarray, regions, gains) -> None:
+    """Multiply each amplifier region by its gain (ADU → electrons), in place."""
+    for sl, g in zip(regions, gains):
+        image[sl] *= np.float32(g)
+
+
+def make_variance(image: np.ndarray, regions, amplifiers, *, electrons: bool) -> np.ndarray:
+    """Poisson plus read-noise variance per amplifier.
+
+    ``max(image, 0) + read_noise**2`` [e-^2] when ``image`` is in electrons; in ADU
+    ``max(image, 0) / gain + (read_noise / gain)**2`` [ADU^2].
+
+    Returns
+    -------
+    ndarray, float32, shape image.shape
+    """
+    variance = np.maximum(image, np.float32(0.0))
+    for sl, amp in zip(regions, amplifiers):
+        k = 1.0 if electrons else 1.0 / amp.gain
+        if not electrons:
+            variance[sl] *= np.float32(k)
+        variance[sl] += np.float32((amp.read_noise * k) ** 2)
+    return variance
+
+
+def subtract_dark(image: np.ndarray, variance: np.ndarray | None, dark: Exposure, darktime: float) -> None:
+    """``image -= dark * darktime`` in place; dark [e-/s], darktime [s]. Adds ``dark_var * darktime**2``."""
+    t = np.float32(darktime)
+    _add_scaled(image, dark.image, -t)
+    if variance is not None:
+        _add_scaled(variance, dark.variance, t * t)
+
+
+def divide_flat(image: np.ndarray, variance: np.ndarray | None, flat: Exposure) -> None:
+    """``image /= flat`` in place (flat median 1); ``flat <= 0`` or non-finite → NaN (masked later).
+
+    Variance: ``(var + image_out**2 * var_flat) / flat**2`` when the flat variance is given.
+    """
+    f = flat.image
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for b in _blocks(image.shape[0]):
+            inv = np.reciprocal(f[b])
+            image[b] *= inv
+            if variance is not None:
+                if flat.variance is not None:
+                    term = np.square(image[b])
+                    term *= flat.variance[b]
+                    variance[b] += term
+                inv *= inv
+                variance[b] *= inv
+    if not f.min() > 0:  # also true when the flat holds NaN
+        image[~(f > 0)] = np.nan
+
+
+@dataclass(frozen=True)
+class FringeFit:
+    """Least-squares fit of a fringe template: amplitude [image units per template unit]."""
+
+    amplitude: float
+    amplitude_err: float
+    n_used: int
+
+
+def fit_fringe_amplitude(image: np.ndarray, mask: np.ndarray, template: np.ndarray, *, num_points: int = 30000,
+                         box_half: int = 2, clip_sigma: float = 3.0, iterations: int = 10,
+                         background: str = "plane", rng: np.random.Generator | None = None) -> FringeFit:
+    """Amplitude ``a`` of a fringe template in an image, ``image ≈ a * template + background``.
+
+    As in the LSST FringeTask, image and template are compared through the medians of small
+    boxes at random positions (robust to noise and faint sources); boxes touching BAD, SAT or
+    NO_DATA pixels are skipped, a constant (or plane) absorbs the sky, and positions whose
+    residual exceeds ``clip_sigma`` MAD-sigma (stars, galaxies) are rejected iteratively.
+
+    Parameters
+    ----------
+    image, template : ndarray, float32, shape (ny, nx)
+    mask : ndarray, int32, shape (ny, nx)
+
+    Returns
+    -------
+    FringeFit
+    """
+    rng = rng or np.random.default_rng(0)
+    ny, nx = image.shape
+    h = box_half
+    ys = np.sort(rng.integers(h, ny - h, num_points))  # sorted rows: memory locality
+    xs = rng.integers(h, nx - h, num_points)
+    offsets = np.arange(-h, h + 1)
+    dy, dx = np.meshgrid(offsets, offsets, indexing="ij")
+    iy = ys[:, None] + dy.ravel()
+    ix = xs[:, None] + dx.ravel()
+    usable = ~((mask[iy, ix] & UNUSABLE_BITS) != 0).any(axis=1)
+    d = np.median(image[iy, ix], axis=1).astype(np.float64)
+    t = np.median(template[iy, ix], axis=1).astype(np.float64)
+    usable &= np.isfinite(d) & np.isfinite(t)
+    columns = [t, np.ones_like(t)]
+    if background == "plane":
+        columns += [xs / nx - 0.5, ys / ny - 0.5]
+    design = np.stack(columns, axis=1)
+    use = usable
+    coeffs = np.zeros(design.shape[1])
+    scale = np.nan
+    for _ in range(iterations):
+        if use.sum() < design.shape[1] + 1:
+            raise ValueError(f"fringe fit: only {int(use.sum())} usable positions")
+        coeffs, *_ = np.linalg.lstsq(design[use], d[use], rcond=None)
+        resid = d - design @ coeffs
+        r = resid[use]
+        scale = 1.4826 * np.median(np.abs(r - np.median(r)))
+        new_use = usable & (np.abs(resid) <= clip_sigma * scale)
+        if np.array_equal(new_use, use):
+            break
+        use = new_use
+    cov = np.linalg.pinv(design[use].T @ design[use]) * scale**2
+    return FringeFit(amplitude=float(coeffs[0]), amplitude_err=float(np.sqrt(cov[0, 0])), n_used=int(use.sum()))
+
+
+def subtract_fringe(image: np.ndarray, variance: np.ndarray | None, fringe: Exposure, amplitude: float) -> None:
+    """``image -= amplitude * template`` in place; adds ``amplitude**2 * var_template``."""
+    a = np.float32(amplitude)
+    _add_scaled(image, fringe.image, -a)
+    if variance is not None and fringe.variance is not None:
+        _add_scaled(variance, fringe.variance, a * a)
+
+
+def _add_scaled(target: np.ndarray, source: np.ndarray, scale) -> None:
+    # target += scale * source, block by block
+    scale = np.float32(scale)
+    for b in _blocks(target.shape[0]):
+        target[b] += source[b] * scale
+
+
+# ---------------------------------------------------------------------------- NaN, interpolation
+def mask_nonfinite(image: np.ndarray, variance: np.ndarray, mask: np.ndarray) -> int:
+    """NaN/inf pixels → NO_DATA|BAD, image 0, variance inf. Returns the number of such pixels."""
+    if np.isfinite(image.sum(dtype=np.float64)):  # one cheap pass in the usual all-finite case
+        return 0
+    bad = ~np.isfinite(image)
+    image[bad] = 0.0
+    variance[bad] = np.inf
+    np.bitwise_or(mask, mask_bits("NO_DATA", "BAD"), out=mask, where=bad)
+    return int(bad.sum())
+
+
+def interpolate_over_masked(image: np.ndarray, mask: np.ndarray, *, target_bits: int,
+                            avoid_bits: int = UNUSABLE_BITS, planes=()) -> int:
+    """Linear interpolation along rows (across columns) over the pixels with ``target_bits``.
+
+    Each maximal run of unusable pixels (``target_bits | avoid_bits``) in a row is filled
+    between the nearest usable pixels left and right of it (the one side at the CCD edge);
+    only target pixels that are not NO_DATA change, and they gain INTRP. ``planes`` (e.g. the
+    variance) are interpolated with the same weights. Hand-written rather than
+    astropy's ``interpolate_replace_nans``: that convolves the whole image (seconds per CCD),
+    whereas defects and bleed trails are narrow in x and this touches only their pixels.
+
+    Parameters
+    ----------
+    image : ndarray, float32, shape (ny, nx)
+        Modified in place.
+    mask : ndarray, int32, shape (ny, nx)
+        Modified in place (INTRP).
+
+    Returns
+    -------
+    int
+        Number of pixels interpolated.
+    """
+    ys, xs = np.nonzero(mask & (target_bits | avoid_bits))
+    n = ys.size
+    if n == 0:
+        return 0
+    values = mask[ys, xs]
+    target = ((values & target_bits) != 0) & ((values & mask_bit("NO_DATA")) == 0)
+    new_run = np.ones(n, bool)
+    new_run[1:] = (ys[1:] != ys[:-1]) | (xs[1:] != xs[:-1] + 1)
+    run = np.cumsum(new_run) - 1
+    starts = np.flatnonzero(new_run)
+    ends = np.r_[starts[1:], n] - 1
+    ry, xl, xr = ys[starts], xs[starts] - 1, xs[ends] + 1
+    nx = image.shape[1]
+    has_l, has_r = xl >= 0, xr < nx
+    fill = target & (has_l | has_r)[run]
+    py, px, pr = ys[fill], xs[fill], run[fill]
+    w = ((px - xl[pr]) / (xr[pr] - xl[pr])).astype(np.float32)
+    xl_c, xr_c = np.clip(xl, 0, nx - 1), np.clip(xr, 0, nx - 1)
+    for plane in (image, *planes):
+        vl, vr = plane[ry, xl_c], plane[ry, xr_c]
+        vl, vr = np.where(has_l, vl, vr), np.where(has_r, vr, vl)
+        plane[py, px] = vl[pr] + (vr[pr] - vl[pr]) * w
+    mask[py, px] |= mask_bit("INTRP")
+    return int(py.size)
+
+
+# ---------------------------------------------------------------------------- the task
+def _wcs_from_header(header: fits.Header, shape) -> WCS | None:
+    if "CTYPE1" not in header:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        wcs = WCS(header)
+    wcs.pixel_shape = (shape[1], shape[0])
+    return wcs
+
+
+class IsrTask:
+    """Instrument signature removal of one raw CCD frame (steps in the module docstring)."""
+
+    ConfigClass = IsrConfig
+
+    def __init__(self, config: IsrConfig | None = None):
+        self.config = config or IsrConfig()
+        self.config.validate()
+
+    def run(self, raw: RawFrame, *, camera: Camera, bias: Exposure | None = None, dark: Exposure | None = None,
+            flat: Exposure | None = None, fringe: Exposure | None = None) -> IsrResult:
+        """Correct ``raw`` (not modified) with the given master calibrations.
+
+        Parameters
+        ----------
+        raw : RawFrame
+            ``data`` float32 ADU of shape ``camera.raw_shape``; header with VISIT, CCD, FILTER,
+            DARKTIME, the nominal WCS ...
+        camera : Camera
+        bias : Exposure, optional
+            Master bias [ADU], assembled; needed if ``do_bias``.
+        dark : Exposure, optional
+            Master dark [e-/s]; needed if ``do_dark``.
+        flat : Exposure, optional
+            Master flat, median 1; needed if ``do_flat``.
+        fringe : Exposure, optional
+            Fringe template per unit sky (see :func:`snakedrp.calibs.construct_fringe`); needed
+            if ``do_fringe`` and the filter fringes.
+
+        Returns
+        -------
+        IsrResult
+
+        Raises
+        ------
+        IsrError
+            Missing calibration, wrong shapes, unknown CCD, or no usable pixel.
+        """
+        cfg = self.config
+        header = raw.header
+        visit, ccd_id = header.get("VISIT", "?"), header.get("CCD", "?")
+        where = f"visit {visit} ccd {ccd_id}"
+        try:
+            ccd = camera.ccds[int(ccd_id)]
+        except (KeyError, ValueError):
+            raise IsrError(f"{where}: ccd not in camera {camera.name}") from None
+        if raw.data.shape != tuple(camera.raw_shape):
+            raise IsrError(f"{where}: raw shape {raw.data.shape}, camera {camera.name} expects {tuple(camera.raw_shape)}")
+        filt = camera.filters.get(str(header.get("FILTER", "")))
+        fringes = bool(filt and filt.fringe)
+        for name, calib, needed in (("bias", bias, cfg.do_bias), ("dark", dark, cfg.do_dark),
+                                    ("flat", flat, cfg.do_flat), ("fringe", fringe, cfg.do_fringe and fringes)):
+            if needed and calib is None:
+                extra = f" and filter {filt.name} fringes," if name == "fringe" else ""
+                raise IsrError(f"{where}: do_{name} is true{extra} but no {name} was given")
+
+        amps = ccd.amplifiers
+        assembled = cfg.do_assemble
+        shape = tuple(camera.ccd_shape) if assembled else raw.data.shape
+        regions = amp_regions(amps, assembled=assembled)
+        meta = fits.Header()
+        for key in METADATA_KEYS:
+            if key in header:
+                meta[key] = (header[key], header.comments[key][:40])  # 80-character cards
+        mask = np.zeros(shape, np.int32)
+
+        saturated = detect_saturation(raw.data, amps, shape, assembled=assembled) if cfg.do_saturation else None
+
+        work = raw.data
+        if cfg.do_overscan:
+            work, models = overscan_correct(raw.data, amps, config=cfg)
+            for amp, model in zip(amps, models):
+                level = float(np.median(model))
+                if np.isfinite(level):
+                    meta[f"OSLVL_{amp.name}"[:8]] = (round(level, 3), f"amp {amp.name} overscan level [ADU]")
+        meta["ISROSCAN"] = (cfg.overscan_fit if cfg.do_overscan else "none", "overscan model subtracted")
+        if assembled:
+            image = assemble(work, amps, shape)
+        else:
+            image = work.astype(np.float32, copy=work is raw.data)
+        meta["ISRASSEM"] = (assembled, "amplifiers trimmed and assembled")
+
+        n_sat = mask_saturation(mask, saturated, grow=cfg.saturated_grow, bleed_grow=cfg.saturated_bleed_grow) \
+            if cfg.do_saturation else 0
+        meta["ISRSAT"] = (cfg.do_saturation, "saturated pixels masked SAT")
+        meta["NSATPIX"] = (n_sat, "pixels masked SAT (grown)")
+        if cfg.do_defect:
+            mask_defects(mask, ccd.defects)
+        meta["ISRDEFCT"] = (cfg.do_defect, "camera defects masked BAD")
+
+        calib_var = cfg.do_variance and cfg.use_calib_variance
+        if cfg.do_bias:
+            _check_calib("bias", bias, shape, where)
+            subtract_bias(image, bias)
+            propagate_calib_mask(mask, bias)
+        meta["ISRBIAS"] = (cfg.do_bias, "master bias subtracted")
+
+        if cfg.do_gain:
+            apply_gain(image, regions, [a.gain for a in amps])
+        meta["ISRGAIN"] = (cfg.do_gain, "converted to electrons with the amp gains")
+        meta["BUNIT"] = ("electron" if cfg.do_gain else "adu", "image unit")
+
+        if cfg.do_variance:
+            variance = make_variance(image, regions, amps, electrons=cfg.do_gain)
+            if cfg.do_bias and calib_var and bias.variance is not None:
+                # bias variance is in ADU^2; convert with each amp's gain
+                for sl, amp in zip(regions, amps):
+                    g2 = np.float32(amp.gain**2 if cfg.do_gain else 1.0)
+                    variance[sl] += bias.variance[sl] * g2
+        else:
+            variance = np.zeros(shape, np.float32)
+        meta["ISRVAR"] = (cfg.do_variance, "variance plane computed")
+        cvar = variance if calib_var else None
+
+        if cfg.do_dark:
+            _check_calib("dark", dark, shape, where)
+            darktime = float(header.get("DARKTIME", header.get("EXPTIME", 0.0)))
+            subtract_dark(image, cvar if dark.variance is not None else None, dark, darktime)
+            propagate_calib_mask(mask, dark)
+        meta["ISRDARK"] = (cfg.do_dark, "master dark subtracted (scaled by DARKTIME)")
+
+        if cfg.do_flat:
+            _check_calib("flat", flat, shape, where)
+            divide_flat(image, variance if cfg.do_variance else None,
+                        flat if calib_var else Exposure(flat.image, flat.mask, None))
+            propagate_calib_mask(mask, flat)
+        meta["ISRFLAT"] = (cfg.do_flat, "divided by the master flat")
+
+        amplitude = None
+        if cfg.do_fringe and fringes:
+            _check_calib("fringe", fringe, shape, where)
+            propagate_calib_mask(mask, fringe)
+            rng = np.random.default_rng([cfg.fringe_seed, abs(int(raw.visit)), abs(int(ccd_id))])
+            try:
+                fit = fit_fringe_amplitude(image, mask, fringe.image, num_points=cfg.fringe_num_points,
+                                           box_half=cfg.fringe_box_half, clip_sigma=cfg.fringe_clip_sigma,
+                                           iterations=cfg.fringe_iterations, background=cfg.fringe_background, rng=rng)
+            except ValueError as err:
+                raise IsrError(f"{where}: {err}") from None
+            amplitude = fit.amplitude
+            subtract_fringe(image, cvar, fringe, amplitude)
+            meta["FRNGAMP"] = (round(fit.amplitude, 4), "fringe amplitude (template per unit sky)")
+            meta["FRNGAERR"] = (round(fit.amplitude_err, 4), "1-sigma error of FRNGAMP")
+            meta["FRNGNPT"] = (fit.n_used, "positions used in the fringe fit")
+        meta["ISRFRNG"] = (amplitude is not None, "fringe template fitted and subtracted")
+
+        n_nodata = 0
+        if cfg.do_nan_masking:
+            n_nodata = mask_nonfinite(image, variance, mask)
+            if n_nodata:
+                nodata = mask_bit("NO_DATA")
+                usable = [not np.all(mask[sl] & nodata) for sl in regions]
+                if not any(usable):
+                    raise IsrError(f"{where}: no usable pixel (every amplifier is NaN/inf); the CCD cannot be processed")
+        meta["ISRNAN"] = (cfg.do_nan_masking, "NaN/inf pixels masked NO_DATA|BAD")
+        meta["NNODATA"] = (n_nodata, "pixels masked NO_DATA")
+
+        n_interp = 0
+        if cfg.do_interpolate:
+            target = mask_bit("BAD") | (mask_bit("SAT") if cfg.do_saturation_interpolation else 0)
+            n_interp = interpolate_over_masked(image, mask, target_bits=target, planes=(variance,) if cfg.do_variance else ())
+        meta["ISRINTRP"] = (cfg.do_interpolate, "BAD (and SAT) interpolated across columns")
+        meta["NINTRPIX"] = (n_interp, "pixels interpolated (INTRP)")
+
+        mask_edge(mask, cfg.edge_width)
+        meta["ISREDGE"] = (cfg.edge_width, "border masked EDGE [pixel]")
+
+        exposure = Exposure(image=image, mask=mask, variance=variance, wcs=_wcs_from_header(header, shape),
+                            metadata=meta)
+        return IsrResult(exposure=exposure, fringe_amplitude=amplitude)
