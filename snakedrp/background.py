@@ -148,7 +148,7 @@ class Background:
         """The calexpBackground product: mesh and RMS mesh images plus the config in the header."""
         primary = fits.PrimaryHDU()
         h = primary.header
-        h["BKGTYPE"] = ("sep-spline", "SExtractor mesh, natural bicubic spline (snakedrp.background)")
+        h["BKGTYPE"] = ("sep-spline", "SExtractor mesh + sep bicubic spline")
         h["NX"] = (self.shape[1], "image width [pixel]")
         h["NY"] = (self.shape[0], "image height [pixel]")
         h["BOXSIZE"] = (self.box_size, "mesh box side [pixel]")

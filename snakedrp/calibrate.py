@@ -13,12 +13,13 @@ import numpy as np
 from astropy.table import Table
 
 from .apcorr import ApCorrMap
-from .astrometry import AstrometryConfig, match_and_fit
+from .astrometry import AstrometryConfig, AstrometryError, match_and_fit
 from .detect import DetectionConfig, detect_sources
 from .exposure import Exposure
 from .measure import MeasureConfig, calibrate_fluxes, measure_sources
 from .pexconfig import Config, option, subconfig
-from .photometry import PhotometryConfig, fit_zeropoint
+from .psf import kernel_moments
+from .photometry import PhotometryConfig, PhotometryError, fit_zeropoint
 
 
 class CalibrateError(RuntimeError):
@@ -46,3 +47,86 @@ class CalibrateResult:
     exposure: Exposure
     sources: Table
     matches: Table | None
+
+
+class CalibrateTask:
+    """Calibrate a characterized exposure (see the module docstring for the steps)."""
+
+    ConfigClass = CalibrateConfig
+
+    def __init__(self, config: CalibrateConfig | None = None):
+        self.config = config or CalibrateConfig()
+        self.config.validate()
+
+    def run(self, exposure: Exposure, refcat: Table | None, *, apcorr: ApCorrMap | None = None,
+            band: str | None = None) -> CalibrateResult:
+        """Detect, measure and calibrate ``exposure`` (background-subtracted, with a PSF).
+
+        Parameters
+        ----------
+        exposure : Exposure
+            From :class:`snakedrp.characterize.CharacterizeTask`; its ``wcs`` is the first guess.
+        refcat : astropy.table.Table or None
+            Reference stars around the CCD (``ra, dec, ra_err, dec_err, mag_<band>, ...``).
+        apcorr : ApCorrMap, optional
+            Applied to ``psf_flux`` (and its error); the factor is kept as ``psf_apcorr``.
+        band : str, optional
+            Reference-catalog band of the exposure's filter (``mag_<band>``).
+
+        Raises
+        ------
+        CalibrateError
+            No sources, too few reference matches, failed fit; names visit and ccd.
+        """
+        cfg = self.config
+        where = f"visit {exposure.metadata.get('VISIT', '?')} ccd {exposure.metadata.get('CCD', '?')}"
+        ny, nx = exposure.shape
+        psf_sigma = kernel_moments(exposure.psf.kernel(nx / 2.0, ny / 2.0))[0]
+        detections = detect_sources(exposure.image, exposure.variance, exposure.mask, cfg.detection,
+                                    psf_sigma=psf_sigma)
+        if len(detections.sources) == 0:
+            raise CalibrateError(f"{where}: no source detected above {cfg.detection.threshold} sigma")
+        sources = measure_sources(exposure.image, exposure.variance, detections.mask, detections.sources,
+                                  exposure.psf, cfg.measure, wcs=exposure.wcs,
+                                  segmentation=detections.segmentation)
+        x, y = np.asarray(sources["x_centroid"]), np.asarray(sources["y_centroid"])
+        factor = apcorr.evaluate(x, y) if apcorr is not None else np.ones(len(sources))
+        sources["psf_flux"] *= factor
+        sources["psf_flux_err"] *= factor
+        sources["psf_apcorr"] = factor
+        sources["psf_apcorr"].unit = ""
+        sources["psf_apcorr"].description = "aperture correction applied to psf_flux (calib aperture / PSF flux)"
+        size_ratio = np.asarray(sources["shape_sigma"]) / np.asarray(sources["psf_sigma"])
+        extendedness = np.where(np.isfinite(size_ratio), (size_ratio > cfg.star_size_max).astype(float), np.nan)
+        sources["extendedness"] = extendedness
+        sources["extendedness"].unit = ""
+        sources["extendedness"].description = ("1 if resolved (adaptive-moment size / PSF size > "
+                                               f"{cfg.star_size_max}), 0 if not, NaN without a shape")
+        wcs, matches, zeropoint, zeropoint_err = exposure.wcs, None, None, None
+        metadata = exposure.metadata.copy()
+        if cfg.do_astrometry:
+            if refcat is None or len(refcat) == 0:
+                raise CalibrateError(f"{where}: the reference catalog does not cover this CCD")
+            try:
+                astro = match_and_fit(sources, refcat, exposure.wcs, cfg.astrometry, shape=(ny, nx))
+            except AstrometryError as err:
+                raise CalibrateError(f"{where}: astrometry failed: {err}") from None
+            wcs, matches = astro.wcs, astro.matches
+            ra, dec = wcs.all_pix2world(x, y, 0)
+            sources["coord_ra"] = np.mod(ra, 360.0)
+            sources["coord_dec"] = dec
+            metadata["ASTRMS"] = (float(astro.rms_mas), "astrometric fit RMS vs reference [mas]")
+            metadata["ASTNMAT"] = (int(astro.n_matches), "reference matches used in the WCS fit")
+        if cfg.do_photometry:
+            if matches is None:
+                raise CalibrateError(f"{where}: photometry needs the reference matches (do_astrometry)")
+            try:
+                photo = fit_zeropoint(matches, cfg.photometry, band=band,
+                                      filter_name=metadata.get("FILTER"))
+            except PhotometryError as err:
+                raise CalibrateError(f"{where}: photometric calibration failed: {err}") from None
+            zeropoint, zeropoint_err = photo.zeropoint, photo.zeropoint_err
+            sources = calibrate_fluxes(sources, zeropoint, zeropoint_err)
+            metadata["PHONSTAR"] = (int(photo.n_used), "stars used in the zeropoint fit")
+        out = replace(exposure, wcs=wcs, zeropoint=zeropoint, zeropoint_err=zeropoint_err, metadata=metadata)
+        return CalibrateResult(exposure=out, sources=sources, matches=matches)

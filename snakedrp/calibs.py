@@ -2,7 +2,8 @@
 
 Each ``construct_*`` runs :class:`snakedrp.isr.IsrTask` on every input frame, with the steps up
 to the one being built switched on (one implementation of overscan, assembly, gain ...), then
-combines the frames with a sigma-clipped mean, pixel by pixel.
+combines the frames with a sigma-clipped mean, pixel by pixel, clipping against each input's
+ISR variance (see :func:`combine_clipped`).
 
 =========  ======================  =====================================================
 master     unit                    per-frame processing before the combination
@@ -16,7 +17,8 @@ fringe     fraction of the sky     + flat; ``(frame - sky) / sky``, sources mask
 Every master is an :class:`~snakedrp.exposure.Exposure` (no WCS): ``image`` the clipped mean,
 ``variance`` the variance *of that mean* (per pixel, the clipped inputs' sample variance over
 their number: the master's own noise, which ISR adds to the science variance), ``mask``
-NO_DATA|BAD where no input pixel survived (value 0, or 1 for the flat). Input pixels masked
+NO_DATA|BAD where no input pixel survived (value 0, or 1 for the flat) and BAD on the camera's
+defects (their values are kept; the flat's median and the fringe's mean leave them out). Input pixels masked
 SAT, BAD or NO_DATA by the per-frame ISR are left out. Metadata: OBSTYPE, CCD, FILTER,
 NCOMBINE, BUNIT and the clipping parameters.
 
@@ -34,12 +36,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 from astropy.io import fits
-from astropy.stats import sigma_clip
-from astropy.utils.exceptions import AstropyUserWarning
 from scipy import ndimage
 
 from .camera import Camera
-from .exposure import Exposure, mask_bits
+from .exposure import Exposure, mask_bit, mask_bits
 from .isr import IsrConfig, IsrError, IsrTask
 from .pexconfig import Config, option, subconfig
 from .raw import RawFrame
@@ -60,8 +60,10 @@ class CalibError(ValueError):
 class CombineConfig(Config):
     """Pixel-by-pixel sigma-clipped mean of the processed input frames."""
 
-    clip_sigma: float = option(3.0, "Reject input pixels farther than this many sigma from the stack median", min=1.0)
-    clip_iterations: int = option(3, "Clipping iterations (astropy sigma_clip maxiters)", min=1, max=20)
+    clip_sigma: float = option(3.0, "Leave out input pixels farther than this many sigma from the stack centre", min=1.0)
+    clip_iterations: int = option(3, "Clipping iterations about the mean of the surviving inputs (after one about the median)", min=0, max=20)
+    clip_noise: str = option("variance", "Sigma of the clipping: each input's ISR variance (works for few inputs) or the std of the surviving inputs",
+                             choices=("variance", "std"))
     min_inputs: int = option(3, "Fewest input frames (after dropping unusable ones) to build the master", min=1)
 
 
@@ -101,15 +103,25 @@ class CombineResult:
     n_used: np.ndarray
 
 
-def combine_clipped(images: list[np.ndarray], *, clip_sigma: float = 3.0, clip_iterations: int = 3) -> CombineResult:
-    """Pixel-by-pixel sigma-clipped mean of frames (astropy ``sigma_clip`` along the stack).
+def combine_clipped(images: list[np.ndarray], variances: list[np.ndarray] | None = None, *,
+                    clip_sigma: float = 3.0, clip_iterations: int = 3) -> CombineResult:
+    """Pixel-by-pixel sigma-clipped mean of frames.
+
+    Pixels farther than ``clip_sigma`` sigma from the centre are left out: first about the
+    stack median, then, ``clip_iterations`` times, about the mean of the survivors. Sigma is
+    each input's own noise, ``sqrt(variances[i])``, when the variances are given, else the
+    standard deviation of the surviving inputs (astropy ``sigma_clip`` semantics). Hand-written
+    rather than astropy's ``sigma_clip`` because that takes sigma from the scatter of the N
+    values: a single outlier among N < 10 can never lie beyond 3 such sigma (at most
+    ``sqrt(N - 1)``), and a MAD scale instead clips good pixels (+4 to +15 % noise in the
+    master, its variance biased low, for N = 16 to 3).
 
     Parameters
     ----------
     images : list of ndarray, float32, shape (ny, nx)
         The frames; NaN marks pixels to leave out.
-    clip_sigma, clip_iterations
-        Clipping about the median, with the standard deviation of the surviving pixels.
+    variances : list of ndarray, float32, shape (ny, nx), optional
+        Each frame's expected variance (e.g. ISR's Poisson + read-noise plane).
 
     Returns
     -------
@@ -121,17 +133,33 @@ def combine_clipped(images: list[np.ndarray], *, clip_sigma: float = 3.0, clip_i
     mean = np.empty((ny, nx), np.float32)
     variance = np.empty((ny, nx), np.float32)
     n_used = np.empty((ny, nx), np.int16)
+    k2 = np.float32(clip_sigma**2)
     for y in range(0, ny, COMBINE_ROWS):
         b = slice(y, min(y + COMBINE_ROWS, ny))
-        stack = np.stack([im[b] for im in images])
+        x = np.stack([im[b] for im in images])
+        valid = np.isfinite(x)
+        x[~valid] = 0.0
+        noise2 = np.stack([v[b] for v in variances]) if variances is not None else None
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", AstropyUserWarning)  # NaN inputs are meant to be dropped
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels → NaN, handled below
-            clipped = sigma_clip(stack, sigma=clip_sigma, maxiters=clip_iterations, axis=0,
-                                 cenfunc="median", stdfunc="std", masked=True, copy=False)
-            n = clipped.count(axis=0)
-            mean[b] = np.ma.filled(clipped.mean(axis=0), np.nan)
-            var = np.ma.filled(clipped.var(axis=0, ddof=1), np.nan) / np.maximum(n, 1)
+            center = np.nanmedian(np.where(valid, x, np.nan), axis=0)
+            if noise2 is not None:
+                # the median of n values is itself uncertain by ~ sqrt(pi / 2n) sigma
+                scale2 = noise2 * np.float32(1.0 + np.pi / (2 * len(images)))
+            else:
+                scale2 = _masked_var(x, valid)
+            keep = valid & ((x - center) ** 2 <= k2 * scale2)
+            for _ in range(clip_iterations):
+                center = _masked_mean(x, keep)
+                if noise2 is None:
+                    scale2 = _masked_var(x, keep)
+                new_keep = valid & ((x - center) ** 2 <= k2 * (noise2 if noise2 is not None else scale2))
+                if np.array_equal(new_keep, keep):
+                    break
+                keep = new_keep
+            n = keep.sum(axis=0)
+            mean[b] = _masked_mean(x, keep)
+            var = _masked_var(x, keep) / np.maximum(n, 1)
         var[n < 2] = np.nan
         variance[b] = var
         n_used[b] = n
@@ -140,6 +168,18 @@ def combine_clipped(images: list[np.ndarray], *, clip_sigma: float = 3.0, clip_i
         finite = np.isfinite(variance)
         variance[single] = np.median(variance[finite]) if finite.any() else np.nan
     return CombineResult(mean=mean, variance=variance, n_used=n_used)
+
+
+def _masked_mean(x, keep):
+    # NaN where nothing is kept
+    return (np.where(keep, x, 0).sum(axis=0, dtype=np.float64) / keep.sum(axis=0)).astype(np.float32)
+
+
+def _masked_var(x, keep):
+    n = keep.sum(axis=0)
+    m = _masked_mean(x, keep)
+    d = np.where(keep, x - m, 0)
+    return ((d * d).sum(axis=0, dtype=np.float64) / (n - 1)).astype(np.float32)
 
 
 # ------------------------------------------------------------------ helpers
@@ -164,38 +204,53 @@ def _check_inputs(raws: list[RawFrame], kind: str, obstypes: tuple[str, ...], mi
 
 def _frame_isr(config: CalibsConfig, **steps) -> IsrTask:
     """IsrTask with the calibs' per-frame options and the given step switches."""
-    base = dict(do_bias=False, do_dark=False, do_flat=False, do_fringe=False, do_gain=False, do_variance=False,
-                do_defect=False, do_interpolate=False, edge_width=0)
+    base = dict(do_assemble=True, do_bias=False, do_dark=False, do_flat=False, do_fringe=False, do_gain=False, do_variance=True,
+                use_calib_variance=False, do_defect=False, do_interpolate=False, edge_width=0)
     return IsrTask(replace(config.isr, **{**base, **steps}))
 
 
-def _process(raws, camera, task: IsrTask, kind: str, ccd: int, minimum: int, transform=None, **calibs):
-    """Run ISR on every frame; return float32 images with excluded pixels NaN, and the frames used."""
-    images, used = [], []
+def _process(raws, camera, task: IsrTask, kind: str, ccd: int, combine: CombineConfig, transform=None, **calibs):
+    """Run ISR on every frame and combine them.
+
+    ``transform(image, variance, raw)`` rescales a frame in place (excluded pixels are NaN).
+    Returns the CombineResult and the frames used.
+    """
+    images, variances, used = [], [], []
     for raw in raws:
         try:
             exposure = task.run(raw, camera=camera, **calibs).exposure
         except IsrError as err:
             log.warning("master %s ccd %d: frame left out: %s", kind, ccd, err)
             continue
-        image = exposure.image
+        image, variance = exposure.image, exposure.variance
         image[(exposure.mask & EXCLUDE_BITS) != 0] = np.nan
         if transform is not None:
-            image = transform(image, raw)
-        images.append(image.astype(np.float32, copy=False))
+            transform(image, variance, raw)
+        images.append(image)
+        if combine.clip_noise == "variance":
+            variances.append(variance)
         used.append(raw)
-    if len(images) < minimum:
-        raise CalibError(f"master {kind} ccd {ccd}: {len(images)} usable frame(s), at least {minimum} needed")
-    return images, used
+    if len(images) < combine.min_inputs:
+        raise CalibError(f"master {kind} ccd {ccd}: {len(images)} usable frame(s), at least {combine.min_inputs} needed")
+    combined = combine_clipped(images, variances or None, clip_sigma=combine.clip_sigma,
+                               clip_iterations=combine.clip_iterations)
+    return combined, used
 
 
-def _master(combined: CombineResult, used: list[RawFrame], *, kind: str, ccd: int, unit: str,
+def _master_mask(combined: CombineResult, camera: Camera, ccd: int) -> np.ndarray:
+    """NO_DATA|BAD where no input survived; BAD on the camera's defects."""
+    mask = np.zeros(combined.mean.shape, np.int32)
+    for box in camera.ccds[ccd].defects:
+        mask[box.slices] = mask_bit("BAD")
+    mask[combined.n_used == 0] = mask_bits("NO_DATA", "BAD")
+    return mask
+
+
+def _master(combined: CombineResult, used: list[RawFrame], mask: np.ndarray, *, kind: str, ccd: int, unit: str,
             combine: CombineConfig, fill: float, filter: str | None = None) -> Exposure:
     image, variance = combined.mean, combined.variance
     empty = combined.n_used == 0
-    mask = np.zeros(image.shape, np.int32)
     if empty.any():
-        mask[empty] = mask_bits("NO_DATA", "BAD")
         image[empty] = fill
         variance[empty] = 0.0
     meta = fits.Header()
@@ -215,8 +270,9 @@ def _master(combined: CombineResult, used: list[RawFrame], *, kind: str, ccd: in
     return Exposure(image=image, mask=mask, variance=variance, metadata=meta)
 
 
-def _median_unmasked(image: np.ndarray) -> float:
-    finite = image[np.isfinite(image)]
+def _median_unmasked(image: np.ndarray, mask: np.ndarray | None = None) -> float:
+    good = np.isfinite(image) if mask is None else np.isfinite(image) & (mask == 0)
+    finite = image[good]
     if finite.size == 0:
         raise CalibError("no unmasked pixel to normalise")
     return float(np.median(finite))
@@ -240,9 +296,8 @@ def construct_bias(raws: list[RawFrame], camera: Camera, config: CalibsConfig | 
     """
     config = config or CalibsConfig()
     ccd = _check_inputs(raws, "bias", ("bias",), config.bias.min_inputs, same_filter=False)
-    images, used = _process(raws, camera, _frame_isr(config), "bias", ccd, config.bias.min_inputs)
-    combined = combine_clipped(images, clip_sigma=config.bias.clip_sigma, clip_iterations=config.bias.clip_iterations)
-    return _master(combined, used, kind="bias", ccd=ccd, unit="adu", combine=config.bias, fill=0.0)
+    combined, used = _process(raws, camera, _frame_isr(config), "bias", ccd, config.bias)
+    return _master(combined, used, _master_mask(combined, camera, ccd), kind="bias", ccd=ccd, unit="adu", combine=config.bias, fill=0.0)
 
 
 def construct_dark(raws: list[RawFrame], camera: Camera, *, bias: Exposure | None,
@@ -267,19 +322,19 @@ def construct_dark(raws: list[RawFrame], camera: Camera, *, bias: Exposure | Non
         if not float(raw.header.get("DARKTIME", 0.0)) > 0:
             raise CalibError(f"master dark ccd {ccd}: visit {raw.visit} has DARKTIME {raw.header.get('DARKTIME')} (must be > 0)")
 
-    def per_second(image, raw):
-        image /= np.float32(raw.header["DARKTIME"])
-        return image
+    def per_second(image, variance, raw):
+        t = np.float32(raw.header["DARKTIME"])
+        image /= t
+        variance /= t * t
 
     task = _frame_isr(config, do_bias=bias is not None, do_gain=True)
-    images, used = _process(raws, camera, task, "dark", ccd, config.dark.min_inputs, per_second, bias=bias)
-    combined = combine_clipped(images, clip_sigma=config.dark.clip_sigma, clip_iterations=config.dark.clip_iterations)
-    return _master(combined, used, kind="dark", ccd=ccd, unit="electron/s", combine=config.dark, fill=0.0)
+    combined, used = _process(raws, camera, task, "dark", ccd, config.dark, per_second, bias=bias)
+    return _master(combined, used, _master_mask(combined, camera, ccd), kind="dark", ccd=ccd, unit="electron/s", combine=config.dark, fill=0.0)
 
 
 def construct_flat(raws: list[RawFrame], camera: Camera, *, bias: Exposure | None, dark: Exposure | None,
                    config: CalibsConfig | None = None) -> Exposure:
-    """Master flat, median 1 over its unmasked pixels (docs/ARCHITECTURE.md).
+    """Master flat, median 1 over its unmasked pixels, i.e. off the camera defects (docs/ARCHITECTURE.md).
 
     Each frame goes through ISR up to the dark (overscan, assembly, bias, gain, dark) and is
     divided by its own median; the clipped mean is divided by its median over the pixels
@@ -301,18 +356,19 @@ def construct_flat(raws: list[RawFrame], camera: Camera, *, bias: Exposure | Non
     config = config or CalibsConfig()
     ccd = _check_inputs(raws, "flat", ("flat",), config.flat.min_inputs, same_filter=True)
 
-    def normalise(image, raw):
-        image /= np.float32(_median_unmasked(image))
-        return image
+    def normalise(image, variance, raw):
+        m = np.float32(_median_unmasked(image))
+        image /= m
+        variance /= m * m
 
     task = _frame_isr(config, do_bias=bias is not None, do_gain=True, do_dark=dark is not None)
-    images, used = _process(raws, camera, task, "flat", ccd, config.flat.min_inputs, normalise, bias=bias, dark=dark)
-    combined = combine_clipped(images, clip_sigma=config.flat.clip_sigma, clip_iterations=config.flat.clip_iterations)
-    level = _median_unmasked(combined.mean)
+    combined, used = _process(raws, camera, task, "flat", ccd, config.flat, normalise, bias=bias, dark=dark)
+    mask = _master_mask(combined, camera, ccd)
+    level = _median_unmasked(combined.mean, mask)
     mean, variance = combined.mean, combined.variance  # normalised in place
     mean /= np.float32(level)
     variance /= np.float32(level**2)
-    master = _master(combined, used, kind="flat", ccd=ccd, unit="", combine=config.flat, fill=1.0, filter=raws[0].filter)
+    master = _master(combined, used, mask, kind="flat", ccd=ccd, unit="", combine=config.flat, fill=1.0, filter=raws[0].filter)
     master.metadata["FLATMED"] = (round(level, 6), "median of the combined frame before normalising")
     return master
 
@@ -342,7 +398,7 @@ def construct_fringe(raws: list[RawFrame], camera: Camera, *, bias: Exposure | N
     fc = config.fringe
     ccd = _check_inputs(raws, "fringe", ("fringe", "science"), fc.min_inputs, same_filter=True)
 
-    def per_unit_sky(image, raw):
+    def per_unit_sky(image, variance, raw):
         sky = _median_unmasked(image)
         if not sky > 0:
             raise CalibError(f"master fringe ccd {ccd}: visit {raw.visit} has sky level {sky:.1f} (must be > 0)")
@@ -356,13 +412,13 @@ def construct_fringe(raws: list[RawFrame], camera: Camera, *, bias: Exposure | N
                 sources = ndimage.maximum_filter(sources.view(np.uint8), size=2 * fc.source_grow + 1).astype(bool)
             image[sources] = np.nan
         image /= np.float32(sky)
-        return image
+        variance /= np.float32(sky * sky)
 
     task = _frame_isr(config, do_bias=bias is not None, do_gain=True, do_dark=dark is not None, do_flat=flat is not None)
-    images, used = _process(raws, camera, task, "fringe", ccd, fc.min_inputs, per_unit_sky, bias=bias, dark=dark, flat=flat)
-    combined = combine_clipped(images, clip_sigma=fc.clip_sigma, clip_iterations=fc.clip_iterations)
-    finite = np.isfinite(combined.mean)
-    combined.mean[finite] -= np.float32(np.mean(combined.mean[finite], dtype=np.float64))
-    master = _master(combined, used, kind="fringe", ccd=ccd, unit="", combine=fc, fill=0.0, filter=raws[0].filter)
+    combined, used = _process(raws, camera, task, "fringe", ccd, fc, per_unit_sky, bias=bias, dark=dark, flat=flat)
+    mask = _master_mask(combined, camera, ccd)
+    good = np.isfinite(combined.mean) & (mask == 0)
+    combined.mean[np.isfinite(combined.mean)] -= np.float32(np.mean(combined.mean[good], dtype=np.float64))
+    master = _master(combined, used, mask, kind="fringe", ccd=ccd, unit="", combine=fc, fill=0.0, filter=raws[0].filter)
     master.metadata["FRNGUNIT"] = ("per unit sky", "template x sky level [e-] = fringe [e-]")
     return master

@@ -20,7 +20,8 @@ from .detect import DetectionConfig, detect_sources
 from .exposure import Exposure
 from .measure import MeasureConfig, measure_sources
 from .pexconfig import Config, option, subconfig
-from .psf import GaussianPsf, PsfConfig, build_psf, select_psf_stars
+from .psf import GaussianPsf, PsfConfig, PsfError, build_psf
+from .psf_select import select_psf_stars
 
 
 class CharacterizeError(RuntimeError):
@@ -77,10 +78,18 @@ class CharacterizeTask:
 
     def __init__(self, config: CharacterizeConfig | None = None):
         self.config = config or CharacterizeConfig()
+        self.config.validate()
 
     def run(self, exposure: Exposure) -> CharacterizeResult:
-        """Characterize ``exposure`` (not modified); return a new, characterized exposure."""
+        """Characterize ``exposure`` (not modified); return a new, characterized exposure.
+
+        Raises
+        ------
+        CharacterizeError
+            No usable sources or PSF stars; the message names visit and ccd.
+        """
         cfg = self.config
+        where = f"visit {exposure.metadata.get('VISIT', '?')} ccd {exposure.metadata.get('CCD', '?')}"
         image = exposure.image.astype(np.float32, copy=True)
         mask = exposure.mask.copy()
         variance = exposure.variance
@@ -90,10 +99,16 @@ class CharacterizeTask:
 
         guess = GaussianPsf(cfg.psf_fwhm_guess / 2.3548)
         detections = detect_sources(image, variance, mask, cfg.detection, psf_sigma=guess.sigma)
+        if len(detections.sources) == 0:
+            raise CharacterizeError(f"{where}: no source above {cfg.detection.threshold} sigma "
+                                    "(empty field, or every pixel masked)")
         sources = measure_sources(image, variance, detections.mask, detections.sources, guess, cfg.measure,
                                   segmentation=detections.segmentation)
-        stars = select_psf_stars(sources, image, detections.mask, cfg.psf)
-        psf_result = build_psf(image, variance, detections.mask, stars, cfg.psf)
+        try:
+            stars = select_psf_stars(sources, image, detections.mask, cfg.psf)
+            psf_result = build_psf(image, variance, detections.mask, stars, cfg.psf)
+        except PsfError as err:
+            raise CharacterizeError(f"{where}: {err}") from None
         psf = psf_result.psf
 
         n_cr = 0
@@ -101,21 +116,14 @@ class CharacterizeTask:
             cr = find_cosmic_rays(image, variance, mask, psf, cfg.cosmic_ray)
             image, mask = repair_cosmic_rays(image, mask, cr.cr_mask, psf, cfg.cosmic_ray)
             n_cr = cr.n_cr
-            # the background was estimated with the cosmic rays in it; re-estimate without them
-            restored = image + background.evaluate()
-            background = estimate_background(restored, mask, cfg.background)
-            image = restored - background.evaluate()
 
-        psf_sources = measure_sources(image, variance, mask, stars, psf, cfg.measure)
-        for name in ("psf_candidate", "psf_used", "reserved"):
-            if name in stars.colnames:
-                psf_sources[name] = stars[name]
-        if "psf_used" in psf_result.__dataclass_fields__ if hasattr(psf_result, "__dataclass_fields__") else False:
-            pass
+        # icSrc: the PSF stars re-measured with the model (their fluxes feed the aperture correction)
+        psf_sources = measure_sources(image, variance, mask, psf_result.stars, psf, cfg.measure)
+        for name in ("psf_candidate", "psf_used", "reserved", "moments_sigma", "moments_e1", "moments_e2"):
+            psf_sources[name] = psf_result.stars[name]
         apcorr = None
         if cfg.do_apcorr:
-            use = ~np.asarray(psf_sources["reserved"], bool)
-            t = psf_sources[use]
+            t = psf_sources[np.asarray(psf_sources["psf_used"], bool)]
             apcorr = fit_aperture_correction(
                 np.asarray(t["x_centroid"]), np.asarray(t["y_centroid"]),
                 np.asarray(t["psf_flux"]), np.asarray(t["psf_flux_err"]),

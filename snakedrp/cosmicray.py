@@ -45,6 +45,7 @@ class CosmicRayConfig(Config):
     max_extend_iter: int = option(20, "Most extension passes (each adds the next ring of a track)", min=0)
     grow: int = option(1, "Grow the cosmic-ray mask by this many pixels (8-connected)", min=0, max=5)
     grow_max_sigma: float = option(3.0, "Growth adds pixels fainter than this [sigma], and brighter ones only if sharper than the PSF against their clean neighbours", min=0.0)
+    source_sigma: float = option(5.0, "Growth never adds a faint pixel inside a smooth source this significant (PSF-weighted S/N without the cosmic-ray pixels): protects faint stars' cores", min=0.0)
     psf_grid: int = option(3, "Evaluate the PSF's neighbour ratios on an n x n grid over the CCD and use the smallest", min=1, max=10)
     bad_mask_planes: list[str] = option(["BAD", "SAT", "NO_DATA"], "Pixels in these planes, and pixels next to them, are never cosmic rays")
     interp_radius: int = option(2, "Repair: Gaussian-weighted mean of the clean pixels within this radius [pixel] (doubled if none)", min=1, max=10)
@@ -148,6 +149,35 @@ def _clean_median(values, usable, idx, nx):
     return np.nan_to_num(med, nan=0.0)
 
 
+def _psf_sigma(psf: PsfModel, shape) -> float:
+    from .psf import kernel_moments
+
+    s = kernel_moments(psf.kernel((shape[1] - 1) / 2, (shape[0] - 1) / 2))[0]
+    return float(s) if np.isfinite(s) else 1.5
+
+
+def _smooth_snr(values, var, usable, idx, nx, ny, sigma):
+    """S/N of the PSF-like (Gaussian, ``sigma``) weighted sum of the usable pixels around each index.
+
+    A measure of whether a pixel sits in a significant smooth source (a star, a galaxy) once the
+    cosmic-ray pixels are left out.
+    """
+    radius = int(min(max(np.ceil(2 * sigma), 2), 5))
+    x, y = idx % nx, idx // nx
+    total = np.zeros(len(idx))
+    noise = np.zeros(len(idx))
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            w = np.exp(-0.5 * (dx * dx + dy * dy) / sigma**2)
+            xx, yy = x + dx, y + dy
+            inside = (xx >= 0) & (xx < nx) & (yy >= 0) & (yy < ny)
+            j = np.where(inside, yy * nx + xx, 0)
+            ok = inside & usable[j]
+            total += np.where(ok, w * values[j], 0.0)
+            noise += np.where(ok, w * w * var[j], 0.0)
+    return total / np.sqrt(np.maximum(noise, 1e-30))
+
+
 def count_groups(flat_idx: np.ndarray, nx: int) -> int:
     """Number of 8-connected groups among flat pixel indices of an image ``nx`` wide."""
     idx = np.unique(flat_idx)
@@ -243,20 +273,24 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, 
         cr[new] = True
         all_cr = np.concatenate([all_cr, new])
 
-    # 4. grow: into faint pixels, and into brighter ones that stand out from their clean
-    #    neighbours by more than a star could (a track's charge-sharing edge); a star's core
-    #    pixel next to a hit does neither. Border pixels' flat neighbours wrap: grow from interior ones.
+    # 4. grow: into faint pixels that are not part of a significant smooth source, and into
+    #    brighter ones that stand out from their clean neighbours by more than a star could (a
+    #    track's charge-sharing edge); a star's core pixel next to a hit does neither. Border
+    #    pixels' flat neighbours wrap: grow from interior ones.
     r_min = config.psf_ratio_factor * float(ratios.min())
+    psf_sigma = _psf_sigma(psf, (ny, nx))
     for _ in range(config.grow):
         ring = np.unique(_neighbours(all_cr[_interior(all_cr, nx, ny)], nx))
         ring = ring[~cr[ring]]
         if bad is not None:
             ring = ring[~bad[ring]]
-        faint = original[ring] < config.grow_max_sigma * np.sqrt(np.maximum(var[ring], 0))
-        inner = ring[~faint & _interior(ring, nx, ny)]
         usable = ~cr if bad is None else ~(cr | bad)
-        outstanding = r_min * original[inner] > _clean_median(original, usable, inner, nx)
-        ring = np.concatenate([ring[faint], inner[outstanding]])
+        faint = ring[original[ring] < config.grow_max_sigma * np.sqrt(np.maximum(var[ring], 0))]
+        faint = faint[_smooth_snr(original, var, usable, faint, nx, ny, psf_sigma) < config.source_sigma]
+        bright = ring[(original[ring] >= config.grow_max_sigma * np.sqrt(np.maximum(var[ring], 0)))
+                      & _interior(ring, nx, ny)]
+        bright = bright[r_min * original[bright] > _clean_median(original, usable, bright, nx)]
+        ring = np.concatenate([faint, bright])
         cr[ring] = True
         all_cr = np.concatenate([all_cr, ring])
 
@@ -304,12 +338,7 @@ def repair_cosmic_rays(image: np.ndarray, mask: np.ndarray, cr_mask: np.ndarray,
     if len(ys) == 0:
         return out, new_mask
     new_mask[ys, xs] |= mask_bit("CR") | mask_bit("INTRP")
-    sigma = 1.5
-    if psf is not None:
-        from .psf import kernel_moments
-
-        s = kernel_moments(psf.kernel((nx - 1) / 2, (ny - 1) / 2))[0]
-        sigma = s if np.isfinite(s) else sigma
+    sigma = _psf_sigma(psf, (ny, nx)) if psf is not None else 1.5
     clean = ~cr_mask
     if config.bad_mask_planes:
         clean &= (mask & mask_bits(*config.bad_mask_planes)) == 0

@@ -192,7 +192,7 @@ def detect_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray,
     xb, yb = objects["x"].astype(float), objects["y"].astype(float)
     flags = objects["flag"].astype(np.int32)
     if n:
-        xw, yw, wflag = sep.winpos(data, xb, yb, sigma, mask=bad)
+        xw, yw, wflag = sep.winpos(data, xb, yb, sigma, mask=bad, subpix=1)
     else:
         xw, yw, wflag = xb.copy(), yb.copy(), np.zeros(0, np.int16)
     ny, nx = data.shape

@@ -25,7 +25,7 @@ Steps, in the order :meth:`IsrTask.run` applies them (each a function here, each
     which gain INTRP.
 13. ``mask_edge``         EDGE on a border of ``edge_width`` pixels.
 
-Calibration products' BAD/NO_DATA pixels mark the science pixels BAD. Output: float32 image and
+Calibration products' NO_DATA pixels mark the science pixels BAD. Output: float32 image and
 variance in electrons (ADU when ``do_gain`` is false), int32 mask, the raw header's nominal WCS,
 and metadata with the raw keys plus ``ISR*`` keys saying which steps ran.
 """
@@ -42,7 +42,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from scipy import ndimage
 from scipy.interpolate import LSQUnivariateSpline
 
-from .camera import Amplifier, Box, Camera
+from .camera import Amplifier, Camera
 from .exposure import Exposure, mask_bit, mask_bits
 from .pexconfig import Config, ConfigError, option
 from .raw import RawFrame
@@ -53,8 +53,9 @@ METADATA_KEYS = ("VISIT", "CCD", "FILTER", "OBSTYPE", "DATE-OBS", "MJD-OBS", "EX
 
 #: Mask planes whose pixels are never used as data (fringe fit, interpolation neighbours).
 UNUSABLE_BITS = mask_bits("BAD", "SAT", "NO_DATA")
-#: Calibration-product mask planes that make the corrected science pixel BAD.
-CALIB_BAD_BITS = mask_bits("BAD", "NO_DATA")
+#: Calibration-product mask planes that make the corrected science pixel BAD (a master's BAD
+#: marks the camera defects, which do_defect handles, so only pixels without data count).
+CALIB_BAD_BITS = mask_bit("NO_DATA")
 
 
 class IsrError(RuntimeError):
@@ -344,7 +345,7 @@ def mask_edge(mask: np.ndarray, width: int) -> None:
 
 
 def propagate_calib_mask(mask: np.ndarray, calib: Exposure) -> None:
-    """Mark BAD the pixels a calibration product marks BAD or NO_DATA."""
+    """Mark BAD the pixels where a calibration product has no data (NO_DATA)."""
     if calib.mask is None or not calib.mask.any():
         return
     bad = mask_bit("BAD")

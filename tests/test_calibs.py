@@ -27,6 +27,7 @@ def small_ci(rows: int = ROWS) -> Camera:
             amp[key][1] = rows
     for ccd in spec["ccds"]:
         ccd["defects"] = [[y0, min(y1, rows), x0, x1] for y0, y1, x0, x1 in ccd["defects"] if y0 < rows]
+    spec["ccds"][0]["defects"] += [[40, rows, 100, 101], [60, 62, 700, 702]]  # a bad column, a hot pixel
     return Camera.from_dict(spec)
 
 
@@ -61,7 +62,7 @@ def test_master_variance_agrees_with_scatter():
         # mean of the per-pixel variance of the mean vs the empirical variance of the master
         assert np.mean(master.variance[sl]) == pytest.approx(np.var(master.image[sl]), rel=0.05)
     assert master.image.dtype == np.float32 and master.variance.dtype == np.float32
-    assert not master.mask.any()
+    assert not (master.mask & mask_bit("NO_DATA")).any()
 
 
 def test_master_bias_keeps_2d_structure_and_rejects_outliers():
@@ -105,14 +106,21 @@ def _response(shape, seed=5):
 def test_master_flat_median_one_and_recovers_pixel_response():
     rng = np.random.default_rng(6)
     response = _response(CAM.ccd_shape)
+    response[40:, 100] *= 0.2  # the camera's bad column responds at 20 %
     levels = (15000.0, 20000.0, 25000.0, 18000.0, 22000.0, 30000.0, 16000.0, 21000.0)
     frames = [make_raw(CAM, 0, level * response, rng=rng, visit=200 + i, obstype="flat", filter="HSC-R", exptime=10.0)
               for i, level in enumerate(levels)]
     frames[2].data[30, 40] = 65535.0  # a saturated hit in one frame: left out, not clipped into the mean
     flat = construct_flat(frames, CAM, bias=None, dark=None)
     good = flat.mask == 0
+    defect = np.zeros(CAM.ccd_shape, bool)
+    for box in CAM.ccds[0].defects:
+        defect[box.slices] = True
+    # the defects are BAD in the master and left out of its median (the simulator's convention)
+    np.testing.assert_array_equal(good, ~defect)
     assert np.median(flat.image[good]) == pytest.approx(1.0, abs=1e-6)
-    truth = response / np.median(response)
+    truth = response / np.median(response[~defect])
+    assert np.mean(flat.image[40:, 100]) == pytest.approx(np.mean(truth[40:, 100]), rel=0.01)
     err = flat.image - truth
     # photon noise of the combined flat ~ 1/sqrt(8 * 20000) = 0.25 %
     assert np.std(err) < 0.0035
@@ -124,8 +132,9 @@ def test_master_flat_median_one_and_recovers_pixel_response():
     # a flat-fielded uniform illumination comes out uniform
     science = make_raw(CAM, 0, 20000.0 * response, rng=rng, filter="HSC-R")
     cfg = IsrConfig(do_bias=False, do_dark=False, do_fringe=False, do_defect=False)
-    out = IsrTask(cfg).run(science, camera=CAM, flat=flat).exposure.image
-    assert np.std(out) / np.mean(out) < 0.009  # Poisson 0.7 % plus the master's 0.25 %
+    out = IsrTask(cfg).run(science, camera=CAM, flat=flat).exposure
+    assert not (out.mask & mask_bit("BAD")).any()  # master BAD (defects) does not propagate; NO_DATA would
+    assert np.std(out.image) / np.mean(out.image) < 0.009  # Poisson 0.7 % plus the master's 0.25 %
 
 
 def test_master_fringe_template_and_isr_fit():
@@ -143,7 +152,7 @@ def test_master_fringe_template_and_isr_fit():
     fringe = construct_fringe(frames, CAM, bias=None, dark=None, flat=None)
     template = fringe.image
     good = fringe.mask == 0
-    assert abs(np.mean(template[good])) < 1e-6
+    assert abs(np.mean(template[good])) < 1e-6 and not good.all()
     # per unit sky: the template is the injected pattern, amplitude within 3 %
     slope = np.sum(template * pattern) / np.sum(pattern**2)
     assert slope == pytest.approx(1.0, rel=0.03)
@@ -156,7 +165,12 @@ def test_master_fringe_template_and_isr_fit():
     cfg = IsrConfig(do_bias=False, do_dark=False, do_flat=False, do_defect=False)
     result = IsrTask(cfg).run(science, camera=CAM, fringe=fringe)
     assert result.fringe_amplitude == pytest.approx(1.4 * sky, rel=0.04)
-    assert np.std(result.exposure.image[4:-4, 4:-4]) < 1.05 * np.sqrt(sky + 25.0)
+    # what remains is sky + read noise plus the template's own noise (8 frames), which the
+    # variance plane carries: (amplitude * template noise)^2 is added to it
+    out = result.exposure
+    inner = (slice(4, -4), slice(4, -4))
+    assert np.std(out.image[inner]) == pytest.approx(np.sqrt(np.mean(out.variance[inner])), rel=0.03)
+    assert np.mean(out.variance[inner]) > sky + 20.0 + (1.4 * sky) ** 2 * 0.8 * np.mean(fringe.variance)
 
 
 def test_masters_report_no_data_where_every_input_is_masked():
@@ -166,7 +180,7 @@ def test_masters_report_no_data_where_every_input_is_masked():
     master = construct_bias(frames, CAM)
     assert master.mask[10, 20] == mask_bit("NO_DATA") | mask_bit("BAD")
     assert master.image[10, 20] == 0.0 and master.metadata["NNODATA"] == 1
-    assert (master.mask != 0).sum() == 1
+    assert ((master.mask & mask_bit("NO_DATA")) != 0).sum() == 1
 
 
 def test_inputs_are_checked():
@@ -189,3 +203,34 @@ def test_combine_clipped_rejects_outlier_and_handles_nan():
     assert abs(res.mean[5, 5] - 10.0) < 1.5 and res.n_used[5, 5] == 8
     assert res.n_used[7, 7] == 8 and np.isfinite(res.mean[7, 7])
     assert np.mean(res.variance) == pytest.approx(1.0 / 9, rel=0.1)
+
+
+def test_calibration_chain_bias_dark_flat_then_science():
+    """Masters built here, then used by IsrTask: a flat-fielded sky comes out flat, with its noise."""
+    rng = np.random.default_rng(10)
+    shape = CAM.ccd_shape
+    pattern = np.zeros(shape)
+    pattern[:, 500:506] = 12.0  # bias structure [ADU]
+    rate = np.full(shape, 0.05)
+    rate[100:104, 200:204] = 4.0  # warm pixels [e-/s]
+    response = _response(shape, seed=11)
+
+    def frames(kind, n, signal, **kw):
+        return [make_raw(CAM, 0, signal, rng=rng, bias_pattern=pattern, obstype=kind, visit=500 + i, **kw)
+                for i in range(n)]
+
+    bias = construct_bias(frames("bias", 8, None, filter="NONE", exptime=0.0, darktime=0.0), CAM)
+    dark = construct_dark(frames("dark", 6, rate * 600.0, filter="NONE", exptime=600.0), CAM, bias=bias)
+    flat = construct_flat(frames("flat", 8, 25000.0 * response + rate * 5.0, filter="HSC-R", exptime=5.0), CAM,
+                          bias=bias, dark=dark)
+    sky, t = 1200.0, 120.0
+    science = make_raw(CAM, 0, sky * response + rate * t, rng=rng, bias_pattern=pattern, filter="HSC-R", exptime=t)
+    cfg = IsrConfig(do_fringe=False, edge_width=0)
+    out = IsrTask(cfg).run(science, camera=CAM, bias=bias, dark=dark, flat=flat).exposure
+    good = out.mask == 0
+    level = sky * np.median(response)
+    assert np.median(out.image[good]) == pytest.approx(level, rel=2e-3)
+    assert np.mean(out.image[:, 500:506]) == pytest.approx(level, rel=5e-3)  # bias column gone
+    assert np.mean(out.image[100:104, 200:204]) == pytest.approx(level, rel=0.05)  # warm pixels gone
+    # the remaining scatter is what the variance plane says (sky, read noise, masters' noise)
+    assert np.var(out.image[good]) == pytest.approx(np.mean(out.variance[good]), rel=0.05)

@@ -209,7 +209,11 @@ def test_dark_scaled_by_darktime():
     # DARKTIME differs from EXPTIME: the dark must scale with DARKTIME
     raw = make_raw(CI, 0, 200.0 + dark * 400.0, rng=np.random.default_rng(4), exptime=300.0, darktime=400.0)
     cfg = isr_config(do_overscan=True, do_gain=True, do_dark=True)
-    out = IsrTask(cfg).run(raw, camera=CI, dark=_calib(dark)).exposure.image
+    master = _calib(dark)
+    master.mask[7, 8] = NO_DATA | BAD  # a pixel the master has no data for
+    result = IsrTask(cfg).run(raw, camera=CI, dark=master).exposure
+    out = result.image
+    assert result.mask[7, 8] == BAD and (result.mask != 0).sum() == 1  # propagated to the science frame
     assert np.mean(out[100:110, 300:310]) == pytest.approx(200.0, abs=3.0)  # 2000 e- removed
     assert np.mean(out) == pytest.approx(200.0, abs=0.2)
     off = IsrTask(replace(cfg, do_dark=False)).run(raw, camera=CI).exposure.image
@@ -256,6 +260,16 @@ def test_missing_calibration_is_an_error():
         IsrTask(isr_config(do_fringe=True)).run(fringing, camera=CI)
     # HSC-R does not fringe: no template needed
     IsrTask(isr_config(do_fringe=True)).run(raw, camera=CI)
+
+
+def test_unassembled_output_keeps_the_raw_layout():
+    raw = make_raw(CI, 0, np.full(CI.ccd_shape, 3000.0), rng=np.random.default_rng(13))
+    cfg = IsrConfig(do_assemble=False, do_bias=False, do_dark=False, do_flat=False, do_fringe=False, do_defect=False)
+    out = IsrTask(cfg).run(raw, camera=CI).exposure
+    assert out.image.shape == CI.raw_shape and out.metadata["ISRASSEM"] is False
+    for amp in CI.ccds[0].amplifiers:
+        assert abs(np.mean(out.image[amp.raw_overscan.slices])) < 0.2  # overscan level removed
+        assert np.mean(out.image[amp.raw_data.slices]) == pytest.approx(3000.0, rel=1e-3)  # gain applied
 
 
 def test_config_validation():

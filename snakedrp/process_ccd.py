@@ -1,0 +1,138 @@
+"""ProcessCcdTask: ISR → characterize → calibrate on one CCD (the LSST processCcd.py).
+
+From Python, as in the seed notebook::
+
+    from snakedrp.butler import Butler
+    from snakedrp.process_ccd import ProcessCcdTask, ProcessCcdConfig
+    butler = Butler("data/ci_repo", rerun="ci")
+    config = ProcessCcdConfig()
+    config.isr.do_flat = False
+    task = ProcessCcdTask(config)
+    result = task.run_data_id(butler, visit=903334, ccd=0)
+    result.calexp.image, result.calexp.psf.kernel(500, 1000), result.sources["psf_mag"]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from astropy.table import Table
+
+from .apcorr import ApCorrMap
+from .background import Background
+from .calibrate import CalibrateConfig, CalibrateTask
+from .camera import Camera
+from .characterize import CharacterizeConfig, CharacterizeTask
+from .exposure import Exposure
+from .isr import IsrConfig, IsrTask
+from .pexconfig import Config, subconfig
+from .raw import RawFrame
+from .refcat import load_refcat
+
+
+@dataclass
+class ProcessCcdConfig(Config):
+    """Single-frame processing: the isr, characterize and calibrate sections of the config tree."""
+
+    isr: IsrConfig = subconfig(IsrConfig, "Instrument signature removal")
+    characterize: CharacterizeConfig = subconfig(CharacterizeConfig, "Background, PSF, cosmic rays, apcorr")
+    calibrate: CalibrateConfig = subconfig(CalibrateConfig, "Detection, measurement, astrometry, photometry")
+
+
+@dataclass(frozen=True)
+class ProcessCcdResult:
+    """The single-frame products (LSST dataset names in brackets).
+
+    Attributes
+    ----------
+    calexp : Exposure
+        Calibrated exposure [calexp]: background-subtracted image, mask, variance, PSF, WCS,
+        zeropoint.
+    sources : Table
+        Source catalog [src].
+    psf_sources : Table
+        Bright sources used for the PSF, with ``reserved`` flags [icSrc].
+    background : Background
+        Subtracted background [calexpBackground].
+    matches : Table or None
+        Reference matches [srcMatch].
+    apcorr : ApCorrMap or None
+        Aperture correction.
+    n_cosmic_rays : int
+    """
+
+    calexp: Exposure
+    sources: Table
+    psf_sources: Table
+    background: Background
+    matches: Table | None
+    apcorr: ApCorrMap | None
+    n_cosmic_rays: int
+
+
+def refcat_for_exposure(directory, wcs, shape: tuple[int, int], margin_arcsec: float) -> Table:
+    """Reference stars within the circle around a CCD (from its WCS) grown by ``margin_arcsec``.
+
+    Reads only the refcat shards that touch that circle.
+    """
+    ny, nx = shape
+    xs = np.array([0, nx - 1, nx - 1, 0, (nx - 1) / 2.0])
+    ys = np.array([0, 0, ny - 1, ny - 1, (ny - 1) / 2.0])
+    ra, dec = wcs.all_pix2world(xs, ys, 0)
+    ra0, dec0 = ra[-1], dec[-1]
+    cosd = np.cos(np.deg2rad(dec0))
+    dist = np.hypot(((ra[:4] - ra0 + 180) % 360 - 180) * cosd, dec[:4] - dec0)
+    return load_refcat(directory, float(ra0), float(dec0), float(dist.max() + margin_arcsec / 3600.0))
+
+
+class ProcessCcdTask:
+    """Run ISR, characterization and calibration on one raw CCD frame."""
+
+    ConfigClass = ProcessCcdConfig
+
+    def __init__(self, config: ProcessCcdConfig | None = None):
+        self.config = config or ProcessCcdConfig()
+        self.config.validate()
+        self.isr = IsrTask(self.config.isr)
+        self.characterize = CharacterizeTask(self.config.characterize)
+        self.calibrate = CalibrateTask(self.config.calibrate)
+
+    def run(self, raw: RawFrame, *, camera: Camera, calibs: dict[str, Exposure] | None = None,
+            refcat: Table | None = None, refcat_dir=None) -> ProcessCcdResult:
+        """Process one raw frame.
+
+        Parameters
+        ----------
+        raw : RawFrame
+        camera : Camera
+        calibs : dict
+            Master calibrations by name: ``bias``, ``dark``, ``flat``, ``fringe`` (those the
+            ISR switches need).
+        refcat : Table, optional
+            Reference stars around the CCD; or give ``refcat_dir`` to load the covering shards.
+        """
+        isr = self.isr.run(raw, camera=camera, **(calibs or {}))
+        char = self.characterize.run(isr.exposure)
+        if refcat is None and refcat_dir is not None:
+            refcat = refcat_for_exposure(refcat_dir, char.exposure.wcs, char.exposure.shape,
+                                         self.config.calibrate.refcat_margin)
+        band = camera.filters[raw.filter].band if raw.filter in camera.filters else None
+        cal = self.calibrate.run(char.exposure, refcat, apcorr=char.apcorr, band=band)
+        return ProcessCcdResult(calexp=cal.exposure, sources=cal.sources, psf_sources=char.psf_sources,
+                                background=char.background, matches=cal.matches, apcorr=char.apcorr,
+                                n_cosmic_rays=char.n_cosmic_rays)
+
+    def run_data_id(self, butler, *, visit: int, ccd: int, refcat: str = "sim_gaia") -> ProcessCcdResult:
+        """Read the raw, calibrations and reference catalog of ``(visit, ccd)`` through a butler and run."""
+        raw = butler.get("raw", visit=visit, ccd=ccd)
+        calibs = {}
+        for name, enabled in (("bias", self.config.isr.do_bias), ("dark", self.config.isr.do_dark),
+                              ("flat", self.config.isr.do_flat)):
+            if enabled:
+                calibs[name] = butler.get(name, visit=visit, ccd=ccd, filter=raw.filter)
+        filt = butler.camera.filters.get(raw.filter)
+        if self.config.isr.do_fringe and filt is not None and filt.fringe:
+            calibs["fringe"] = butler.get("fringe", ccd=ccd, filter=raw.filter)
+        refcat_dir = butler.path("ref_cat", refcat=refcat)
+        return self.run(raw, camera=butler.camera, calibs=calibs, refcat_dir=Path(refcat_dir).parent)
