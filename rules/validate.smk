@@ -8,6 +8,8 @@ def get_validation_inputs(wildcards):
         "srcs": expand_exposures("src", SCIENCE),
         "icsrcs": expand_exposures("icSrc", SCIENCE),
         "visits": str(TRUTH_DIR / "visits.fits"),
+        "objects": str(TRUTH_DIR / "objects.fits"),
+        "exposures": str(TRUTH_DIR / "exposures.fits"),
         "truth": [str(TRUTH_DIR / "sources" / f"truth-{e['visit']}-{e['ccd']}.fits") for e in SCIENCE],
         "cr": [str(TRUTH_DIR / "cr" / f"cr-{e['visit']}-{e['ccd']}.fits") for e in SCIENCE],
         "camera": str(CAMERA_PATH),

@@ -118,7 +118,8 @@ class CharacterizeTask:
             n_cr = cr.n_cr
 
         # icSrc: the PSF stars re-measured with the model (their fluxes feed the aperture correction)
-        psf_sources = measure_sources(image, variance, mask, psf_result.stars, psf, cfg.measure)
+        psf_sources = measure_sources(image, variance, mask, psf_result.stars, psf, cfg.measure,
+                                      segmentation=detections.segmentation)
         for name in ("psf_candidate", "psf_used", "reserved", "moments_sigma", "moments_e1", "moments_e2"):
             psf_sources[name] = psf_result.stars[name]
         apcorr = None

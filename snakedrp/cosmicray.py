@@ -45,6 +45,7 @@ class CosmicRayConfig(Config):
     max_extend_iter: int = option(20, "Most extension passes (each adds the next ring of a track)", min=0)
     grow: int = option(1, "Grow the cosmic-ray mask by this many pixels (8-connected)", min=0, max=5)
     grow_max_sigma: float = option(3.0, "Growth adds pixels fainter than this [sigma], and brighter ones only if sharper than the PSF against their clean neighbours", min=0.0)
+    grow_sharpness_sigma: float = option(1.0, "Noise allowance [sigma] when growth tests a brighter pixel against the median of its clean neighbours", min=0.0)
     source_sigma: float = option(5.0, "Growth never adds a faint pixel inside a smooth source this significant (PSF-weighted S/N without the cosmic-ray pixels): protects faint stars' cores", min=0.0)
     psf_grid: int = option(3, "Evaluate the PSF's neighbour ratios on an n x n grid over the CCD and use the smallest", min=1, max=10)
     bad_mask_planes: list[str] = option(["BAD", "SAT", "NO_DATA"], "Pixels in these planes, and pixels next to them, are never cosmic rays")
@@ -289,7 +290,8 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, 
         faint = faint[_smooth_snr(original, var, usable, faint, nx, ny, psf_sigma) < config.source_sigma]
         bright = ring[(original[ring] >= config.grow_max_sigma * np.sqrt(np.maximum(var[ring], 0)))
                       & _interior(ring, nx, ny)]
-        bright = bright[r_min * original[bright] > _clean_median(original, usable, bright, nx)]
+        allowance = config.grow_sharpness_sigma * np.sqrt(np.maximum(var[bright], 0))
+        bright = bright[r_min * (original[bright] - allowance) > _clean_median(original, usable, bright, nx)]
         ring = np.concatenate([faint, bright])
         cr[ring] = True
         all_cr = np.concatenate([all_cr, ring])

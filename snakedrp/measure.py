@@ -1,21 +1,27 @@
 """Source measurement: centroids, PSF, aperture, calibration-aperture and Kron fluxes, shapes, flags.
 
 Every quantity is computed for all sources at once (stacks of stamps, one sep call per
-quantity); nothing loops over sources in Python except the adaptive moments (GalSim HSM, in C)
-and the joint PSF fits of deblended blends. Conventions:
+quantity); Python loops over sources remain only for the adaptive moments (GalSim HSM, in C),
+the joint PSF fits of deblended blends and the neighbour replacement in the calibration
+aperture (about one neighbour per bright source). Conventions:
 
 - Pixel positions zero-based, pixel centres on integers; fluxes in image units (electrons),
   with 1-sigma errors from the variance plane.
 - Pixels with ``config.bad_mask_planes`` (default BAD, SAT, NO_DATA) or non-finite values carry no
-  weight in any fit or sum; where a flux needs them it uses the source's own PSF model there.
+  weight in fits; in circular apertures sep replaces them by the mean of the aperture's other
+  pixels, and the ``ap_<r>_flag`` columns say so.
 - Neighbours: with a segmentation image (from :func:`snakedrp.detect.detect_sources`), pixels
-  of other sources are excluded from a source's PSF fit and centroid error, and replaced by the
-  source's own PSF model in its aperture sums when its footprint lies inside the aperture (see
-  :func:`_aperture_sums`). Children of one deblended parent whose PSF-fit boxes overlap are fitted
-  simultaneously, each with its own PSF model.
-- The calibration aperture has radius ``calib_aperture_fwhm`` x the local PSF FWHM (default 4): the
-  simulator's PSF (a Moffat truncated at 4 FWHM) carries no flux beyond it, so this aperture is the
-  total flux of a star, and the aperture correction maps PSF fluxes onto it.
+  of other sources are excluded from a source's PSF fit, centroid error and adaptive moments;
+  children of one deblended parent whose PSF-fit boxes overlap are fitted simultaneously, each
+  with its own PSF model; in the calibration aperture of sources above ``calib_replace_snr_min``,
+  other sources' footprint pixels are replaced by the source's own PSF model
+  (:func:`_neighbour_correction`). The fixed-radius apertures keep their neighbours.
+- PSF fluxes are unweighted least-squares amplitudes of the unit-flux PSF model (normalised over the
+  whole kernel), as LSST's PsfFlux: per-pixel variance weights would bias bright stars low.
+- The calibration aperture has radius ``calib_aperture_fwhm`` x the local PSF FWHM (default 4; the
+  Gaussian-equivalent FWHM of :meth:`PsfModel.fwhm`, which for the simulator's Moffat is ~1.1 x its
+  true FWHM). The simulated PSF (a Moffat truncated at 4 FWHM) carries no flux beyond that, so this
+  aperture is the total flux of a star, and the aperture correction maps PSF fluxes onto it.
 """
 from __future__ import annotations
 

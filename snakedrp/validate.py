@@ -198,3 +198,79 @@ def rms(values) -> float:
 def check_goals(metrics: list[Metric]) -> list[Metric]:
     """The metrics that miss their goal."""
     return [m for m in metrics if not m.passed]
+
+
+@dataclass
+class ExposureFigures:
+    """Raw figures of one (visit, ccd), combined over exposures by :func:`summarize`."""
+
+    visit: int
+    ccd: int
+    astrometry_mas: np.ndarray
+    zeropoint_error_mmag: float
+    psf_size_errors: np.ndarray
+    psf_e_errors: np.ndarray
+    cr_recovered: int
+    cr_total: int
+    star_cores_flagged: int
+    star_cores: int
+    completeness_found: int
+    completeness_total: int
+    psf_flux_ratios: np.ndarray
+
+
+def validate_exposure(calexp: Exposure, src: Table, psf_sources: Table, truth: Table, objects: Table,
+                      cr_truth: np.ndarray, true_zeropoint: float, true_psf_image, config: ValidateConfig
+                      ) -> ExposureFigures:
+    """Every figure of one processed CCD against the simulator's truth.
+
+    ``true_psf_image(x, y, shape)`` draws the true PSF (with the pixel) centred on a stamp.
+    """
+    ny, nx = calexp.shape
+    psf_sigma = float(np.nan_to_num(_kernel_sigma(calexp.psf.kernel(nx / 2.0, ny / 2.0)), nan=2.0))
+    dsize, de = psf_shape_errors(calexp, psf_sources, true_psf_image)
+    cr_rec, cr_tot, cores_hit, cores = cosmic_ray_recovery(calexp, cr_truth, truth, psf_sigma, config)
+    found, total = completeness(src, truth, calexp, psf_sigma, config)
+    zp_err = (float(calexp.zeropoint) - true_zeropoint) * 1000.0 if calexp.zeropoint is not None else float("nan")
+    return ExposureFigures(
+        visit=int(calexp.metadata.get("VISIT", -1)), ccd=int(calexp.metadata.get("CCD", -1)),
+        astrometry_mas=astrometric_errors_mas(src, truth, objects, config),
+        zeropoint_error_mmag=zp_err, psf_size_errors=dsize, psf_e_errors=de,
+        cr_recovered=cr_rec, cr_total=cr_tot, star_cores_flagged=cores_hit, star_cores=cores,
+        completeness_found=found, completeness_total=total,
+        psf_flux_ratios=psf_flux_ratios(src, truth, config))
+
+
+def _kernel_sigma(kernel: np.ndarray) -> float:
+    try:
+        return galsim.hsm.FindAdaptiveMom(galsim.Image(np.ascontiguousarray(kernel, dtype=np.float64))).moments_sigma
+    except galsim.errors.GalSimHSMError:
+        return float("nan")
+
+
+def summarize(figures: list[ExposureFigures], config: ValidateConfig) -> list[Metric]:
+    """The validation metrics over all exposures, each with its goal."""
+    astro = np.concatenate([f.astrometry_mas for f in figures]) if figures else np.array([])
+    zp = np.array([f.zeropoint_error_mmag for f in figures])
+    dsize = np.concatenate([f.psf_size_errors for f in figures]) if figures else np.array([])
+    de = np.concatenate([f.psf_e_errors for f in figures]) if figures else np.zeros((0, 2))
+    ratios = np.concatenate([f.psf_flux_ratios for f in figures]) if figures else np.array([])
+    cr_rec, cr_tot = sum(f.cr_recovered for f in figures), sum(f.cr_total for f in figures)
+    found, total = sum(f.completeness_found for f in figures), sum(f.completeness_total for f in figures)
+    cores_hit = sum(f.star_cores_flagged for f in figures)
+    bias = -2.5 * np.log10(np.median(ratios)) * 1000.0 if ratios.size else float("nan")
+    return [
+        Metric("astrometric RMS of bright stars vs truth", rms(astro), config.astrometry_rms_goal, "mas", astro.size),
+        Metric("max |zeropoint error| per CCD", float(np.max(np.abs(zp))) if zp.size else float("nan"),
+               config.zeropoint_goal, "mmag", zp.size),
+        Metric("PSF FWHM RMS error at reserved stars", rms(dsize) * 100.0, config.psf_fwhm_goal, "%", dsize.size),
+        Metric("PSF e1 RMS error at reserved stars", rms(de[:, 0]), config.psf_e_goal, "", len(de)),
+        Metric("PSF e2 RMS error at reserved stars", rms(de[:, 1]), config.psf_e_goal, "", len(de)),
+        Metric("cosmic-ray pixel recovery", 100.0 * cr_rec / max(cr_tot, 1), config.cr_recovery_goal, "%", cr_tot,
+               higher_is_better=True),
+        Metric("true star cores flagged as CR", float(cores_hit), 0.0, "stars",
+               sum(f.star_cores for f in figures)),
+        Metric(f"src completeness of isolated stars at S/N {config.completeness_snr:g}",
+               100.0 * found / max(total, 1), config.completeness_goal, "%", total, higher_is_better=True),
+        Metric("|median PSF-flux bias| of bright stars", abs(bias), config.psf_flux_bias_goal, "mmag", ratios.size),
+    ]
