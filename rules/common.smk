@@ -176,7 +176,7 @@ def get_all_targets():
     targets = [str(REGISTRY_PATH)]
     targets += expand_exposures("calexp", SCIENCE)
     targets += expand_exposures("src", SCIENCE)
-    if CFG.validate.enabled and (SIMULATING or TRUTH_DIR.exists()):
+    if CFG.validation.enabled and (SIMULATING or TRUTH_DIR.exists()):
         targets.append(str(RERUN_DIR / "validation" / "single_frame.json"))
     return targets
 

@@ -22,7 +22,7 @@ rule validate_single_frame:
     output:
         metrics=str(RERUN_DIR / "validation" / "single_frame.json"),
     params:
-        validate=section_params("validate"),
+        validation=section_params("validation"),
     log:
         str(RERUN_DIR / "logs" / "validate_single_frame.log"),
     benchmark:

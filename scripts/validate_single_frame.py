@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 def main(inputs, outputs, params, log_path):
     logger = sdlog.configure(log_path)
-    config = ValidateConfig.from_dict(params.validate["validate"])
+    config = ValidateConfig.from_dict(params.validation["validation"])
     camera = Camera.from_yaml(inputs.camera)
     objects, visits, exposures = Table.read(inputs.objects), Table.read(inputs.visits), Table.read(inputs.exposures)
     true_zp = {(int(r["visit"]), int(r["ccd"])): float(r["zeropoint"]) for r in exposures}

@@ -40,7 +40,8 @@ class CharacterizeConfig(Config):
     do_cosmic_ray: bool = option(True, "Find and repair cosmic rays (uses the PSF model)?")
     do_apcorr: bool = option(True, "Fit the aperture correction from PSF flux to the calibration aperture?")
     background: BackgroundConfig = subconfig(BackgroundConfig, "Background model (sep)")
-    detection: DetectionConfig = subconfig(_bright_detection, "Detection of bright sources for PSF estimation")
+    detection: DetectionConfig = subconfig(DetectionConfig, "Detection of bright sources for PSF estimation",
+                                           default=_bright_detection)
     measure: MeasureConfig = subconfig(MeasureConfig, "Measurement of the bright sources")
     psf: PsfConfig = subconfig(PsfConfig, "PSF star selection and the spatially varying PSF model")
     cosmic_ray: CosmicRayConfig = subconfig(CosmicRayConfig, "Cosmic-ray detection and repair")

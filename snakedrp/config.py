@@ -45,7 +45,7 @@ class PipelineConfig(Config):
     isr: IsrConfig = subconfig(IsrConfig, "Instrument signature removal")
     characterize: CharacterizeConfig = subconfig(CharacterizeConfig, "Characterize: background, PSF, cosmic rays, aperture correction")
     calibrate: CalibrateConfig = subconfig(CalibrateConfig, "Calibrate: detection, measurement, astrometry, photometry")
-    validate: ValidateConfig = subconfig(ValidateConfig, "Validation against simulator truth: accuracy goals")
+    validation: ValidateConfig = subconfig(ValidateConfig, "Validation against simulator truth: accuracy goals")
 
 
 # ------------------------------------------------------------------ merging
@@ -125,7 +125,6 @@ def format_config(config: PipelineConfig, origin: dict[str, str] | None = None, 
     Each option is preceded by its description, type, default, allowed values and the source
     of its value. ``pattern`` is a glob on dotted names (e.g. ``"isr.*"``, ``"*fringe*"``).
     """
-    values = dict(_leaves(config.to_dict()))
     lines = []
     for row in PipelineConfig.describe():
         name = row["name"]
@@ -137,9 +136,19 @@ def format_config(config: PipelineConfig, origin: dict[str, str] | None = None, 
         elif row["min"] is not None or row["max"] is not None:
             allowed = f"; range [{row['min']}, {row['max']}]"
         source = (origin or {}).get(name, "default")
+        value = _get(config, name)
+        if source.endswith("config/config.yaml") and value == row["default"]:
+            source = "default"  # the workflow's config file restates every default
         lines.append(f"# {row['doc']} ({row['type']}, default {row['default']!r}{allowed}) [from {source}]")
-        lines.append(f"{name}: {yaml.safe_dump(values[name], default_flow_style=True).strip().removesuffix('...').strip()}")
+        lines.append(f"{name}: {yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix('...').strip()}")
     return "\n".join(lines) + "\n"
+
+
+def _get(config: Config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return list(value) if isinstance(value, tuple) else value
 
 
 def default_config_yaml() -> str:

@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import json
 import typing
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 
@@ -46,9 +46,24 @@ def option(default, doc: str, *, min=None, max=None, choices=None):
     return dataclasses.field(default=default, metadata=meta)
 
 
-def subconfig(cls, doc: str):
-    """A nested config section of class ``cls``."""
-    return dataclasses.field(default_factory=cls, metadata={"doc": doc, "subconfig": cls})
+def subconfig(cls, doc: str, *, default=None):
+    """A nested config section of class ``cls``.
+
+    ``default`` is an optional factory returning the section's default instance, for a section
+    whose defaults differ from its class's (e.g. a detection threshold of 10 instead of 5).
+    """
+    factory = default or cls
+    return dataclasses.field(default_factory=factory, metadata={"doc": doc, "subconfig": cls, "factory": factory})
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 @dataclass
@@ -88,7 +103,15 @@ class Config:
         for name, f in known.items():
             dotted = f"{path}.{name}" if path else name
             if "subconfig" in f.metadata:
-                kwargs[name] = f.metadata["subconfig"].from_dict(values.get(name), path=dotted)
+                sub = values.get(name) or {}
+                if not isinstance(sub, dict):
+                    raise ConfigError(f"option {dotted} is a section; give a mapping, got {sub!r}")
+                base = f.metadata["factory"]().to_dict()
+                unknown_sub = sorted(set(sub) - set(base))
+                if unknown_sub:
+                    raise ConfigError(f"unknown option {dotted}.{unknown_sub[0]} in {dotted}; "
+                                      f"allowed: {', '.join(sorted(base))}")
+                kwargs[name] = f.metadata["subconfig"].from_dict(_deep_merge(base, sub), path=dotted)
             elif name in values:
                 kwargs[name] = _check_value(dotted, values[name], hints[name], f.metadata)
         obj = cls(**kwargs)
@@ -102,16 +125,17 @@ class Config:
 
     # ------------------------------------------------------------ documentation
     @classmethod
-    def describe(cls, prefix: str = "") -> list[dict]:
+    def describe(cls, prefix: str = "", _default=None) -> list[dict]:
         """One dict per leaf option: name (dotted), type, default, doc, min, max, choices."""
         rows = []
         hints = typing.get_type_hints(cls)
+        instance = _default if _default is not None else cls()
         for f in fields(cls):
             name = f"{prefix}{f.name}"
+            default = getattr(instance, f.name)
             if "subconfig" in f.metadata:
-                rows.extend(f.metadata["subconfig"].describe(prefix=name + "."))
+                rows.extend(f.metadata["subconfig"].describe(prefix=name + ".", _default=default))
                 continue
-            default = f.default if f.default is not MISSING else f.default_factory()
             rows.append({
                 "name": name,
                 "type": _type_name(hints[f.name]),
@@ -124,17 +148,20 @@ class Config:
         return rows
 
     @classmethod
-    def json_schema(cls) -> dict:
+    def json_schema(cls, _default=None) -> dict:
         """JSON schema (draft 7) of this config section, with descriptions and defaults."""
         props = {}
         hints = typing.get_type_hints(cls)
+        instance = _default if _default is not None else cls()
         for f in fields(cls):
+            default = getattr(instance, f.name)
             if "subconfig" in f.metadata:
-                sub = f.metadata["subconfig"].json_schema()
+                sub = f.metadata["subconfig"].json_schema(_default=default)
                 sub["description"] = f.metadata["doc"]
                 props[f.name] = sub
                 continue
-            default = f.default if f.default is not MISSING else f.default_factory()
+            if isinstance(default, tuple):
+                default = list(default)
             prop = _json_type(hints[f.name])
             prop["description"] = f.metadata.get("doc", "")
             prop["default"] = default
