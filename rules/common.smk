@@ -39,15 +39,15 @@ REGISTRY_PATH = REPO / "registry.sqlite3"
 CALIB_FILTER_TYPES = ("flat", "fringe")
 
 
-def _camera_path():
-    if (REPO / "_camera.yaml").exists():
-        return REPO / "_camera.yaml"
+def _config_camera_path():
     name = CFG.camera
     return Path(name) if name.endswith(".yaml") else Path(workflow.basedir, "config/cameras", f"{name}.yaml")
 
 
-CAMERA_PATH = _camera_path()
-CAMERA = Camera.from_yaml(CAMERA_PATH)
+# The repository's own copy of the camera YAML (its "mapper"), written by simulate_field for the
+# demo; a repository of real data brings it along.
+CAMERA_PATH = REPO / "_camera.yaml"
+CAMERA = Camera.from_yaml(CAMERA_PATH if CAMERA_PATH.exists() else _config_camera_path())
 SIM_PARAMS = simulate.resolve_config(CFG.simulate)
 # Until ingest has run, the simulator's plan (cheap, no rendering) stands in for the registry,
 # so a dry run of a fresh demo already lists every job.

@@ -5,13 +5,13 @@
 
 rule simulate_field:
     input:
-        camera=str(CAMERA_PATH),
+        camera=str(_config_camera_path()),
     output:
         objects=str(TRUTH_DIR / "objects.fits"),
         visits=str(TRUTH_DIR / "visits.fits"),
         exposures=str(TRUTH_DIR / "exposures.fits"),
         refcat=str(REPO / "ref_cats" / CFG.refcat / "index.json"),
-        camera=str(REPO / "_camera.yaml"),
+        camera=str(CAMERA_PATH),
     params:
         simulate=section_params("simulate"),
     log:

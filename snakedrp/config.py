@@ -101,7 +101,7 @@ def resolve(sources: list[tuple[str, dict]]) -> tuple[PipelineConfig, dict[str, 
     merged: dict = {}
     origin: dict[str, str] = {}
     for label, values in sources:
-        values = expand_dotted(normalize_ids(values or {}))
+        values = expand_dotted(parse_set(normalize_ids(values or {})))
         for name, _ in _leaves(values):
             origin[name] = label
         merge_into(merged, values)
@@ -109,6 +109,24 @@ def resolve(sources: list[tuple[str, dict]]) -> tuple[PipelineConfig, dict[str, 
     for row in PipelineConfig.describe():
         origin.setdefault(row["name"], "default")
     return config, origin
+
+
+def parse_set(values: dict) -> dict:
+    """Expand ``set: "isr.do_flat=false calibrate.astrometry.sip_order=2"`` into dotted options.
+
+    Snakemake's ``--config`` accepts only identifiers as keys, so dotted names travel inside
+    ``--config set="..."`` (whitespace-separated ``name=value``, values parsed as YAML).
+    """
+    if "set" not in values:
+        return values
+    values = dict(values)
+    text = values.pop("set")
+    for item in str(text).split():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"set: expected name=value, got {item!r}")
+        values[key] = yaml.safe_load(value) if value else None
+    return values
 
 
 def normalize_ids(values: dict) -> dict:
@@ -165,7 +183,7 @@ def default_config_yaml() -> str:
 
 def schema_yaml() -> str:
     """Text of ``config/schema.yaml`` (JSON schema used by ``snakemake.utils.validate``)."""
-    schema = {"$schema": "http://json-schema.org/draft-07/schema#", **PipelineConfig.json_schema()}
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **PipelineConfig.json_schema()}
     # the workflow accepts a single id string as well as a list
     schema["properties"]["id"] = {"type": ["string", "array"], "items": {"type": "string"},
                                   "description": schema["properties"]["id"]["description"], "default": []}

@@ -42,10 +42,11 @@ class CosmicRayConfig(Config):
     sharpness_sigma: float = option(2.5, "Noise allowance in the sharpness test [sigma] (LSST cond3_fac)", min=0.0)
     psf_ratio_factor: float = option(0.6, "Factor on the PSF's neighbour-to-peak ratio: < 1 keeps stars safe from a PSF model error (LSST cond3_fac2)", min=0.05, max=1.0)
     extend_sigma: float = option(3.0, "Neighbours of cosmic-ray pixels are tested down to this significance [sigma]", min=0.0)
+    extend_sharpness_sigma: float = option(1.0, "Noise allowance [sigma] of the sharpness test for neighbours of cosmic-ray pixels", min=0.0)
     max_extend_iter: int = option(20, "Most extension passes (each adds the next ring of a track)", min=0)
     grow: int = option(1, "Grow the cosmic-ray mask by this many pixels (8-connected)", min=0, max=5)
     grow_max_sigma: float = option(3.0, "Growth adds pixels fainter than this [sigma], and brighter ones only if sharper than the PSF against their clean neighbours", min=0.0)
-    grow_sharpness_sigma: float = option(1.0, "Noise allowance [sigma] when growth tests a brighter pixel against the median of its clean neighbours", min=0.0)
+    grow_sharpness_sigma: float = option(1.5, "Noise allowance [sigma] when growth tests a brighter pixel against the median of its clean neighbours", min=0.0)
     source_sigma: float = option(5.0, "Growth never adds a faint pixel inside a smooth source this significant (PSF-weighted S/N without the cosmic-ray pixels): protects faint stars' cores", min=0.0)
     psf_grid: int = option(3, "Evaluate the PSF's neighbour ratios on an n x n grid over the CCD and use the smallest", min=1, max=10)
     bad_mask_planes: list[str] = option(["BAD", "SAT", "NO_DATA"], "Pixels in these planes, and pixels next to them, are never cosmic rays")
@@ -98,15 +99,15 @@ _DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1))
 _NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
 
-def _sharp(work, var, idx, nx, ratios, config, skip=None):
+def _sharp(work, var, idx, nx, ratios, config, k, skip=None):
     """True where the pixels ``idx`` (flat) pass the sharpness test in at least one direction.
 
-    ``work`` holds the values used for the neighbours; ``skip`` (flat bool) marks neighbours
-    that cannot be used (bad pixels), whose directions are not tested.
+    ``work`` holds the values used for the neighbours; ``k`` is the noise allowance [sigma];
+    ``skip`` (flat bool) marks neighbours that cannot be used (bad pixels), whose directions
+    are not tested.
     """
     p = work[idx].astype(float)
     sp = np.sqrt(var[idx].astype(float))
-    k = config.sharpness_sigma
     hit = np.zeros(len(idx), bool)
     for (dy, dx), r in zip(_DIRECTIONS, ratios):
         o = dy * nx + dx
@@ -248,7 +249,7 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, 
         for dy, dx in _NEIGHBOURS:
             near_bad |= bad[idx + dy * nx + dx]
         idx = idx[~near_bad]
-    seeds = idx[_sharp(work, var, idx, nx, ratios, config)]
+    seeds = idx[_sharp(work, var, idx, nx, ratios, config, config.sharpness_sigma)]
 
     # 3. extension: re-test the neighbours of cosmic-ray pixels with those pixels repaired
     cr = np.zeros(ny * nx, bool)
@@ -270,7 +271,7 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, 
         sig = original[cand] > config.extend_sigma * np.sqrt(np.maximum(var[cand], 0))
         cand = cand[sig]
         skip = None if bad is None else bad
-        new = cand[_sharp(work, var, cand, nx, ratios, config, skip=skip)]
+        new = cand[_sharp(work, var, cand, nx, ratios, config, config.extend_sharpness_sigma, skip=skip)]
         cr[new] = True
         all_cr = np.concatenate([all_cr, new])
 

@@ -149,7 +149,7 @@ class Config:
 
     @classmethod
     def json_schema(cls, _default=None) -> dict:
-        """JSON schema (draft 7) of this config section, with descriptions and defaults."""
+        """JSON schema (draft 2020-12) of this config section, with descriptions and defaults."""
         props = {}
         hints = typing.get_type_hints(cls)
         instance = _default if _default is not None else cls()
@@ -205,6 +205,14 @@ def _json_type(tp) -> dict:
 
 
 def _check_value(name: str, value, tp, meta):
+    if isinstance(value, str) and tp is not str:
+        # Snakemake's --config hands nested values over as strings ('false', '3', '[1, 2]')
+        import yaml
+
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         args = typing.get_args(tp)

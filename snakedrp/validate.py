@@ -86,7 +86,7 @@ def astrometric_errors_mas(src: Table, truth: Table, objects: Table, config: Val
     """Sky separation (mas) between measured and true positions of matched bright, unflagged stars."""
     im, it = match_sources(src["x_centroid"], src["y_centroid"], truth["x"], truth["y"], config.match_radius)
     snr = np.asarray(src["psf_flux"])[im] / np.asarray(src["psf_flux_err"])[im]
-    keep = (np.asarray(truth["type"])[it] == "star") & (snr > config.astrometry_snr_min)
+    keep = _is_star(truth)[it] & (snr > config.astrometry_snr_min)
     keep &= ~_flagged(src)[im] & ~np.asarray(truth["saturated"], bool)[it]
     im, it = im[keep], it[keep]
     by_id = {int(i): k for k, i in enumerate(objects["id"])}
@@ -95,6 +95,11 @@ def astrometric_errors_mas(src: Table, truth: Table, objects: Table, config: Val
     ra_m, dec_m = np.asarray(src["coord_ra"])[im], np.asarray(src["coord_dec"])[im]
     dra = ((ra_m - ra_t + 180.0) % 360.0 - 180.0) * np.cos(np.deg2rad(dec_t))
     return np.hypot(dra, dec_m - dec_t) * 3.6e6
+
+
+def _is_star(truth: Table) -> np.ndarray:
+    # FITS string columns come back as bytes
+    return np.char.strip(np.asarray(truth["type"]).astype(str)) == "star"
 
 
 def _flagged(src: Table) -> np.ndarray:
@@ -110,7 +115,7 @@ def psf_flux_ratios(src: Table, truth: Table, config: ValidateConfig) -> np.ndar
     iso = isolated(np.asarray(truth["x"]), np.asarray(truth["y"]), np.asarray(truth["flux"]), config.isolation_radius)
     im, it = match_sources(src["x_centroid"], src["y_centroid"], truth["x"], truth["y"], config.match_radius)
     snr = np.asarray(src["psf_flux"])[im] / np.asarray(src["psf_flux_err"])[im]
-    keep = (np.asarray(truth["type"])[it] == "star") & iso[it] & (snr > config.psf_flux_snr_min)
+    keep = _is_star(truth)[it] & iso[it] & (snr > config.psf_flux_snr_min)
     keep &= ~_flagged(src)[im] & ~np.asarray(truth["saturated"], bool)[it]
     return np.asarray(src["psf_flux"])[im[keep]] / np.asarray(truth["flux"])[it[keep]]
 
@@ -131,7 +136,7 @@ def completeness(src: Table, truth: Table, calexp: Exposure, psf_sigma: float, c
     snr = flux / np.sqrt(np.maximum(flux, 0) + 4 * np.pi * psf_sigma**2 * sky_var)
     iso = isolated(x, y, flux, config.isolation_radius)
     target = config.completeness_snr
-    sel = (np.asarray(truth["type"]) == "star") & inside & clean & iso & (np.abs(snr / target - 1) < 0.2)
+    sel = _is_star(truth) & inside & clean & iso & (np.abs(snr / target - 1) < 0.2)
     im, it = match_sources(src["x_centroid"], src["y_centroid"], x[sel], y[sel], config.match_radius)
     return len(it), int(sel.sum())
 
@@ -153,7 +158,7 @@ def cosmic_ray_recovery(calexp: Exposure, cr_truth: np.ndarray, truth: Table, ps
     real &= ~unusable
     recovered = int((cr_flag & real).sum())
     # star cores: the 3x3 pixels around every true, unsaturated star bright enough to have a core
-    stars = (np.asarray(truth["type"]) == "star") & ~np.asarray(truth["saturated"], bool)
+    stars = _is_star(truth) & ~np.asarray(truth["saturated"], bool)
     ny, nx = calexp.shape
     ix = np.round(np.asarray(truth["x"])[stars]).astype(int)
     iy = np.round(np.asarray(truth["y"])[stars]).astype(int)
@@ -177,7 +182,7 @@ def psf_shape_errors(calexp: Exposure, psf_sources: Table, true_psf_image) -> tu
     """
     rows = psf_sources[np.asarray(psf_sources["reserved"], bool)]
     dsize, de = [], []
-    for x, y in zip(rows["x"], rows["y"]):
+    for x, y in zip(rows["x_centroid"], rows["y_centroid"]):
         model = calexp.psf.kernel(float(x), float(y))
         truth = true_psf_image(float(x), float(y), model.shape)
         try:

@@ -223,12 +223,17 @@ def test_rendered_star_centroid_is_the_true_position(params, camera, sky, x, y):
     # the image is the true PSF convolved with the pixel
     psf = sim.true_psf(v, camera, 0, x, y).withFlux(raw_flux)
     ix, iy = int(round(x)), int(round(y))
-    ref = galsim.ImageD(galsim.BoundsI(ix - 19, ix + 21, iy - 19, iy + 21))  # one-based: zero-based ix-20..ix+20
+    ref = galsim.ImageD(galsim.BoundsI(ix - 19, ix + 21, iy - 19, iy + 21), scale=1.0)  # zero-based ix-20..ix+20
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", galsim.GalSimWarning)  # FFT of truncated Moffat x pixel, as rendered
         psf.drawImage(image=ref, center=galsim.PositionD(x + 1, y + 1), method="fft")
     cut = img[iy - 20:iy + 21, ix - 20:ix + 21]
     assert np.abs(cut - ref.array).max() < 1e-4 * cut.max()
+    # and its size is the visit's seeing in pixels (an image without a pixel scale would draw
+    # at GalSim's Nyquist scale and shrink every object by ~25 %)
+    seeing = galsim.Moffat(beta=3.5, fwhm=float(v["seeing"]) / camera.pixel_scale).drawImage(nx=41, ny=41, scale=1.0)
+    sigma_image = galsim.hsm.FindAdaptiveMom(galsim.Image(cut)).moments_sigma
+    assert sigma_image == pytest.approx(galsim.hsm.FindAdaptiveMom(seeing).moments_sigma, rel=0.1)
 
 
 def test_truth_positions_land_on_detected_flux(camera, science):

@@ -90,7 +90,7 @@ def render_scene(params: SimParams, camera: Camera, visit_row, ccd: int, objects
     ny, nx = camera.ccd_shape
     if median_flat is None:
         median_flat = instrument.median_flat_response(instrument.flat_response(params.seed, camera, ccd), camera, ccd)
-    image = galsim.ImageF(nx, ny)  # bounds (1, nx, 1, ny)
+    image = galsim.ImageF(nx, ny, scale=1.0)  # bounds (1, nx, 1, ny); profiles are in pixel units
     idx, x, y = objects_on_ccd(visit_row, camera, ccd, objects)
     band = camera.filters[str(visit_row["filter"])].band
     mags = np.asarray(objects[f"mag_{band}"])[idx]
