@@ -94,9 +94,9 @@ class ApCorrMap:
         hdu = fits.ImageHDU(self.coeffs, name="APCORR")
         h = hdu.header
         h["DEGREE"] = (self.degree, "polynomial degree in (u, v)")
-        h["XCENTER"] = (self.x_center, "u = (x - XCENTER) / XSCALE, x zero-based [pixel]")
+        h["XCENTER"] = (self.x_center, "u = (x - XCENTER) / XSCALE [pixel, 0-based]")
         h["XSCALE"] = (self.x_scale, "[pixel]")
-        h["YCENTER"] = (self.y_center, "v = (y - YCENTER) / YSCALE, y zero-based [pixel]")
+        h["YCENTER"] = (self.y_center, "v = (y - YCENTER) / YSCALE [pixel, 0-based]")
         h["YSCALE"] = (self.y_scale, "[pixel]")
         h["TERMS"] = (" ".join(f"u{i}v{j}" for i, j in poly_terms(self.degree)), "coefficient k: u**i v**j")
         h["APCERR"] = (self.error, "1-sigma uncertainty of the correction [fraction]")

@@ -228,7 +228,7 @@ def check_rerun_config(path: Path, config: PipelineConfig, *, clobber: bool) -> 
     if not path.exists():
         return []
     old = yaml.safe_load(path.read_text()) or {}
-    ignore = {"id", "clobber_config", "rerun"}
+    ignore = {"id", "clobber_config", "rerun", "validation"}  # validation reads products, makes none
     diffs = [d for d in config_differences(old, config.to_dict()) if d.split(".")[0] not in ignore]
     if diffs and not clobber:
         raise ConfigError(

@@ -309,7 +309,10 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, 
 def repair_cosmic_rays(image: np.ndarray, mask: np.ndarray, cr_mask: np.ndarray,
                        psf: PsfModel | None = None,
                        config: CosmicRayConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Interpolate over cosmic-ray pixels and set their CR and INTRP mask bits.
+    """Interpolate over cosmic-ray pixels and set their CR mask bit.
+
+    As in the LSST stack, the CR plane itself marks these interpolated pixels (INTRP is left to
+    defects and saturation).
 
     Each flagged pixel becomes the Gaussian-weighted mean (sigma: the PSF's, 1.5 pixels without a
     PSF) of the clean pixels (neither cosmic ray nor ``config.bad_mask_planes``) within
@@ -340,7 +343,7 @@ def repair_cosmic_rays(image: np.ndarray, mask: np.ndarray, cr_mask: np.ndarray,
     ys, xs = np.nonzero(cr_mask)
     if len(ys) == 0:
         return out, new_mask
-    new_mask[ys, xs] |= mask_bit("CR") | mask_bit("INTRP")
+    new_mask[ys, xs] |= mask_bit("CR")
     sigma = _psf_sigma(psf, (ny, nx)) if psf is not None else 1.5
     clean = ~cr_mask
     if config.bad_mask_planes:
