@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE))
 import peers  # noqa: E402  (benchmarks/ is not a package)
 
 OUT_DIR = HERE / "out"
-DEFAULT_REPO = OUT_DIR / "hsc_ccd"
+DEFAULT_REPO = OUT_DIR / "hsc_repo"
 
 
 @dataclass(frozen=True)
@@ -74,31 +74,171 @@ class HscCcd:
     truth_path: Path | None = None
 
 
-# ============================================================================ LEAD: WIRE
+# ---------------------------------------------------------------------------- the hsc CCD
+#: The simulated CCD: one science visit of one CCD of the ``hsc`` preset, HSC-R (no fringe frames),
+#: three raw frames per master calibration (the masters' minimum).
+HSC = dict(preset="hsc", ccd=0, filter="HSC-R", n_bias=3, n_dark=3, n_flat=3, refcat="sim_gaia")
+
+
 def prepare_hsc_ccd(repo: Path = DEFAULT_REPO) -> HscCcd:
-    """Make or reuse the benchmark CCD and return where its files are.
+    """Make or reuse the benchmark CCD with the project's simulator and return where its files are.
 
-    LEAD: WIRE — replace the body with the ``hsc`` simulated repo: simulate (or reuse) one
-    visit, build the master calibs, return the raw path, the calib paths, the refcat loaded
-    around the CCD (``snakedrp.refcat.load_refcat``) and the path of the ISR-corrected image
-    (run ``IsrTask`` once here and write it, untimed). The stand-in below renders an
-    ISR-corrected image directly with GalSim and has no raw frame.
+    Simulates (untimed, once; reused while ``bench-params.json`` matches :data:`HSC`) one visit
+    of one CCD of the ``hsc`` preset: the field truth and sharded refcat, the bias/dark/flat raws
+    and their masters (``snakedrp.calibs.construct_*``), the science raw, and the ISR-corrected
+    image (``IsrTask`` with the masters, written as an Exposure) that the peers start from. The
+    refcat returned is what our pipeline loads around the CCD (``refcat_for_exposure`` on the
+    header WCS with the calibrate margin). Layout follows the data repository's
+    (``raw/``, ``CALIB/``, ``ref_cats/``, ``truth/``).
     """
-    return make_standin_ccd(repo)
+    from astropy.io import fits
+
+    from snakedrp import calibs, simulate
+    from snakedrp.calibrate import CalibrateConfig
+    from snakedrp.camera import Camera
+    from snakedrp.exposure import Exposure
+    from snakedrp.isr import IsrTask
+    from snakedrp.process_ccd import refcat_for_exposure
+    from snakedrp.raw import RawFrame
+
+    repo = Path(repo)
+    camera_yaml = ROOT / "config" / "cameras" / "hsc.yaml"
+    camera = Camera.from_yaml(camera_yaml)
+    ccd, filt = HSC["ccd"], HSC["filter"]
+    params = simulate.resolve_config(simulate.SimulateConfig(
+        preset=HSC["preset"], ccds=[ccd], filters=[filt], n_visits=1, n_bias=HSC["n_bias"],
+        n_dark=HSC["n_dark"], n_flat=HSC["n_flat"], n_fringe=0))
+    refcat_dir = repo / "ref_cats" / HSC["refcat"]
+    truth_dir = repo / "truth"
+    calib_paths = {"bias": repo / "CALIB" / "bias" / f"bias-{ccd}.fits",
+                   "dark": repo / "CALIB" / "dark" / f"dark-{ccd}.fits",
+                   "flat": repo / "CALIB" / "flat" / filt / f"flat-{filt}-{ccd}.fits"}
+    isr_path = repo / "isr.fits"
+    stamp = repo / "bench-params.json"
+    plan = simulate.plan_exposures(params, camera)
+    science = plan[np.asarray(plan["obstype"]) == "science"][0]
+    visit = int(science["visit"])
+    raw_path = repo / "raw" / str(visit) / f"raw-{visit}-{ccd}.fits"
+    truth_path = truth_dir / "sources" / f"truth-{visit}-{ccd}.fits"
+    wanted = dict(HSC, params=params.to_dict())
+    done = [raw_path, isr_path, truth_path, refcat_dir / "index.json", *calib_paths.values()]
+    if not (stamp.exists() and json.loads(stamp.read_text()) == json.loads(json.dumps(wanted))
+            and all(p.exists() for p in done)):
+        print(f"simulating the benchmark CCD into {repo} (once) ...", flush=True)
+        field = simulate.make_field(params, camera)
+        simulate.write_field(field, truth_dir, refcat_dir, nside=params.refcat_nside)
+        shutil_copy(camera_yaml, repo / "_camera.yaml")
+        raws: dict[str, list[RawFrame]] = {"bias": [], "dark": [], "flat": []}
+        for row in plan:
+            v, obstype = int(row["visit"]), str(row["obstype"])
+            path = repo / "raw" / str(v) / f"raw-{v}-{int(row['ccd'])}.fits"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            result = simulate.render_exposure(params, camera, row, field.objects, field.visits)
+            simulate.write_raw(result, path)
+            if obstype == "science":
+                truth_path.parent.mkdir(parents=True, exist_ok=True)
+                simulate.write_sources(result, truth_path)
+            elif obstype in raws:
+                raws[obstype].append(RawFrame.read(path))
+        bias = calibs.construct_bias(raws["bias"], camera)
+        dark = calibs.construct_dark(raws["dark"], camera, bias=bias)
+        flat = calibs.construct_flat(raws["flat"], camera, bias=bias, dark=dark)
+        masters = {"bias": bias, "dark": dark, "flat": flat}
+        for name, master in masters.items():
+            calib_paths[name].parent.mkdir(parents=True, exist_ok=True)
+            master.write(calib_paths[name])
+        raw = RawFrame.read(raw_path)
+        isr = IsrTask().run(raw, camera=camera, **masters).exposure
+        isr.metadata["BUNIT"] = "electron"
+        isr.write(isr_path)
+        stamp.write_text(json.dumps(wanted, indent=1))
+    # the refcat our pipeline loads (header WCS, calibrate margin); the peers get the same stars
+    header = fits.getheader(isr_path, "IMAGE")
+    from astropy.wcs import WCS
+
+    refcat = refcat_for_exposure(refcat_dir, WCS(header), camera.ccd_shape, CalibrateConfig().refcat_margin)
+    band = camera.filters[filt].band
+    # rendered objects with their true sky positions (for the peers' WCS check)
+    bench_truth = repo / "truth-radec.fits"
+    if not bench_truth.exists() or bench_truth.stat().st_mtime < truth_path.stat().st_mtime:
+        truth = Table.read(truth_path)
+        objects = Table.read(truth_dir / "objects.fits")
+        row = {int(i): k for k, i in enumerate(objects["id"])}
+        k = np.array([row[int(i)] for i in truth["id"]], int)
+        truth["ra"] = np.asarray(objects["ra"], float)[k]
+        truth["dec"] = np.asarray(objects["dec"], float)[k]
+        truth.write(bench_truth, overwrite=True)
+    return HscCcd(raw_path, calib_paths, refcat, isr_path, band, bench_truth)
 
 
-# ============================================================================ LEAD: WIRE
+def shutil_copy(src, dst) -> None:
+    import shutil
+
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+
+
 def run_ours(ccd: HscCcd, outdir: str) -> dict:
     """Our raw → calexp + src for ``ccd``, writing into ``outdir``; runs in a child process.
 
-    LEAD: WIRE — read the raw and calibs, run ``snakedrp.process_ccd.ProcessCcdTask`` with the
-    refcat, write calexp and src (the same products the rule writes), and return a small dict
-    of facts; the table prints ``n_sources`` and ``astrometry_rms_mas`` if present. The whole
-    call is timed. Modules listed in :data:`OURS_PRELOAD` are imported in the child before
-    the clock starts (interpreter and import time are not per-CCD work; they show in
-    ``seconds_wall``), so importing inside this function costs nothing extra.
+    What ``scripts/process_ccd.py`` does: read the camera, the raw and the master calibrations,
+    run ``ProcessCcdTask`` with the default config (the refcat shards loaded from the refcat
+    directory around the CCD), and write calexp (FITS), src (FITS + Parquet), icSrc, srcMatch and
+    calexpBackground. The whole call is timed; modules in :data:`OURS_PRELOAD` are imported
+    before the clock starts. Per-stage seconds are measured by wrapping the sub-tasks' ``run``.
     """
-    raise NotImplementedError("run_ours is not wired to snakedrp.process_ccd.ProcessCcdTask yet")
+    from snakedrp.camera import Camera
+    from snakedrp.exposure import Exposure
+    from snakedrp.io import write_hdulist, write_table
+    from snakedrp.process_ccd import ProcessCcdConfig, ProcessCcdTask, refcat_for_exposure
+    from snakedrp import process_ccd as pc
+    from snakedrp.raw import RawFrame
+
+    stages: dict[str, float] = {}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                stages[name] = stages.get(name, 0.0) + time.perf_counter() - t
+        return wrapper
+
+    out = Path(outdir)
+    t = time.perf_counter()
+    repo = Path(ccd.raw_path).parents[2]
+    camera = Camera.from_yaml(repo / "_camera.yaml")
+    raw = RawFrame.read(ccd.raw_path)
+    calibs = {name: Exposure.read(path) for name, path in ccd.calib_paths.items()}
+    stages["read"] = time.perf_counter() - t
+
+    task = ProcessCcdTask(ProcessCcdConfig())
+    task.isr.run = timed("isr", task.isr.run)
+    task.characterize.run = timed("characterize", task.characterize.run)
+    task.calibrate.run = timed("calibrate", task.calibrate.run)
+    saved = pc.refcat_for_exposure
+    pc.refcat_for_exposure = timed("refcat", refcat_for_exposure)
+    try:
+        result = task.run(raw, camera=camera, calibs=calibs, refcat_dir=repo / "ref_cats" / HSC["refcat"])
+    finally:
+        pc.refcat_for_exposure = saved
+
+    t = time.perf_counter()
+    visit, ccd_id = raw.visit, raw.ccd
+    result.calexp.write(out / f"calexp-{visit}-{ccd_id}.fits")
+    write_table(result.sources, out / f"src-{visit}-{ccd_id}.fits", parquet=True)
+    write_table(result.psf_sources, out / f"icSrc-{visit}-{ccd_id}.fits")
+    if result.matches is not None:
+        write_table(result.matches, out / f"srcMatch-{visit}-{ccd_id}.fits")
+    write_hdulist(result.background.to_hdulist(), out / f"calexpBackground-{visit}-{ccd_id}.fits")
+    stages["write"] = time.perf_counter() - t
+    md = result.calexp.metadata
+    return {"n_sources": len(result.sources), "n_psf_stars": len(result.psf_sources),
+            "n_matches": 0 if result.matches is None else len(result.matches),
+            "n_cosmic_rays": result.n_cosmic_rays,
+            "astrometry_rms_mas": float(md.get("ASTRMS", float("nan"))),
+            "zeropoint": float(result.calexp.zeropoint), "stage_seconds": stages}
 
 
 # ---------------------------------------------------------------------------- stand-in CCD

@@ -10,6 +10,7 @@ from snakedrp import config as sdconfig
 from snakedrp import dataid, simulate
 from snakedrp.butler import Butler
 from snakedrp.camera import Camera
+from snakedrp.io import write_text
 from snakedrp.pexconfig import ConfigError
 from snakedrp.registry import Registry
 
@@ -173,15 +174,10 @@ def section_params(*names):
 
 
 def get_all_targets():
-    targets = [str(REGISTRY_PATH)]
+    targets = [str(REGISTRY_PATH), str(RERUN_DIR / "config.yaml")]
     targets += expand_exposures("calexp", SCIENCE)
     targets += expand_exposures("src", SCIENCE)
     if CFG.validation.enabled and (SIMULATING or TRUTH_DIR.exists()):
         targets.append(str(RERUN_DIR / "validation" / "single_frame.json"))
     return targets
 
-
-onstart:
-    # Each rerun keeps the full config it was run with (and its parent, via the butler).
-    RERUN_DIR.mkdir(parents=True, exist_ok=True)
-    (RERUN_DIR / "config.yaml").write_text(yaml.safe_dump(RESOLVED, sort_keys=False))

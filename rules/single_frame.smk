@@ -26,3 +26,14 @@ rule process_ccd:
         runtime=15,
     script:
         "../scripts/process_ccd.py"
+
+
+rule rerun_config:
+    # Each rerun keeps the full config it was run with; the next run is compared with it.
+    output:
+        str(RERUN_DIR / "config.yaml"),
+    params:
+        config=RESOLVED,
+    localrule: True
+    run:
+        write_text(yaml.safe_dump(params.config, sort_keys=False), output[0])

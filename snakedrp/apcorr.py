@@ -99,8 +99,8 @@ class ApCorrMap:
         h["YCENTER"] = (self.y_center, "v = (y - YCENTER) / YSCALE [pixel, 0-based]")
         h["YSCALE"] = (self.y_scale, "[pixel]")
         h["TERMS"] = (" ".join(f"u{i}v{j}" for i, j in poly_terms(self.degree)), "coefficient k: u**i v**j")
-        h["APCERR"] = (self.error, "1-sigma uncertainty of the correction [fraction]")
-        h["SCATTER"] = (self.scatter, "RMS scatter of the stars about the fit [fraction]")
+        h["APCERR"] = (self.error, "1-sigma error of the correction")
+        h["SCATTER"] = (self.scatter, "RMS of the stars about the fit")
         h["NSTARS"] = (self.n_stars, "stars in the fit")
         return hdu
 

@@ -1,0 +1,96 @@
+"""Aperture correction (snakedrp.apcorr): fit, evaluation, persistence."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from snakedrp.apcorr import (ApCorrConfig, ApCorrError, ApCorrMap, calib_aperture_radius,
+                             fit_aperture_correction)
+from snakedrp.pexconfig import ConfigError
+
+SHAPE = (4176, 2048)
+
+
+def true_ratio(x, y):
+    """A smooth injected ratio calib/psf flux: ~1.01, tilting by +-0.6 % over the CCD."""
+    ny, nx = SHAPE
+    u, v = (x - (nx - 1) / 2) / ((nx - 1) / 2), (y - (ny - 1) / 2) / ((ny - 1) / 2)
+    return 1.01 + 0.004 * u - 0.006 * v
+
+
+def stars(n=200, seed=5, n_outliers=10):
+    rng = np.random.default_rng(seed)
+    x, y = rng.uniform(0, SHAPE[1] - 1, n), rng.uniform(0, SHAPE[0] - 1, n)
+    psf_flux = 10 ** rng.uniform(4, 6.5, n)
+    psf_err = np.sqrt(psf_flux + 1e5)                  # S/N 30 to 1800
+    ap_true = psf_flux * true_ratio(x, y)
+    ap_err = np.sqrt(ap_true + 6e5)                     # the big aperture holds more sky
+    ap_flux = ap_true + rng.normal(size=n) * ap_err
+    psf_obs = psf_flux + rng.normal(size=n) * psf_err
+    ap_flux[:n_outliers] *= 1.2                         # blends: extra light in the big aperture
+    return x, y, psf_obs, psf_err, ap_flux, ap_err
+
+
+def test_recovers_injected_smooth_ratio():
+    x, y, pf, pe, af, ae = stars()
+    ap = fit_aperture_correction(x, y, pf, pe, af, ae, shape=SHAPE, config=ApCorrConfig())
+    gx, gy = np.meshgrid(np.linspace(0, SHAPE[1] - 1, 9), np.linspace(0, SHAPE[0] - 1, 17))
+    err = ap.evaluate(gx, gy) - true_ratio(gx, gy)
+    print(f"apcorr: {ap.n_stars} stars, max error {np.abs(err).max():.5f}, "
+          f"scatter {ap.scatter:.4f}, error {ap.error:.5f}")
+    assert ap.evaluate(gx, gy).shape == gx.shape
+    # the stars with S/N >= 100 have ratio errors <~ 1 %: the fit is good to ~1e-3
+    assert np.abs(err).max() < 2.5e-3
+    assert np.sqrt(np.mean(err**2)) < 1.2e-3
+    assert ap.n_stars < 190                             # the 20 % blends are clipped
+    assert ap.degree == 1
+    assert 0 < ap.error < 1e-3
+
+
+def test_degree_zero_is_a_constant():
+    x, y, pf, pe, af, ae = stars()
+    ap = fit_aperture_correction(x, y, pf, pe, af, ae, shape=SHAPE, config=ApCorrConfig(degree=0))
+    assert len(ap.coeffs) == 1
+    assert ap.evaluate(0.0, 0.0) == pytest.approx(ap.evaluate(2047.0, 4175.0))
+    assert ap.evaluate(1023.5, 2087.5) == pytest.approx(1.01, abs=1.5e-3)
+
+
+def test_degree_lowered_with_few_stars():
+    x, y, pf, pe, af, ae = stars(n=5, n_outliers=0)
+    pe = pf / 500.0                                      # all bright enough
+    ap = fit_aperture_correction(x, y, pf, pe, af, ae, shape=SHAPE, config=ApCorrConfig(degree=2))
+    assert ap.degree == 0
+
+
+def test_no_usable_star_raises():
+    x, y, pf, pe, af, ae = stars(n=20)
+    with pytest.raises(ApCorrError, match="S/N"):
+        fit_aperture_correction(x, y, pf, pf, af, ae, shape=SHAPE)       # S/N 1 everywhere
+    with pytest.raises(ApCorrError):
+        fit_aperture_correction(x, y, np.full(20, np.nan), pe, af, ae, shape=SHAPE)
+
+
+def test_apply_and_round_trip():
+    x, y, pf, pe, af, ae = stars()
+    ap = fit_aperture_correction(x, y, pf, pe, af, ae, shape=SHAPE)
+    flux, err = ap.apply(x, y, pf, pe)
+    np.testing.assert_allclose(flux, pf * ap.evaluate(x, y))
+    assert (err >= pe * ap.evaluate(x, y)).all()
+    buf = io.BytesIO()
+    fits.HDUList([fits.PrimaryHDU(), ap.to_hdu()]).writeto(buf)
+    buf.seek(0)
+    with fits.open(buf) as hdul:
+        back = ApCorrMap.from_hdu(hdul["APCORR"])
+    np.testing.assert_array_equal(back.evaluate(x, y), ap.evaluate(x, y))
+    assert (back.degree, back.n_stars) == (ap.degree, ap.n_stars)
+    assert (back.error, back.scatter) == pytest.approx((ap.error, ap.scatter), rel=1e-12)   # header precision
+
+
+def test_calib_aperture_radius_and_config():
+    assert calib_aperture_radius(4.5) == pytest.approx(18.0)
+    assert calib_aperture_radius(4.5, ApCorrConfig(calib_aperture_fwhm=3.0)) == pytest.approx(13.5)
+    with pytest.raises(ConfigError):
+        ApCorrConfig.from_dict({"degree": 7})
