@@ -2,7 +2,7 @@
 #
 #   snakemake --cores 2                         # the ci demo: simulate, ingest, calibs, processCcd, validate
 #   snakemake --cores 2 --config id="visit=903334..903338:2 ccd=0^1"
-#   snakemake --cores 2 --config isr.do_flat=false rerun=noflat
+#   snakemake --cores 2 --config set="isr.do_flat=false" rerun=noflat
 #   snakemake show_config                        # every option, its description and origin
 from snakemake.utils import min_version
 
@@ -13,6 +13,14 @@ configfile: "config/config.yaml"
 
 
 include: "rules/common.smk"
+
+
+wildcard_constraints:
+    visit=r"\d+",
+    ccd=r"\d+",
+    filter=r"[A-Za-z0-9_\-]+",
+
+
 include: "rules/simulate.smk"
 include: "rules/ingest.smk"
 include: "rules/calibs.smk"

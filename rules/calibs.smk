@@ -17,6 +17,8 @@ rule master_bias:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        "../envs/snakedrp.yaml"
     script:
         "../scripts/master_calib.py"
 
@@ -37,6 +39,8 @@ rule master_dark:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        "../envs/snakedrp.yaml"
     script:
         "../scripts/master_calib.py"
 
@@ -58,6 +62,8 @@ rule master_flat:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        "../envs/snakedrp.yaml"
     script:
         "../scripts/master_calib.py"
 
@@ -80,5 +86,7 @@ rule master_fringe:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        "../envs/snakedrp.yaml"
     script:
         "../scripts/master_calib.py"

@@ -10,7 +10,6 @@ from snakedrp import config as sdconfig
 from snakedrp import dataid, simulate
 from snakedrp.butler import Butler
 from snakedrp.camera import Camera
-from snakedrp.io import write_text
 from snakedrp.pexconfig import ConfigError
 from snakedrp.registry import Registry
 
@@ -21,7 +20,7 @@ def _load_sources():
     for path in workflow.config_settings.configfiles:
         sources.append((f"--configfile {path}", yaml.safe_load(Path(path).read_text())))
     cli = dict(workflow.config_settings.config)
-    cli.pop("pattern", None)  # show_config's filter, not an option
+    cli.pop("pattern", None)  # show_config's filter (SHOW_PATTERN), not an option
     sources.append(("command line", cli))
     return sources
 
@@ -33,6 +32,7 @@ try:
 except ConfigError as err:
     sys.exit(f"snakedrp: config error: {err}")
 
+SHOW_PATTERN = workflow.config_settings.config.get("pattern")
 REPO = Path(CFG.repo)
 BUTLER = Butler(REPO, rerun=CFG.rerun)
 RERUN_DIR = REPO / "rerun" / CFG.rerun.split(":")[-1]
@@ -91,12 +91,6 @@ except ConfigError as err:
 SCIENCE_CCDS = sorted({e["ccd"] for e in SCIENCE})
 SCIENCE_FILTERS = sorted({e["filter"] for e in SCIENCE})
 TRUTH_DIR = REPO / "truth"
-
-
-wildcard_constraints:
-    visit=r"\d+",
-    ccd=r"\d+",
-    filter=r"[A-Za-z0-9_\-]+",
 
 
 # ------------------------------------------------------------------ paths
@@ -169,8 +163,27 @@ def get_refcat_index(wildcards):
 
 
 def section_params(*names):
-    """The config sections a rule depends on: changing them re-runs the rule (params trigger)."""
+    """The config sections the calling rule depends on; a change re-runs it (params trigger)."""
     return {name: RESOLVED[name] for name in names}
+
+
+def get_ingest_raws(wildcards):
+    """The raw files to ingest: every exposure the registry (or the simulator's plan) lists."""
+    return [str(REPO / row["path"]) for row in REGISTRY.exposures()]
+
+
+def get_validation_inputs(wildcards):
+    return {
+        "calexps": expand_exposures("calexp", SCIENCE),
+        "srcs": expand_exposures("src", SCIENCE),
+        "icsrcs": expand_exposures("icSrc", SCIENCE),
+        "visits": str(TRUTH_DIR / "visits.fits"),
+        "objects": str(TRUTH_DIR / "objects.fits"),
+        "exposures": str(TRUTH_DIR / "exposures.fits"),
+        "truth": [str(TRUTH_DIR / "sources" / f"truth-{e['visit']}-{e['ccd']}.fits") for e in SCIENCE],
+        "cr": [str(TRUTH_DIR / "cr" / f"cr-{e['visit']}-{e['ccd']}.fits") for e in SCIENCE],
+        "camera": str(CAMERA_PATH),
+    }
 
 
 def get_all_targets():

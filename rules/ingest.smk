@@ -1,11 +1,6 @@
 # Ingest: read every raw file's header into the SQLite registry (one file in the repository).
 
 
-def get_ingest_raws(wildcards):
-    """The raw files to ingest: every exposure the registry (or the simulator's plan) lists."""
-    return [str(REPO / row["path"]) for row in REGISTRY.exposures()]
-
-
 rule ingest:
     input:
         raws=get_ingest_raws,
@@ -13,7 +8,6 @@ rule ingest:
         registry=str(REGISTRY_PATH),
     params:
         ingest=section_params("ingest"),
-        repo=str(REPO),
     log:
         str(REPO / "logs" / "ingest.log"),
     benchmark:
@@ -21,5 +15,7 @@ rule ingest:
     resources:
         mem_mb=500,
         runtime=10,
+    conda:
+        "../envs/snakedrp.yaml"
     script:
         "../scripts/ingest.py"

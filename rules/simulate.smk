@@ -21,6 +21,8 @@ rule simulate_field:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        "../envs/snakedrp.yaml"
     script:
         "../scripts/simulate_field.py"
 
@@ -43,5 +45,7 @@ rule simulate_raw:
     resources:
         mem_mb=1500,
         runtime=10,
+    conda:
+        "../envs/snakedrp.yaml"
     script:
         "../scripts/simulate_raw.py"

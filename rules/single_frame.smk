@@ -24,6 +24,8 @@ rule process_ccd:
     resources:
         mem_mb=1500,
         runtime=15,
+    conda:
+        "../envs/snakedrp.yaml"
     script:
         "../scripts/process_ccd.py"
 
@@ -34,6 +36,10 @@ rule rerun_config:
         str(RERUN_DIR / "config.yaml"),
     params:
         config=RESOLVED,
+    log:
+        str(RERUN_DIR / "logs" / "rerun_config.log"),
     localrule: True
-    run:
-        write_text(yaml.safe_dump(params.config, sort_keys=False), output[0])
+    conda:
+        "../envs/snakedrp.yaml"
+    script:
+        "../scripts/rerun_config.py"

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 def main(inputs, outputs, params, log_path):
     logger = sdlog.configure(log_path)
-    repo = Path(params.repo)
+    repo = Path(outputs.registry).parent
     # the registry's (or the simulator's) list; for a new repository of real data, every raw file
     raws = list(inputs.raws) or sorted(str(p) for p in (repo / "raw").rglob("*.fits"))
     config = IngestConfig.from_dict(params.ingest["ingest"])

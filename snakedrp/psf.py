@@ -274,7 +274,7 @@ class PsfConfig(Config):
 
     # --- star selection (snakedrp.psf_select)
     snr_min: float = option(50.0, "Minimum S/N (flux / flux_err) of a PSF star candidate", min=1.0)
-    max_candidates: int = option(1000, "Measure the moments of at most this many of the highest-S/N candidates", min=10)
+    max_candidates: int = option(600, "Measure the moments of at most this many of the highest-S/N candidates", min=10)
     moments_stamp_size: int = option(25, "Stamp side for the candidates' adaptive moments [pixel, odd]", min=9, max=101)
     fwhm_min: float = option(1.5, "Smallest plausible PSF FWHM [pixel]; smaller sources are artefacts", min=0.5)
     fwhm_max: float = option(20.0, "Largest plausible PSF FWHM [pixel]", min=1.0)
@@ -296,7 +296,7 @@ class PsfConfig(Config):
     degree: int = option(2, "Degree of the polynomial variation of every kernel pixel over the CCD", min=0, max=5)
     stars_per_term: float = option(4.0, "Lower the degree until there are at least this many fitted stars per polynomial term", min=1.0)
     min_stars: int = option(8, "Fewest fitted (non-reserved) stars for a PSF model; fewer raises PsfError", min=1)
-    max_stars: int = option(400, "Fit at most this many of the highest-S/N stars", min=1)
+    max_stars: int = option(200, "Fit at most this many of the highest-S/N stars", min=1)
     n_iter: int = option(3, "Fit / clip iterations", min=1, max=20)
     clip_sigma: float = option(4.0, "Reject stars whose residual chi^2 is this many robust sigmas above the median", min=1.0)
     pixel_clip_sigma: float = option(5.0, "Ignore star pixels this many sigmas off the model (cosmic rays, neighbours)", min=2.0)
@@ -455,6 +455,18 @@ def _xy_columns(table: Table) -> tuple[np.ndarray, np.ndarray]:
     raise KeyError(f"star table needs x, y (or x_centroid, y_centroid) columns; has {table.colnames}")
 
 
+#: Flux columns tried, in order, for a source's S/N (and the selection's isolation test).
+FLUX_COLUMNS = (("flux", "flux_err"), ("psf_flux", "psf_flux_err"), ("calib_flux", "calib_flux_err"),
+                ("ap_flux", "ap_flux_err"))
+
+
+def _flux_columns(table: Table) -> tuple[np.ndarray, np.ndarray]:
+    for name, err in FLUX_COLUMNS:
+        if name in table.colnames and err in table.colnames:
+            return np.asarray(table[name], float), np.asarray(table[err], float)
+    raise KeyError(f"source table needs one of the flux column pairs {FLUX_COLUMNS}; has {table.colnames}")
+
+
 def _bad_bits(names) -> int:
     from .exposure import mask_bits  # lazy: exposure imports this module
 
@@ -504,7 +516,7 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
         Bit mask; pixels with any of ``config.bad_mask_planes`` are not used.
     stars : Table
         From :func:`snakedrp.psf_select.select_psf_stars`: ``x, y`` (or ``x_centroid, y_centroid``),
-        ``flux``/``flux_err`` (optional, orders the stars by S/N), ``reserved`` (optional),
+        a flux pair (optional, orders the stars by S/N; see :data:`FLUX_COLUMNS`), ``reserved`` (optional),
         ``moments_sigma`` (optional, first-guess PSF sigma [pixel]).
     config : PsfConfig
 
@@ -533,9 +545,13 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
     iy0 = np.floor(y_all + 0.5).astype(int)
     inside = (ix0 - hs >= 0) & (ix0 + hs < nx) & (iy0 - hs >= 0) & (iy0 + hs < ny) & np.isfinite(x_all + y_all)
     cand = np.nonzero(inside & ~reserved)[0]
-    if "flux" in stars.colnames and "flux_err" in stars.colnames:
-        snr = np.asarray(stars["flux"], float) / np.asarray(stars["flux_err"], float)
+    try:
+        flux_col, err_col = _flux_columns(stars)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            snr = flux_col / err_col
         cand = cand[np.argsort(-np.nan_to_num(snr[cand], nan=-np.inf), kind="stable")]
+    except KeyError:
+        pass                                   # no fluxes: keep the table's order
     cand = cand[: config.max_stars]
     if len(cand) < config.min_stars:
         raise PsfError(f"only {len(cand)} usable PSF stars (need psf.min_stars = {config.min_stars}) "

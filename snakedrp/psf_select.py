@@ -13,19 +13,8 @@ import numpy as np
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
-from .psf import PsfConfig, PsfError, _bad_bits, _cutouts, _xy_columns, kernel_size_for, poly_basis
-
-#: Flux columns tried, in order, for the candidates' S/N and the isolation test.
-FLUX_COLUMNS = (("flux", "flux_err"), ("psf_flux", "psf_flux_err"), ("calib_flux", "calib_flux_err"),
-                ("ap_flux", "ap_flux_err"))
-
-
-def _flux_columns(table: Table) -> tuple[np.ndarray, np.ndarray]:
-    for name, err in FLUX_COLUMNS:
-        if name in table.colnames and err in table.colnames:
-            return np.asarray(table[name], float), np.asarray(table[err], float)
-    raise KeyError(f"source table needs one of the flux column pairs {FLUX_COLUMNS}; has {table.colnames}")
-
+from .psf import (PsfConfig, PsfError, _bad_bits, _cutouts, _flux_columns, _xy_columns, kernel_size_for,
+                  poly_basis)
 
 def _flagged(table: Table) -> np.ndarray:
     flags = np.zeros(len(table), bool)
@@ -118,8 +107,8 @@ def select_psf_stars(sources: Table, image: np.ndarray, mask: np.ndarray,
     ----------
     sources : Table
         Detected sources: ``x, y`` (or ``x_centroid, y_centroid``; zero-based pixels), a flux
-        pair (``flux, flux_err`` or ``psf_flux``/``calib_flux``/``ap_flux`` and their ``_err``,
-        electrons). Boolean columns named ``flag*`` that are True exclude a source.
+        pair (the first of :data:`snakedrp.psf.FLUX_COLUMNS` present: ``flux, flux_err``, else
+        ``psf_flux``/``calib_flux``/``ap_flux`` and their ``_err``; electrons). Boolean columns named ``flag*`` that are True exclude a source.
     image : ndarray, shape (ny, nx)
         Background-subtracted image [electrons].
     mask : ndarray of int, shape (ny, nx)
