@@ -43,7 +43,10 @@ def main(inputs, outputs, params, wildcards, log_path):
         for key, value, _ in cards:
             table.meta[key] = value
         write_table(table, path, parquet=parquet)
-    write_hdulist(result.background.to_hdulist(), outputs.background)
+    background = result.background.to_hdulist()
+    for key, *value in cards:
+        background[0].header[key] = tuple(value)
+    write_hdulist(background, outputs.background)
     zp = result.calexp.zeropoint
     logger.info("%s: %d sources, %d PSF stars, %d cosmic rays, zeropoint %.4f +- %.4f, astrometric rms %.1f mas",
                 where, len(result.sources), len(result.psf_sources), result.n_cosmic_rays, zp,

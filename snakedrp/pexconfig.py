@@ -70,6 +70,20 @@ def _deep_merge(base: dict, update: dict) -> dict:
 class Config:
     """Base class of all task configs."""
 
+    def __init_subclass__(cls, **kwargs):
+        # List every option with its doc in the class docstring, so help(IsrConfig) shows them.
+        super().__init_subclass__(**kwargs)
+        lines = []
+        for name, annotation in cls.__dict__.get("__annotations__", {}).items():
+            f = cls.__dict__.get(name)
+            if isinstance(f, dataclasses.Field) and "doc" in f.metadata:
+                kind = getattr(f.metadata.get("subconfig"), "__name__", None) or str(annotation)
+                default = f.default if f.default is not dataclasses.MISSING else None
+                shown = f" (default {default!r})" if default is not None else ""
+                lines.append(f"{name} : {kind}{shown}\n    {f.metadata['doc']}")
+        if lines:
+            cls.__doc__ = (cls.__doc__ or cls.__name__).rstrip() + "\n\nOptions\n-------\n" + "\n".join(lines)
+
     def validate(self) -> None:
         """Cross-field checks; subclasses override and call ``super().validate()``."""
         for f in fields(self):
