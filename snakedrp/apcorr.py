@@ -32,6 +32,8 @@ class ApCorrConfig(Config):
     n_iter: int = option(5, "Fit / clip iterations", min=1, max=20)
     min_stars: int = option(3, "Fewest stars for a fit; with fewer, the degree is lowered, and with no star at all ApCorrError is raised", min=1)
     stars_per_term: float = option(3.0, "Lower the degree until there are this many stars per polynomial term", min=1.0)
+    error_floor: float = option(0.002, "Added in quadrature to each star's ratio error, so that a few very bright stars do not decide the fit alone", min=0.0)
+    median_center: bool = option(True, "Shift the fit onto the weighted median of the residuals: faint neighbours only ever add light to the large aperture")
 
 
 class ApCorrError(RuntimeError):
@@ -113,9 +115,20 @@ class ApCorrMap:
                    n_stars=h.get("NSTARS", 0))
 
 
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    order = np.argsort(values)
+    cum = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(cum, 0.5 * cum[-1])])
+
+
 def fit_aperture_correction(x, y, psf_flux, psf_flux_err, ap_flux, ap_flux_err, *,
                             shape: tuple[int, int], config: ApCorrConfig | None = None) -> ApCorrMap:
     """Fit ``ap_flux / psf_flux`` over the CCD with clipping.
+
+    Weighted least squares (ratio errors from the flux errors plus ``error_floor``) with
+    clipping at ``clip_sigma`` (errors scaled by the robust scatter), then, with
+    ``median_center``, the constant term moved onto the weighted median of the residuals: light
+    of faint neighbours only ever raises the large aperture's flux, which biases a mean.
 
     Parameters
     ----------
@@ -145,7 +158,7 @@ def fit_aperture_correction(x, y, psf_flux, psf_flux_err, ap_flux, ap_flux_err, 
     ny, nx = shape
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = af / pf
-        err = np.abs(ratio) * np.hypot(ae / af, pe / pf)
+        err = np.hypot(np.abs(ratio) * np.hypot(ae / af, pe / pf), config.error_floor)
         ok = np.isfinite(x + y + ratio + err) & (pf > 0) & (af > 0) & (err > 0) & (pf / pe >= config.snr_min)
     if not ok.any():
         raise ApCorrError(f"no star for the aperture correction: none of {len(pf)} has finite fluxes and "
@@ -172,6 +185,11 @@ def fit_aperture_correction(x, y, psf_flux, psf_flux_err, ap_flux, ap_flux_err, 
             break
         use = new
     resid = (ratio - basis @ coeffs)[use]
+    if config.median_center:
+        # the constant term is the first basis function (1 everywhere)
+        shift = _weighted_median(resid, 1.0 / err[use] ** 2)
+        coeffs[0] += shift
+        resid = resid - shift
     scatter = float(np.sqrt(np.mean(resid**2))) if use.sum() else 0.0
     w = 1.0 / err[use] ** 2
     # error of the mean correction: the larger of the formal error and the scatter over sqrt(n)

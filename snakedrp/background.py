@@ -212,8 +212,7 @@ def estimate_background(image: np.ndarray, mask: np.ndarray | None = None,
     ignore = ~np.isfinite(data)
     if mask is not None:
         ignore |= (np.asarray(mask) & mask_bits(*config.ignored_mask_planes)) != 0
-    if ignore.any():
-        data = np.where(ignore, np.float32(0.0), data)
+    # no zeroed copy of the image: sep.Background ignores the values (NaN too) of masked pixels
     box = int(config.box_size)
     bkg = sep.Background(data, mask=ignore if ignore.any() else None, bw=box, bh=box,
                          fw=config.filter_size, fh=config.filter_size, fthresh=config.filter_threshold)

@@ -113,8 +113,9 @@ class CalibrateTask:
                 raise CalibrateError(f"{where}: astrometry failed: {err}") from None
             wcs, matches = astro.wcs, astro.matches
             ra, dec = wcs.all_pix2world(x, y, 0)
-            sources["coord_ra"] = np.mod(ra, 360.0)
-            sources["coord_dec"] = dec
+            # in place: new columns would drop the unit and description measure_sources gave them
+            sources["coord_ra"][:] = np.mod(ra, 360.0)
+            sources["coord_dec"][:] = dec
             metadata["ASTRMS"] = (float(astro.rms_mas), "astrometric fit RMS vs reference [mas]")
             metadata["ASTNMAT"] = (int(astro.n_matches), "reference matches used in the WCS fit")
         if cfg.do_photometry:

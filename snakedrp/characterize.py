@@ -103,8 +103,10 @@ class CharacterizeTask:
         if len(detections.sources) == 0:
             raise CharacterizeError(f"{where}: no source above {cfg.detection.threshold} sigma "
                                     "(empty field, or every pixel masked)")
+        # only what star selection uses (centroids, PSF fluxes, pixel flags): the PSF stars are
+        # measured in full below, with the model
         sources = measure_sources(image, variance, detections.mask, detections.sources, guess, cfg.measure,
-                                  segmentation=detections.segmentation)
+                                  segmentation=detections.segmentation, minimal=True)
         try:
             stars = select_psf_stars(sources, image, detections.mask, cfg.psf)
             psf_result = build_psf(image, variance, detections.mask, stars, cfg.psf)

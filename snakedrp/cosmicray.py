@@ -233,8 +233,10 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, 
     ratios = psf_neighbour_ratios(psf, (ny, nx), config.psf_grid)
 
     # 1. cheap pass: above min_sigma times a low quantile of the noise (a scalar threshold)
-    floor = float(np.quantile(var[:: max(len(var) // 20000, 1)], 0.01))
-    threshold = max(config.min_sigma * np.sqrt(max(floor, 0.0)), config.min_signal)
+    sample = var[:: max(len(var) // 20000, 1)]
+    sample = sample[sample > 0]
+    floor = float(np.quantile(sample, 0.01)) if sample.size else 0.0
+    threshold = max(config.min_sigma * np.sqrt(floor), config.min_signal)
     idx = np.flatnonzero(work > threshold)
     idx = idx[_interior(idx, nx, ny)]
 
@@ -303,7 +305,7 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, 
         raise CosmicRayError(f"{n_pixels} cosmic-ray pixels ({100 * n_pixels / (ny * nx):.1f} % of the image, "
                              f"limit cosmic_ray.max_cr_fraction = {config.max_cr_fraction}): "
                              "is the variance plane or the PSF wrong?")
-    return CosmicRayResult(cr_mask=cr_mask, n_cr=count_groups(np.flatnonzero(cr), nx), n_pixels=n_pixels)
+    return CosmicRayResult(cr_mask=cr_mask, n_cr=count_groups(all_cr, nx), n_pixels=n_pixels)
 
 
 def repair_cosmic_rays(image: np.ndarray, mask: np.ndarray, cr_mask: np.ndarray,

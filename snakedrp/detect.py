@@ -177,10 +177,14 @@ def detect_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray,
     var = np.ascontiguousarray(variance, dtype=np.float32)
     mask = np.asarray(mask)
     bad = (mask & mask_bits(*config.bad_mask_planes)) != 0
-    bad |= ~np.isfinite(data) | ~(var > 0) | ~np.isfinite(var)
+    usable = np.isfinite(data)
+    usable &= var > 0
+    usable &= var < np.inf                      # with var > 0: finite and positive
+    bad |= ~usable
+    del usable
     if bad.any():
+        # the filter sees masked pixels' values (zeroed here); their variance sep ignores
         data = np.where(bad, np.float32(0.0), data)
-        var = np.where(bad, np.float32(1.0), var)
     kernel = gaussian_kernel(sigma, config.filter_size) if config.filter_size else None
 
     objects, segmentation = _extract(data, var, bad, config.threshold, config, kernel)
@@ -207,12 +211,13 @@ def detect_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray,
 
     out_mask = mask.astype(np.int32, copy=True)
     out_mask &= ~np.int32(mask_bits("DETECTED", "DETECTED_NEGATIVE"))
-    out_mask[grow_mask(segmentation > 0, config.grow)] |= np.int32(mask_bit("DETECTED"))
+    np.bitwise_or(out_mask, np.int32(mask_bit("DETECTED")), out=out_mask, where=grow_mask(segmentation > 0, config.grow))
     n_negative = 0
     if config.detect_negative:
         neg_objects, neg_seg = _extract(-data, var, bad, config.threshold, config, kernel, deblend=False)
         n_negative = len(neg_objects)
-        out_mask[grow_mask(neg_seg > 0, config.grow)] |= np.int32(mask_bit("DETECTED_NEGATIVE"))
+        np.bitwise_or(out_mask, np.int32(mask_bit("DETECTED_NEGATIVE")), out=out_mask,
+                      where=grow_mask(neg_seg > 0, config.grow))
 
     table = Table()
     columns = [

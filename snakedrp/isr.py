@@ -232,6 +232,16 @@ def overscan_correct(data: np.ndarray, amplifiers, *, config: IsrConfig) -> tupl
     covered = sum(a.raw_data.shape[0] * a.raw_data.shape[1] + a.raw_overscan.shape[0] * a.raw_overscan.shape[1]
                   for a in amplifiers)
     out = np.empty_like(data, dtype=np.float32) if covered == data.size else data.astype(np.float32, copy=True)
+    models = overscan_models(data, amplifiers, config=config)
+    for amp, model in zip(amplifiers, models):
+        column = model[:, None]
+        for box in (amp.raw_data, amp.raw_overscan):
+            np.subtract(data[box.slices], column, out=out[box.slices])
+    return out, models
+
+
+def overscan_models(data: np.ndarray, amplifiers, *, config: IsrConfig) -> list[np.ndarray]:
+    """Each amplifier's overscan level per row [ADU] (the models :func:`overscan_correct` subtracts)."""
     models = []
     for amp in amplifiers:
         ys, xs = amp.raw_overscan.slices
@@ -242,11 +252,19 @@ def overscan_correct(data: np.ndarray, amplifiers, *, config: IsrConfig) -> tupl
                              clip_iterations=config.overscan_clip_iterations)
         if amp.raw_overscan.y0 != amp.raw_data.y0 or amp.raw_overscan.shape[0] != amp.raw_data.shape[0]:
             raise IsrError(f"amplifier {amp.name}: overscan rows {amp.raw_overscan} do not match data rows {amp.raw_data}")
-        column = model[:, None]
-        for box in (amp.raw_data, amp.raw_overscan):
-            np.subtract(data[box.slices], column, out=out[box.slices])
         models.append(model)
-    return out, models
+    return models
+
+
+def assemble_overscan_corrected(data: np.ndarray, amplifiers, ccd_shape: tuple[int, int],
+                                models: list[np.ndarray]) -> np.ndarray:
+    """``assemble(overscan_correct(data)[0])`` in one pass, without the raw-layout intermediate."""
+    out = np.empty(ccd_shape, np.float32)
+    for amp, model in zip(amplifiers, models):
+        if amp.raw_data.shape != amp.assembled.shape:
+            raise IsrError(f"amplifier {amp.name}: raw data {amp.raw_data} and assembled {amp.assembled} differ in shape")
+        np.subtract(_place(data[amp.raw_data.slices], amp), model[:, None], out=out[amp.assembled.slices])
+    return out
 
 
 # ---------------------------------------------------------------------------- assembly, masks
@@ -639,13 +657,19 @@ class IsrTask:
 
         work = raw.data
         if cfg.do_overscan:
-            work, models = overscan_correct(raw.data, amps, config=cfg)
+            if assembled:
+                # subtract while assembling: no raw-layout copy (a 36 MB array per HSC CCD)
+                models = overscan_models(raw.data, amps, config=cfg)
+            else:
+                work, models = overscan_correct(raw.data, amps, config=cfg)
             for amp, model in zip(amps, models):
                 level = float(np.median(model))
                 if np.isfinite(level):
                     meta[f"OSLVL_{amp.name}"[:8]] = (round(level, 3), f"amp {amp.name} overscan level [ADU]")
         meta["ISROSCAN"] = (cfg.overscan_fit if cfg.do_overscan else "none", "overscan model subtracted")
-        if assembled:
+        if assembled and cfg.do_overscan:
+            image = assemble_overscan_corrected(raw.data, amps, shape, models)
+        elif assembled:
             image = assemble(work, amps, shape)
         else:
             image = work.astype(np.float32, copy=work is raw.data)

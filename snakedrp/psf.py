@@ -497,9 +497,10 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
               config: PsfConfig | None = None) -> PsfResult:
     """Fit a :class:`PixelPsf` to the non-reserved stars of ``stars``.
 
-    Each star is re-centred on its Gaussian-weighted centroid by Lanczos-3 resampling (the
-    shift is iterated until the resampled star's centroid is the central pixel, since the
-    resampling does not preserve the first moment exactly) and divided by its PSF-fit flux.
+    Each star is re-centred on its Gaussian-weighted centroid by Lanczos resampling (order
+    ``config.resample_order``; the shift is iterated until the resampled star's centroid is the
+    central pixel, since the resampling does not preserve the first moment exactly) and divided
+    by its PSF-fit flux.
     Every kernel pixel is then a weighted least-squares polynomial in (x, y) across the stars,
     with model-based weights ``F^2 / (sky variance + F * model)`` (data-based weights would
     bias the fluxes). Star pixels far off the model (cosmic rays, neighbours) are replaced by

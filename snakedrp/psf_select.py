@@ -108,7 +108,8 @@ def select_psf_stars(sources: Table, image: np.ndarray, mask: np.ndarray,
     sources : Table
         Detected sources: ``x, y`` (or ``x_centroid, y_centroid``; zero-based pixels), a flux
         pair (the first of :data:`snakedrp.psf.FLUX_COLUMNS` present: ``flux, flux_err``, else
-        ``psf_flux``/``calib_flux``/``ap_flux`` and their ``_err``; electrons). Boolean columns named ``flag*`` that are True exclude a source.
+        ``psf_flux``/``calib_flux``/``ap_flux`` and their ``_err``; electrons). A True boolean
+        column named ``flag*`` excludes a source.
     image : ndarray, shape (ny, nx)
         Background-subtracted image [electrons].
     mask : ndarray of int, shape (ny, nx)
@@ -175,7 +176,7 @@ def select_psf_stars(sources: Table, image: np.ndarray, mask: np.ndarray,
     # clean core, whole kernel box (plus the resampling margin) on the CCD, no bright neighbour
     fwhm = 2.3548 * float(np.median(sigma[star]))
     half = kernel_size_for(fwhm, config) // 2
-    margin = half + 4
+    margin = half + config.resample_order + 1          # what build_psf cuts out around a star
     sel = cand[star]
     isx, isy = ix[sel].astype(int), iy[sel].astype(int)
     keep = (isx - margin >= 0) & (isx + margin < nx) & (isy - margin >= 0) & (isy + margin < ny)
