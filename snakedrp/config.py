@@ -228,7 +228,8 @@ def check_rerun_config(path: Path, config: PipelineConfig, *, clobber: bool) -> 
     if not path.exists():
         return []
     old = yaml.safe_load(path.read_text()) or {}
-    ignore = {"id", "clobber_config", "rerun", "validation"}  # validation reads products, makes none
+    # repo: the file lives inside the repo (a moved repo is the same rerun); validation makes no products
+    ignore = {"id", "clobber_config", "rerun", "repo", "validation"}
     diffs = [d for d in config_differences(old, config.to_dict()) if d.split(".")[0] not in ignore]
     if diffs and not clobber:
         raise ConfigError(

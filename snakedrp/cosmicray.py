@@ -38,7 +38,7 @@ class CosmicRayConfig(Config):
     """Cosmic-ray detection (PSF sharpness criterion) and repair (interpolation)."""
 
     min_sigma: float = option(6.0, "A cosmic-ray seed pixel exceeds this many sigma of its noise (background-subtracted)", min=1.0)
-    min_signal: float = option(0.0, "... and this many electrons", min=0.0)
+    min_signal: float = option(0.0, "A cosmic-ray seed pixel also exceeds this many electrons (0 = no such limit)", min=0.0)
     sharpness_sigma: float = option(2.5, "Noise allowance in the sharpness test [sigma] (LSST cond3_fac)", min=0.0)
     psf_ratio_factor: float = option(0.6, "Factor on the PSF's neighbour-to-peak ratio: < 1 keeps stars safe from a PSF model error (LSST cond3_fac2)", min=0.05, max=1.0)
     extend_sigma: float = option(3.0, "Neighbours of cosmic-ray pixels are tested down to this significance [sigma]", min=0.0)
