@@ -5,7 +5,7 @@ photometric calibration is tied to a large circular aperture. The correction
 ``apcorr(x, y) = calib_flux / psf_flux`` is fitted on bright PSF stars as a low-order 2-D
 polynomial in (x, y) with clipping, and applied as ``psf_flux * apcorr(x, y)``.
 
-The calibration aperture has radius ``calib_aperture_fwhm * FWHM`` (default 4 FWHM). The
+The calibration aperture has radius ``measure.calib_aperture_fwhm * FWHM`` (default 4 FWHM). The
 simulated PSF (a Moffat truncated at 4 FWHM) carries no flux beyond that radius, so there the
 calibration aperture holds the whole flux of a star; on real data 4 FWHM holds all but a few
 mmag of it, and the remainder is absorbed by the zeropoint.
@@ -25,7 +25,6 @@ from .psf import poly_basis, poly_terms
 class ApCorrConfig(Config):
     """Aperture correction from PSF flux to the calibration aperture."""
 
-    calib_aperture_fwhm: float = option(4.0, "Calibration aperture radius in units of the PSF FWHM (the simulated PSF has no flux beyond 4 FWHM)", min=0.5, max=20.0)
     degree: int = option(1, "Degree of the 2-D polynomial in (x, y) of the correction (0 = a constant)", min=0, max=4)
     snr_min: float = option(100.0, "Minimum PSF-flux S/N of the stars used", min=1.0)
     clip_sigma: float = option(3.0, "Clip stars this many sigma (errors scaled by the robust scatter) off the fit", min=1.0)
@@ -40,10 +39,6 @@ class ApCorrError(RuntimeError):
     """The aperture correction could not be fitted (no usable star); the message says why."""
 
 
-def calib_aperture_radius(fwhm: float, config: ApCorrConfig | None = None) -> float:
-    """Radius of the calibration aperture [pixel] for a PSF of ``fwhm`` [pixel]."""
-    config = config or ApCorrConfig()
-    return float(config.calib_aperture_fwhm * fwhm)
 
 
 class ApCorrMap:
@@ -137,7 +132,7 @@ def fit_aperture_correction(x, y, psf_flux, psf_flux_err, ap_flux, ap_flux_err, 
     psf_flux, psf_flux_err : array_like
         PSF-model flux and its error [electrons].
     ap_flux, ap_flux_err : array_like
-        Calibration-aperture flux (radius :func:`calib_aperture_radius`) and its error [electrons].
+        Calibration-aperture flux (radius ``measure.calib_aperture_fwhm`` x FWHM) and its error [electrons].
     shape : (ny, nx)
         CCD shape; positions are normalised to [-1, 1] over it.
     config : ApCorrConfig

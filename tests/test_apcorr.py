@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from snakedrp.apcorr import (ApCorrConfig, ApCorrError, ApCorrMap, calib_aperture_radius,
-                             fit_aperture_correction)
+from snakedrp.apcorr import ApCorrConfig, ApCorrError, ApCorrMap, fit_aperture_correction
 from snakedrp.pexconfig import ConfigError
 
 SHAPE = (4176, 2048)
@@ -89,9 +88,7 @@ def test_apply_and_round_trip():
     assert (back.error, back.scatter) == pytest.approx((ap.error, ap.scatter), rel=1e-12)   # header precision
 
 
-def test_calib_aperture_radius_and_config():
-    assert calib_aperture_radius(4.5) == pytest.approx(18.0)
-    assert calib_aperture_radius(4.5, ApCorrConfig(calib_aperture_fwhm=3.0)) == pytest.approx(13.5)
+def test_config_range_is_checked():
     with pytest.raises(ConfigError):
         ApCorrConfig.from_dict({"degree": 7})
 
