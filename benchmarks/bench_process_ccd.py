@@ -98,7 +98,6 @@ def prepare_hsc_ccd(repo: Path = DEFAULT_REPO) -> HscCcd:
     from snakedrp import calibs, simulate
     from snakedrp.calibrate import CalibrateConfig
     from snakedrp.camera import Camera
-    from snakedrp.exposure import Exposure
     from snakedrp.isr import IsrTask
     from snakedrp.process_ccd import refcat_for_exposure
     from snakedrp.raw import RawFrame

@@ -1,6 +1,5 @@
 """The SQLite registry: ingest of raw headers, queries, and atomic rewriting on bad input."""
 import logging
-import os
 import shutil
 from pathlib import Path
 
