@@ -7,7 +7,6 @@ nested dicts or dotted names (``isr.do_flat: false``).
 """
 from __future__ import annotations
 
-import copy
 import fnmatch
 import importlib.metadata
 import platform
@@ -20,7 +19,7 @@ from .calibrate import CalibrateConfig
 from .calibs import CalibsConfig
 from .characterize import CharacterizeConfig
 from .isr import IsrConfig
-from .pexconfig import Config, ConfigError, option, subconfig
+from .pexconfig import Config, ConfigError, merge_into, option, subconfig
 from .registry import IngestConfig
 from .simulate import SimulateConfig
 from .validate import ValidateConfig
@@ -63,16 +62,6 @@ def expand_dotted(values: dict) -> dict:
                 raise ConfigError(f"option {key}: {p} is not a section")
         merge_into(node, {parts[-1]: value})
     return out
-
-
-def merge_into(base: dict, update: dict) -> dict:
-    """Recursively merge ``update`` into ``base`` in place (as Snakemake merges configs)."""
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merge_into(base[key], value)
-        else:
-            base[key] = copy.deepcopy(value)
-    return base
 
 
 def _leaves(values: dict, prefix: str = ""):

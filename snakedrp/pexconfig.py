@@ -14,6 +14,7 @@ Example
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -56,14 +57,14 @@ def subconfig(cls, doc: str, *, default=None):
     return dataclasses.field(default_factory=factory, metadata={"doc": doc, "subconfig": cls, "factory": factory})
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
-    out = dict(base)
+def merge_into(base: dict, update: dict) -> dict:
+    """Recursively merge ``update`` into ``base`` in place (as Snakemake merges configs)."""
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge_into(base[key], value)
         else:
-            out[key] = value
-    return out
+            base[key] = copy.deepcopy(value)
+    return base
 
 
 @dataclass
@@ -125,7 +126,7 @@ class Config:
                 if unknown_sub:
                     raise ConfigError(f"unknown option {dotted}.{unknown_sub[0]} in {dotted}; "
                                       f"allowed: {', '.join(sorted(base))}")
-                kwargs[name] = f.metadata["subconfig"].from_dict(_deep_merge(base, sub), path=dotted)
+                kwargs[name] = f.metadata["subconfig"].from_dict(merge_into(base, sub), path=dotted)
             elif name in values:
                 kwargs[name] = _check_value(dotted, values[name], hints[name], f.metadata)
         obj = cls(**kwargs)

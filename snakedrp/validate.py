@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import galsim
 import numpy as np
 from astropy.table import Table
 from scipy import ndimage
@@ -16,6 +15,7 @@ from scipy.spatial import cKDTree
 
 from .exposure import Exposure, mask_bit
 from .pexconfig import Config, option
+from .psf import kernel_moments
 
 
 @dataclass
@@ -204,13 +204,12 @@ def psf_shape_errors(calexp: Exposure, psf_sources: Table, true_psf_image) -> tu
     for x, y in zip(rows["x_centroid"], rows["y_centroid"]):
         model = calexp.psf.kernel(float(x), float(y))
         truth = true_psf_image(float(x), float(y), model.shape)
-        try:
-            mm = galsim.hsm.FindAdaptiveMom(galsim.Image(np.ascontiguousarray(model, dtype=np.float64)))
-            mt = galsim.hsm.FindAdaptiveMom(galsim.Image(np.ascontiguousarray(truth, dtype=np.float64)))
-        except galsim.errors.GalSimHSMError:
+        sm, e1m, e2m = kernel_moments(model)
+        st, e1t, e2t = kernel_moments(truth)
+        if not np.isfinite([sm, st]).all():
             continue
-        dsize.append(mm.moments_sigma / mt.moments_sigma - 1.0)
-        de.append((mm.observed_shape.e1 - mt.observed_shape.e1, mm.observed_shape.e2 - mt.observed_shape.e2))
+        dsize.append(sm / st - 1.0)
+        de.append((e1m - e1t, e2m - e2t))
     return np.asarray(dsize), np.asarray(de).reshape(-1, 2)
 
 
@@ -252,7 +251,7 @@ def validate_exposure(calexp: Exposure, src: Table, psf_sources: Table, truth: T
     ``true_psf_image(x, y, shape)`` draws the true PSF (with the pixel) centred on a stamp.
     """
     ny, nx = calexp.shape
-    psf_sigma = float(np.nan_to_num(_kernel_sigma(calexp.psf.kernel(nx / 2.0, ny / 2.0)), nan=2.0))
+    psf_sigma = float(np.nan_to_num(kernel_moments(calexp.psf.kernel(nx / 2.0, ny / 2.0))[0], nan=2.0))
     dsize, de = psf_shape_errors(calexp, psf_sources, true_psf_image)
     cr_rec, cr_tot, cores_hit, cores = cosmic_ray_recovery(calexp, cr_truth, truth, psf_sigma, config)
     found, total = completeness(src, truth, calexp, config)
@@ -265,13 +264,6 @@ def validate_exposure(calexp: Exposure, src: Table, psf_sources: Table, truth: T
         cr_recovered=cr_rec, cr_total=cr_tot, star_cores_flagged=cores_hit, star_cores=cores,
         completeness_found=found, completeness_total=total,
         psf_flux_ratios=psf_flux_ratios(src, truth, config))
-
-
-def _kernel_sigma(kernel: np.ndarray) -> float:
-    try:
-        return galsim.hsm.FindAdaptiveMom(galsim.Image(np.ascontiguousarray(kernel, dtype=np.float64))).moments_sigma
-    except galsim.errors.GalSimHSMError:
-        return float("nan")
 
 
 def summarize(figures: list[ExposureFigures], config: ValidateConfig) -> list[Metric]:
