@@ -182,9 +182,9 @@ def shutil_copy(src, dst) -> None:
 def run_ours(ccd: HscCcd, outdir: str) -> dict:
     """Our raw → calexp + src for ``ccd``, writing into ``outdir``; runs in a child process.
 
-    What ``scripts/process_ccd.py`` does: read the camera, the raw and the master calibrations,
-    run ``ProcessCcdTask`` with the default config (the refcat shards loaded from the refcat
-    directory around the CCD), and write calexp (FITS), src (FITS + Parquet), icSrc, srcMatch and
+    What ``scripts/process_ccd.py`` does: tune the allocator (:func:`snakedrp.runtime.tune_memory`),
+    read the camera, the raw and the master calibrations, run ``ProcessCcdTask`` with the default
+    config (the refcat shards loaded from the refcat directory around the CCD), and write calexp (FITS), src (FITS + Parquet), icSrc, srcMatch and
     calexpBackground. The whole call is timed; modules in :data:`OURS_PRELOAD` are imported
     before the clock starts. Per-stage seconds are measured by wrapping the sub-tasks' ``run``.
     """
@@ -194,7 +194,9 @@ def run_ours(ccd: HscCcd, outdir: str) -> dict:
     from snakedrp.process_ccd import ProcessCcdConfig, ProcessCcdTask, refcat_for_exposure
     from snakedrp import process_ccd as pc
     from snakedrp.raw import RawFrame
+    from snakedrp.runtime import tune_memory
 
+    tune_memory()  # as scripts/process_ccd.py does first
     stages: dict[str, float] = {}      # wall seconds
     stages_cpu: dict[str, float] = {}  # CPU seconds (user + system) of this process
 

@@ -13,6 +13,7 @@ from snakedrp.io import write_hdulist, write_table
 from snakedrp.isr import IsrError
 from snakedrp.process_ccd import ProcessCcdConfig, ProcessCcdTask
 from snakedrp.raw import RawError, RawFrame
+from snakedrp.runtime import tune_memory
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake
@@ -22,6 +23,7 @@ CALIBS = ("bias", "dark", "flat", "fringe")
 
 
 def main(inputs, outputs, params, wildcards, log_path):
+    tune_memory()
     logger = sdlog.configure(log_path)
     where = f"visit={wildcards.visit} ccd={wildcards.ccd}"
     config = ProcessCcdConfig.from_dict(params.config)
