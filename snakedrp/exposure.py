@@ -94,9 +94,10 @@ class Exposure:
         image_header = self.wcs.to_header(relax=True) if self.wcs is not None else fits.Header()
         hdus = [
             primary,
-            fits.ImageHDU(self.image.astype(np.float32), header=image_header, name="IMAGE"),
-            fits.ImageHDU(self.mask.astype(np.int32), name="MASK"),
-            fits.ImageHDU(self.variance.astype(np.float32), header=image_header, name="VARIANCE"),
+            # asarray: no copy when the planes already have the file's types (the writer never modifies them)
+            fits.ImageHDU(np.asarray(self.image, np.float32), header=image_header, name="IMAGE"),
+            fits.ImageHDU(np.asarray(self.mask, np.int32), name="MASK"),
+            fits.ImageHDU(np.asarray(self.variance, np.float32), header=image_header, name="VARIANCE"),
         ]
         for name, bit in MASK_PLANES.items():
             key = f"MP_{name}" if len(name) <= 5 else f"HIERARCH MP_{name}"  # LSST's long keys
