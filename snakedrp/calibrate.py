@@ -1,6 +1,7 @@
-"""CalibrateTask: deep detection, measurement, astrometric and photometric calibration.
+"""CalibrateTask: measurement, astrometric and photometric calibration.
 
-As in the LSST CalibrateTask: detect at 5 sigma on the characterized exposure, deblend,
+As in the LSST CalibrateTask: take the sources characterization detected (or detect at 5 sigma
+on the characterized exposure and deblend, when run on its own or with ``redetect``),
 measure (centroids, apertures, PSF and Kron fluxes, shapes, flags), apply the aperture
 correction, match to the reference catalog and fit a TAN-SIP WCS, then fit the zeropoint from
 matched unresolved stars and add calibrated magnitudes and sky coordinates to the catalog.
@@ -14,7 +15,7 @@ from astropy.table import Table
 
 from .apcorr import ApCorrMap
 from .astrometry import AstrometryConfig, AstrometryError, match_and_fit
-from .detect import DetectionConfig, detect_sources
+from .detect import DetectionConfig, DetectionResult, detect_sources
 from .exposure import Exposure
 from .measure import MeasureConfig, calibrate_fluxes, measure_sources
 from .pexconfig import Config, option, subconfig
@@ -34,7 +35,8 @@ class CalibrateConfig(Config):
     do_photometry: bool = option(True, "Fit the photometric zeropoint against the reference catalog?")
     refcat_margin: float = option(30.0, "Reference stars loaded out to this far beyond the CCD [arcsec]", min=0.0)
     star_size_max: float = option(1.15, "Unresolved if adaptive-moment size / PSF size is below this", min=1.0)
-    detection: DetectionConfig = subconfig(DetectionConfig, "Detection at the science threshold (5 sigma)")
+    redetect: bool = option(False, "Detect again on the characterized exposure (with calibrate.detection and the PSF model's width) instead of measuring characterization's detections?")
+    detection: DetectionConfig = subconfig(DetectionConfig, "Detection when calibrate detects: with redetect, or when CalibrateTask runs without detections")
     measure: MeasureConfig = subconfig(MeasureConfig, "Source measurement")
     astrometry: AstrometryConfig = subconfig(AstrometryConfig, "Reference matching and TAN-SIP fit")
     photometry: PhotometryConfig = subconfig(PhotometryConfig, "Zeropoint fit")
@@ -59,7 +61,7 @@ class CalibrateTask:
         self.config.validate()
 
     def run(self, exposure: Exposure, refcat: Table | None, *, apcorr: ApCorrMap | None = None,
-            band: str | None = None) -> CalibrateResult:
+            band: str | None = None, detections: DetectionResult | None = None) -> CalibrateResult:
         """Detect, measure and calibrate ``exposure`` (background-subtracted, with a PSF).
 
         Parameters
@@ -72,6 +74,9 @@ class CalibrateTask:
             Applied to ``psf_flux`` (and its error); the factor is kept as ``psf_apcorr``.
         band : str, optional
             Reference-catalog band of the exposure's filter (``mag_<band>``).
+        detections : DetectionResult, optional
+            The sources to measure (``CharacterizeResult.detections``); without them, or with
+            ``config.redetect``, calibrate detects on ``exposure`` itself.
 
         Raises
         ------
@@ -81,14 +86,16 @@ class CalibrateTask:
         cfg = self.config
         where = f"visit {exposure.metadata.get('VISIT', '?')} ccd {exposure.metadata.get('CCD', '?')}"
         ny, nx = exposure.shape
-        psf_sigma = kernel_moments(exposure.psf.kernel(nx / 2.0, ny / 2.0))[0]
-        detections = detect_sources(exposure.image, exposure.variance, exposure.mask, cfg.detection,
-                                    psf_sigma=psf_sigma)
+        if detections is None or cfg.redetect:
+            psf_sigma = kernel_moments(exposure.psf.kernel(nx / 2.0, ny / 2.0))[0]
+            detections = detect_sources(exposure.image, exposure.variance, exposure.mask, cfg.detection,
+                                        psf_sigma=psf_sigma)
+            exposure = replace(exposure, mask=detections.mask)
         if len(detections.sources) == 0:
             raise CalibrateError(f"{where}: no source detected above {cfg.detection.threshold} sigma")
-        sources = measure_sources(exposure.image, exposure.variance, detections.mask, detections.sources,
+        sources = measure_sources(exposure.image, exposure.variance, exposure.mask, detections.sources,
                                   exposure.psf, cfg.measure, wcs=exposure.wcs,
-                                  segmentation=detections.segmentation)
+                                  segmentation=detections.segmentation, footprints=detections.sources)
         x, y = np.asarray(sources["x_centroid"]), np.asarray(sources["y_centroid"])
         factor = apcorr.evaluate(x, y) if apcorr is not None else np.ones(len(sources))
         sources["psf_flux"] *= factor

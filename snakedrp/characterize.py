@@ -1,10 +1,13 @@
-"""CharacterizeTask: background, bright-source detection, PSF, cosmic rays, aperture correction.
+"""CharacterizeTask: background, detection, PSF, cosmic rays, aperture correction.
 
-The order follows the LSST CharacterizeImageTask: subtract a first background, detect bright
-sources, measure them with a Gaussian first-guess PSF, select PSF stars on the size–flux
-locus (reserving a fraction for validation), build the spatially varying PSF model, find and
-repair cosmic rays with that PSF, re-measure the PSF stars with the model and fit the aperture
-correction from PSF flux to the calibration aperture.
+The order follows the LSST CharacterizeImageTask: subtract a first background, detect sources,
+measure them with a Gaussian first-guess PSF, select PSF stars on the size–flux locus
+(reserving a fraction for validation), build the spatially varying PSF model, find and repair
+cosmic rays with that PSF, re-measure the PSF stars with the model and fit the aperture
+correction from PSF flux to the calibration aperture. Unlike the LSST stack, the detection runs
+once, at the science threshold: the detections that turn out to be cosmic rays are dropped after
+the repair (:func:`snakedrp.detect.remove_cosmic_ray_detections`) and calibration measures the
+rest, which saves a second pass over the image.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from astropy.table import Table
 from .apcorr import ApCorrConfig, ApCorrMap, fit_aperture_correction
 from .background import Background, BackgroundConfig, estimate_background
 from .cosmicray import CosmicRayConfig, find_cosmic_rays, repair_cosmic_rays
-from .detect import DetectionConfig, detect_sources
+from .detect import DetectionConfig, DetectionResult, detect_sources, remove_cosmic_ray_detections
 from .exposure import Exposure
 from .measure import MeasureConfig, measure_sources
 from .pexconfig import Config, option, subconfig
@@ -28,10 +31,6 @@ class CharacterizeError(RuntimeError):
     """Characterization failed (no PSF stars, ...); the message says why."""
 
 
-def _bright_detection() -> DetectionConfig:
-    return DetectionConfig(threshold=10.0)
-
-
 @dataclass
 class CharacterizeConfig(Config):
     """Characterize a science exposure: background, bright sources, PSF, cosmic rays, apcorr."""
@@ -40,8 +39,7 @@ class CharacterizeConfig(Config):
     do_cosmic_ray: bool = option(True, "Find and repair cosmic rays (uses the PSF model)?")
     do_apcorr: bool = option(True, "Fit the aperture correction from PSF flux to the calibration aperture?")
     background: BackgroundConfig = subconfig(BackgroundConfig, "Background model (sep)")
-    detection: DetectionConfig = subconfig(DetectionConfig, "Detection of bright sources for PSF estimation",
-                                           default=_bright_detection)
+    detection: DetectionConfig = subconfig(DetectionConfig, "Detection of the sources: PSF stars are drawn from them, and calibration measures them (filter: the first-guess PSF)")
     measure: MeasureConfig = subconfig(MeasureConfig, "Measurement of the bright sources")
     psf: PsfConfig = subconfig(PsfConfig, "PSF star selection and the spatially varying PSF model")
     cosmic_ray: CosmicRayConfig = subconfig(CosmicRayConfig, "Cosmic-ray detection and repair")
@@ -55,7 +53,7 @@ class CharacterizeResult:
     Attributes
     ----------
     exposure : Exposure
-        Background-subtracted, cosmic rays repaired (CR mask bits set), with ``psf``.
+        Background-subtracted, cosmic rays repaired, CR and DETECTED mask planes set, with ``psf``.
     background : Background
         The subtracted background (the calexpBackground product).
     psf_sources : Table
@@ -63,6 +61,9 @@ class CharacterizeResult:
     apcorr : ApCorrMap or None
         Ratio of calibration-aperture to PSF flux over the CCD.
     n_cosmic_rays : int
+    detections : DetectionResult
+        The sources detected, without those that were cosmic rays (segmentation and DETECTED mask
+        plane included), for :class:`snakedrp.calibrate.CalibrateTask` to measure.
     """
 
     exposure: Exposure
@@ -70,6 +71,7 @@ class CharacterizeResult:
     psf_sources: Table
     apcorr: ApCorrMap | None
     n_cosmic_rays: int
+    detections: DetectionResult
 
 
 class CharacterizeTask:
@@ -92,14 +94,13 @@ class CharacterizeTask:
         cfg = self.config
         where = f"visit {exposure.metadata.get('VISIT', '?')} ccd {exposure.metadata.get('CCD', '?')}"
         image = exposure.image.astype(np.float32, copy=True)
-        mask = exposure.mask.copy()
         variance = exposure.variance
 
-        background = estimate_background(image, mask, cfg.background)
+        background = estimate_background(image, exposure.mask, cfg.background)
         image -= background.evaluate()
 
         guess = GaussianPsf(cfg.psf_fwhm_guess / 2.3548)
-        detections = detect_sources(image, variance, mask, cfg.detection, psf_sigma=guess.sigma)
+        detections = detect_sources(image, variance, exposure.mask, cfg.detection, psf_sigma=guess.sigma)
         if len(detections.sources) == 0:
             raise CharacterizeError(f"{where}: no source above {cfg.detection.threshold} sigma "
                                     "(empty field, or every pixel masked)")
@@ -115,14 +116,17 @@ class CharacterizeTask:
         psf = psf_result.psf
 
         n_cr = 0
+        mask = detections.mask                   # the input mask plus the DETECTED plane
         if cfg.do_cosmic_ray:
             cr = find_cosmic_rays(image, variance, mask, psf, cfg.cosmic_ray)
             image, mask = repair_cosmic_rays(image, mask, cr.cr_mask, psf, cfg.cosmic_ray)
             n_cr = cr.n_cr
+            detections = remove_cosmic_ray_detections(detections, image, variance, mask, cfg.detection,
+                                                      psf_sigma=guess.sigma)
 
         # icSrc: the PSF stars re-measured with the model (their fluxes feed the aperture correction)
         psf_sources = measure_sources(image, variance, mask, psf_result.stars, psf, cfg.measure,
-                                      segmentation=detections.segmentation)
+                                      segmentation=detections.segmentation, footprints=detections.sources)
         for name in ("psf_candidate", "psf_used", "reserved", "moments_sigma", "moments_e1", "moments_e2"):
             psf_sources[name] = psf_result.stars[name]
         apcorr = None
@@ -135,4 +139,4 @@ class CharacterizeTask:
                 shape=image.shape, config=cfg.apcorr)
         out = replace(exposure, image=image, mask=mask, psf=psf)
         return CharacterizeResult(exposure=out, background=background, psf_sources=psf_sources,
-                                  apcorr=apcorr, n_cosmic_rays=n_cr)
+                                  apcorr=apcorr, n_cosmic_rays=n_cr, detections=replace(detections, mask=mask))

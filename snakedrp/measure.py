@@ -32,6 +32,7 @@ import numpy as np
 import sep
 from astropy.table import Table
 
+from .detect import unusable_pixels
 from .exposure import MASK_PLANES, mask_bits
 from .pexconfig import Config, option
 from .psf import PsfModel, kernel_moments, shift_stack
@@ -323,7 +324,8 @@ def _adaptive_moments(data, bad, seg, ids, xc, yc, ix, iy, guess, rows, config):
 # ---------------------------------------------------------------- the task
 def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, detections: Table,
                     psf: PsfModel, config: MeasureConfig | None = None, *, wcs=None,
-                    segmentation: np.ndarray | None = None, minimal: bool = False) -> Table:
+                    segmentation: np.ndarray | None = None, footprints: Table | None = None,
+                    minimal: bool = False) -> Table:
     """Measure every detected source.
 
     Parameters
@@ -346,6 +348,10 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
         When given, ``coord_ra``/``coord_dec`` are filled (NaN otherwise).
     segmentation : ndarray of int, shape (ny, nx), optional
         Footprints (value = source id); enables neighbour masking and joint blend fits.
+    footprints : Table, optional
+        ``id, x_min, x_max, y_min, y_max`` (inclusive box) of every footprint in ``segmentation``,
+        e.g. :attr:`DetectionResult.sources <snakedrp.detect.DetectionResult>`; saves finding the
+        boxes in the segmentation (a pass over the image).
     minimal : bool
         Measure only centroids, PSF fluxes and pixel flags (what PSF-star selection needs, e.g.
         the first pass of characterization); the aperture, calibration-aperture, Kron and
@@ -374,8 +380,7 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
            else np.arange(1, n + 1, dtype=np.int64))
     parent = (np.asarray(detections["parent"], np.int64) if "parent" in detections.colnames
               else np.zeros(n, np.int64))
-    bad = (mask & mask_bits(*config.bad_mask_planes)) != 0
-    bad |= ~np.isfinite(data) | ~(var > 0) | ~np.isfinite(var)
+    bad = unusable_pixels(data, var, mask, config.bad_mask_planes)
     # masked pixels are not copied out of the image: sep ignores the values of masked pixels, and
     # the stamps below (and the neighbour sums) zero them, as a zeroed copy of the image would
     seg = None if segmentation is None else np.ascontiguousarray(segmentation, dtype=np.int32)
@@ -466,7 +471,8 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
         with np.errstate(invalid="ignore", divide="ignore"):
             rows = np.nonzero(np.nan_to_num(psf_flux / psf_flux_err) >= config.calib_replace_snr_min)[0]
         ap_flux[rows, -1] += _neighbour_correction(data, bad, seg, ids[rows], xc[rows], yc[rows], calib_radius[rows],
-                                                   np.nan_to_num(psf_flux[rows]), grid, all_ids=ids)
+                                                   np.nan_to_num(psf_flux[rows]), grid, all_ids=ids,
+                                                   footprints=footprints)
     ap = {"flux": ap_flux, "err": ap_err, "flag": ap_flag}
 
     # ---- Kron
@@ -567,12 +573,14 @@ def _aperture_fluxes(data, var, bad, xc, yc, radii):
     return flux, err, flag
 
 
-def _neighbour_correction(data, bad, seg, ids, xc, yc, radius, psf_flux, grid, *, all_ids):
+def _neighbour_correction(data, bad, seg, ids, xc, yc, radius, psf_flux, grid, *, all_ids, footprints=None):
     """For each source, ``F_psf * sum(own model) - sum(data)`` over other sources' footprint pixels
     inside its circle of ``radius`` (pixel centres inside): adding it replaces the neighbours by the
     source's own PSF model (LSST replaces them by noise; a model keeps the aperture's total flux).
 
     Loops over (source, neighbour) pairs whose boxes meet: about one pair per source on an HSC CCD.
+    The footprints' boxes come from ``footprints`` (``id, x_min, x_max, y_min, y_max``, inclusive)
+    when given, else from a pass over ``seg``.
     """
     from scipy import ndimage
     from scipy.spatial import cKDTree
@@ -582,15 +590,24 @@ def _neighbour_correction(data, bad, seg, ids, xc, yc, radius, psf_flux, grid, *
     if n == 0:
         return corr
     ny, nx = data.shape
-    max_id = int(max(seg.max(), all_ids.max()))
-    boxes = ndimage.find_objects(seg, max_label=max_id)
-    present = [(i, boxes[i - 1]) for i in range(1, max_id + 1) if boxes[i - 1] is not None]
-    if not present:
+    if footprints is not None:
+        lab = np.asarray(footprints["id"], np.int64)
+        x0s, x1s = np.asarray(footprints["x_min"], np.int64), np.asarray(footprints["x_max"], np.int64) + 1
+        y0s, y1s = np.asarray(footprints["y_min"], np.int64), np.asarray(footprints["y_max"], np.int64) + 1
+    else:
+        max_id = int(max(seg.max(), all_ids.max()))
+        boxes = ndimage.find_objects(seg, max_label=max_id)
+        present = [i for i in range(1, max_id + 1) if boxes[i - 1] is not None]
+        lab = np.array(present, np.int64)
+        x0s = np.array([boxes[i - 1][1].start for i in present], np.int64)
+        x1s = np.array([boxes[i - 1][1].stop for i in present], np.int64)
+        y0s = np.array([boxes[i - 1][0].start for i in present], np.int64)
+        y1s = np.array([boxes[i - 1][0].stop for i in present], np.int64)
+    if len(lab) == 0:
         return corr
-    lab = np.array([i for i, _ in present])
-    cx = np.array([(b[1].start + b[1].stop - 1) / 2 for _, b in present])
-    cy = np.array([(b[0].start + b[0].stop - 1) / 2 for _, b in present])
-    ext = np.array([np.hypot(b[1].stop - b[1].start, b[0].stop - b[0].start) / 2 for _, b in present])
+    cx = (x0s + x1s - 1) / 2.0
+    cy = (y0s + y1s - 1) / 2.0
+    ext = np.hypot(x1s - x0s, y1s - y0s) / 2.0
     tree = cKDTree(np.column_stack([cx, cy]))
     reach = radius + ext.max() + 1
     ksize = grid.kernels.shape[-1]
@@ -604,9 +621,8 @@ def _neighbour_correction(data, bad, seg, ids, xc, yc, radius, psf_flux, grid, *
         for j in tree.query_ball_point((xc[k], yc[k]), reach[k]):
             if lab[j] == ids[k] or np.hypot(cx[j] - xc[k], cy[j] - yc[k]) > r + ext[j] + 1:
                 continue
-            sl = present[j][1]
-            y0, y1 = max(sl[0].start, int(yc[k] - r)), min(sl[0].stop, int(yc[k] + r) + 2)
-            x0, x1 = max(sl[1].start, int(xc[k] - r)), min(sl[1].stop, int(xc[k] + r) + 2)
+            y0, y1 = max(y0s[j], int(yc[k] - r)), min(y1s[j], int(yc[k] + r) + 2)
+            x0, x1 = max(x0s[j], int(xc[k] - r)), min(x1s[j], int(xc[k] + r) + 2)
             if y1 <= y0 or x1 <= x0:
                 continue
             ddy = (np.arange(y0, y1) - yc[k])[:, None]
@@ -683,9 +699,14 @@ def _pixel_flags(mask, seg, ids, ix, iy, half, config) -> dict[str, tuple[np.nda
             inside = (jy >= 0) & (jy < ny) & (jx >= 0) & (jx < nx)
             centre |= np.where(inside, mask[np.clip(jy, 0, ny - 1), np.clip(jx, 0, nx - 1)], 0)
     if seg is not None:
-        on = seg > 0
-        acc = np.zeros(int(max(seg.max(), ids.max() if n else 0)) + 1, np.int64)
-        np.bitwise_or.at(acc, seg[on], mask[on].astype(np.int64))
+        # only pixels carrying a flag plane matter: a handful, instead of every footprint pixel
+        planes = mask_bits(*{p for v in config.pixel_flags.values() for p in v})
+        sy, sx = np.nonzero(mask & planes)
+        owner = seg[sy, sx]
+        on = owner > 0
+        top = max(int(owner.max()) if len(owner) else 0, int(ids.max()) if n else 0)
+        acc = np.zeros(top + 1, np.int64)
+        np.bitwise_or.at(acc, owner[on], mask[sy[on], sx[on]].astype(np.int64))
         foot = acc[ids] | centre
     else:
         box = _gather(mask, ix, iy, half, 0).astype(np.int64)

@@ -118,7 +118,7 @@ class ProcessCcdTask:
             refcat = refcat_for_exposure(refcat_dir, char.exposure.wcs, char.exposure.shape,
                                          self.config.calibrate.refcat_margin)
         band = camera.filters[raw.filter].band if raw.filter in camera.filters else None
-        cal = self.calibrate.run(char.exposure, refcat, apcorr=char.apcorr, band=band)
+        cal = self.calibrate.run(char.exposure, refcat, apcorr=char.apcorr, band=band, detections=char.detections)
         return ProcessCcdResult(calexp=cal.exposure, sources=cal.sources, psf_sources=char.psf_sources,
                                 background=char.background, matches=cal.matches, apcorr=char.apcorr,
                                 n_cosmic_rays=char.n_cosmic_rays)

@@ -186,3 +186,56 @@ def test_config_validation():
         DetectionConfig(filter_size=4).validate()
     with pytest.raises(ValueError, match="unknown mask plane"):
         DetectionConfig(bad_mask_planes=["WHAT"]).validate()
+
+
+def test_detection_snr_is_the_matched_filter_snr(faint_field, detected):
+    _, _, x, y, snr = faint_field
+    result, _ = detected
+    found, idx = _match(result.sources, x, y, radius=1.5)
+    faint = found & (snr == 10.0)
+    measured = np.asarray(result.sources["detection_snr"])[idx[faint]]
+    # a 5x5 matched filter keeps most of a Gaussian PSF's optimal S/N; noise scatters it by ~1
+    assert 7.0 < np.median(measured) < 10.5
+    assert (measured >= DetectionConfig().threshold * 0.99).all()
+    # the footprint boxes hold their footprints
+    s = result.sources
+    for k in range(0, len(s), 97):
+        yy, xx = np.nonzero(result.segmentation == s["id"][k])
+        assert (xx.min(), xx.max(), yy.min(), yy.max()) == (s["x_min"][k], s["x_max"][k], s["y_min"][k], s["y_max"][k])
+
+
+def test_cosmic_ray_detections_are_dropped_after_repair():
+    rng = np.random.default_rng(7)
+    shape = (160, 160)
+    x = np.array([40.0, 100.0, 120.0])
+    y = np.array([40.0, 60.0, 130.0])
+    image, variance = _draw_stars(shape, x, y, np.array([3e4, 8e3, 2e4]), rng)
+    clean = image.copy()
+    # a cosmic-ray track in empty sky, and a hit on the core of the star at (100, 60)
+    track = (np.array([90, 91, 92, 93]), np.array([20, 21, 22, 23]))
+    image[track] += 3000.0
+    core = (np.array([60]), np.array([100]))
+    image[core] += 2e4
+    mask = np.zeros(shape, np.int32)
+    before = detect_sources(image, variance, mask, psf_sigma=SIGMA_PSF)
+    assert len(before.sources) == 4
+    # what repair leaves: the hit pixels flagged CR and restored (here from the noise-only image)
+    repaired = image.copy()
+    cr_mask = before.mask.copy()
+    for rows, cols in (track, core):
+        repaired[rows, cols] = clean[rows, cols]
+        cr_mask[rows, cols] |= mask_bit("CR")
+    from snakedrp.detect import remove_cosmic_ray_detections
+
+    after = remove_cosmic_ray_detections(before, repaired, variance, cr_mask, psf_sigma=SIGMA_PSF)
+    assert len(after.sources) == 3
+    found, _ = _match(after.sources, x, y, radius=1.0)
+    assert found.all()
+    dropped = sorted(set(before.sources["id"]) - set(after.sources["id"]))
+    assert len(dropped) == 1 and not (after.segmentation == dropped[0]).any()
+    # kept ids still name their footprints
+    for sid, sx, sy in zip(after.sources["id"], after.sources["x"], after.sources["y"]):
+        assert after.segmentation[int(round(sy)), int(round(sx))] == sid
+    # without the CR plane nothing is a cosmic ray
+    assert len(remove_cosmic_ray_detections(before, repaired, variance, before.mask,
+                                            psf_sigma=SIGMA_PSF).sources) == 4
