@@ -107,7 +107,8 @@ class CharacterizeTask:
         # only what star selection uses (centroids, PSF fluxes, pixel flags): the PSF stars are
         # measured in full below, with the model
         sources = measure_sources(image, variance, detections.mask, detections.sources, guess, cfg.measure,
-                                  segmentation=detections.segmentation, minimal=True)
+                                  segmentation=detections.segmentation, footprints=detections.sources,
+                                  minimal=True)
         try:
             stars = select_psf_stars(sources, image, detections.mask, cfg.psf)
             psf_result = build_psf(image, variance, detections.mask, stars, cfg.psf)

@@ -491,7 +491,7 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
     shape_flag = ~np.isfinite(shapes[0])
 
     # ---- pixel flags
-    flags = _pixel_flags(mask, seg, ids, ix, iy, half, config)
+    flags = _pixel_flags(mask, seg, ids, ix, iy, half, config, footprints)
 
     # ---- sky coordinates
     ra = np.full(n, np.nan)
@@ -687,7 +687,7 @@ def _kron(data, var, bad, seg, ids, xc, yc, sigma, detections, config):
     return out
 
 
-def _pixel_flags(mask, seg, ids, ix, iy, half, config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _pixel_flags(mask, seg, ids, ix, iy, half, config, footprints=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per flag: (any plane pixel in footprint or 3x3 centre box, any in the 3x3 centre box)."""
     n = len(ix)
     ny, nx = mask.shape
@@ -698,7 +698,20 @@ def _pixel_flags(mask, seg, ids, ix, iy, half, config) -> dict[str, tuple[np.nda
             jy, jx = iy + dy, ix + dx
             inside = (jy >= 0) & (jy < ny) & (jx >= 0) & (jx < nx)
             centre |= np.where(inside, mask[np.clip(jy, 0, ny - 1), np.clip(jx, 0, nx - 1)], 0)
-    if seg is not None:
+    if seg is not None and footprints is not None:
+        # the footprints' boxes: a few thousand small cut-outs instead of passes over the image
+        rows = {int(i): k for k, i in enumerate(np.asarray(footprints["id"]))}
+        boxes = [np.asarray(footprints[c], np.int64) for c in ("x_min", "x_max", "y_min", "y_max")]
+        foot = centre.copy()
+        for k, sid in enumerate(ids):
+            r = rows.get(int(sid))
+            if r is None:
+                continue
+            sl = (slice(boxes[2][r], boxes[3][r] + 1), slice(boxes[0][r], boxes[1][r] + 1))
+            values = mask[sl][seg[sl] == sid]
+            if values.size:
+                foot[k] |= int(np.bitwise_or.reduce(values))
+    elif seg is not None:
         # only pixels carrying a flag plane matter: a handful, instead of every footprint pixel
         planes = mask_bits(*{p for v in config.pixel_flags.values() for p in v})
         sy, sx = np.nonzero(mask & planes)
