@@ -68,16 +68,30 @@ class RawFrame:
         """Read and check a raw file; :class:`RawError` names the file and the problem."""
         header = read_raw_header(path)
         try:
-            with fits.open(path, memmap=False) as hdul:
-                data = hdul[0].data
-                if data is None or data.shape != (header["NAXIS2"], header["NAXIS1"]):
+            with fits.open(path, do_not_scale_image_data=True) as hdul:
+                stored = hdul[0].data
+                if stored is None or stored.shape != (header["NAXIS2"], header["NAXIS1"]):
                     raise RawError(f"{path}: data missing or of the wrong shape")
-                data = data.astype(np.float32)
+                data = _adu_float32(stored, hdul[0].header)
         except RawError:
             raise
         except Exception as err:  # astropy raises several types for damaged files
             raise RawError(f"{path}: cannot read pixel data ({type(err).__name__}: {err})") from None
         return cls(data=data, header=header)
+
+
+def _adu_float32(stored: np.ndarray, header: fits.Header) -> np.ndarray:
+    """Stored FITS integers as float32 ADU, ``BZERO + BSCALE * stored``, in one pass.
+
+    Unsigned 16-bit ADU are exact in float32; astropy would first make the uint16 array
+    (``stored + BZERO``) and then a float32 copy of it.
+    """
+    bscale, bzero = header.get("BSCALE", 1), header.get("BZERO", 0)
+    if bscale != 1 or stored.dtype.kind not in "iu" or stored.dtype.itemsize > 2:
+        return (stored * np.float64(bscale) + bzero).astype(np.float32)
+    out = np.empty(stored.shape, np.float32)
+    np.add(stored, np.float32(bzero), out=out)
+    return out
 
 
 def read_raw_header(path: str | Path) -> fits.Header:
