@@ -191,9 +191,25 @@ def shift_stack(stack: np.ndarray, dx: np.ndarray, dy: np.ndarray, order: int = 
     """
     stack = np.asarray(stack, float)
     n, ny, nx = stack.shape
-    mx = _shift_matrices(np.asarray(dx, float).reshape(n), nx, order)
-    my = _shift_matrices(np.asarray(dy, float).reshape(n), ny, order)
-    return my @ stack @ mx.transpose(0, 2, 1)
+    return _Shift(dx, dy, n, ny, nx, order).apply(stack)
+
+
+class _Shift:
+    """The banded matrices of one :func:`shift_stack`, kept to apply again (build_psf shifts the
+    same stars by the same offsets many times) and applicable to sub-boxes of the input or output:
+    rows and columns outside a box need not be computed, nor zeros outside it multiplied.
+    """
+
+    def __init__(self, dx, dy, n, ny, nx, order):
+        self.mx = _shift_matrices(np.asarray(dx, float).reshape(n), nx, order)
+        self.my = _shift_matrices(np.asarray(dy, float).reshape(n), ny, order)
+
+    def apply(self, stack, out_box=slice(None), in_box=slice(None)):
+        """Shifted ``stack``: rows and columns ``out_box`` of the output, from the input's ``in_box``
+        (``stack`` is that box; the rest of the input is zero)."""
+        my = self.my[:, out_box, in_box]
+        mx = self.mx[:, out_box, in_box]
+        return my @ stack @ mx.transpose(0, 2, 1)
 
 
 def shift_one(image: np.ndarray, dx: float, dy: float, order: int = 3) -> np.ndarray:
@@ -229,18 +245,20 @@ def gaussian_centroid(stack: np.ndarray, sigma: float, *, n_iter: int = 8,
         Offsets from the stamp centre [pixel].
     """
     n, ny, nx = stack.shape
-    yy = (np.arange(ny) - ny // 2)[None, :, None]
-    xx = (np.arange(nx) - nx // 2)[None, None, :]
-    good = np.ones(stack.shape) if weights is None else weights
+    yy = np.arange(ny) - ny // 2
+    xx = np.arange(nx) - nx // 2
+    data = np.asarray(stack, float) if weights is None else weights * stack
     dx, dy = np.zeros(n), np.zeros(n)
     for _ in range(n_iter):
-        gx = np.exp(-0.5 * ((xx - dx[:, None, None]) / sigma) ** 2)
-        gy = np.exp(-0.5 * ((yy - dy[:, None, None]) / sigma) ** 2)
-        wd = gx * gy * good * stack
-        norm = wd.sum(axis=(1, 2))
+        # the weight is separable: sum over x first (a matrix product per stamp), then over y
+        gx = np.exp(-0.5 * ((xx - dx[:, None]) / sigma) ** 2)                    # (n, nx)
+        gy = np.exp(-0.5 * ((yy - dy[:, None]) / sigma) ** 2)                    # (n, ny)
+        rows = data @ np.stack([gx, gx * xx], axis=2)                           # (n, ny, 2)
+        norm, sum_x = (gy[:, None, :] @ rows)[:, 0].T
+        sum_y = np.einsum("ni,i,ni->n", gy, yy, rows[:, :, 0])
         ok = norm > 0
-        new_dx = np.where(ok, (wd * xx).sum(axis=(1, 2)) / np.where(ok, norm, 1.0), dx)
-        new_dy = np.where(ok, (wd * yy).sum(axis=(1, 2)) / np.where(ok, norm, 1.0), dy)
+        new_dx = np.where(ok, sum_x / np.where(ok, norm, 1.0), dx)
+        new_dy = np.where(ok, sum_y / np.where(ok, norm, 1.0), dy)
         # a faint or blended stamp can run away: keep every centroid within one pixel of the centre
         dx, dy = np.clip(new_dx, -1.0, 1.0), np.clip(new_dy, -1.0, 1.0)
     return dx, dy
@@ -479,6 +497,20 @@ def _cutouts(array: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) -> np
     return array[(iy[:, None] + off)[:, :, None], (ix[:, None] + off)[:, None, :]]
 
 
+def _masked_median(values: np.ndarray, use: np.ndarray) -> np.ndarray:
+    """Per row of ``values`` (n, m), the median of the ``use`` entries (of all where none is used).
+
+    Sorting with the unused entries as NaN (which sort last) and picking the middle of the used
+    ones: one vectorised pass instead of a median per row.
+    """
+    count = use.sum(axis=1)
+    use = np.where(count[:, None] > 0, use, True)
+    count = use.sum(axis=1)
+    s = np.sort(np.where(use, values, np.nan), axis=1)
+    rows = np.arange(len(values))
+    return 0.5 * (s[rows, (count - 1) // 2] + s[rows, count // 2])
+
+
 def _solve_pixels(data: np.ndarray, weight: np.ndarray, basis: np.ndarray) -> np.ndarray:
     """Per-pixel weighted least squares of ``data ~ basis @ coeffs``.
 
@@ -568,14 +600,14 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
     bad |= ~np.isfinite(raw) | ~(var > 0)
     raw[bad] = 0.0
     ring = np.hypot(*np.meshgrid(np.arange(-hs, hs + 1), np.arange(-hs, hs + 1))) > half
-    sky_var = np.array([np.median(v[r & ~b]) if (r & ~b).any() else np.median(v)
-                        for v, b, r in zip(var, bad, np.broadcast_to(ring, var.shape))])
+    sky_var = _masked_median(var.reshape(len(var), -1), (ring & ~bad).reshape(len(var), -1))
 
     # sub-pixel centroids: Gaussian-weighted, then re-checked on the resampled star
-    dx, dy = gaussian_centroid(raw, sigma0, weights=(~bad).astype(float))
+    good = (~bad).astype(float)
+    dx, dy = gaussian_centroid(raw, sigma0, weights=good)
     for _ in range(2):
         shifted = shift_stack(raw, -dx, -dy, order)
-        rx, ry = gaussian_centroid(shifted, sigma0, weights=(~bad).astype(float), n_iter=3)
+        rx, ry = gaussian_centroid(shifted, sigma0, weights=good, n_iter=3)
         dx, dy = dx + rx, dy + ry
     # move each star's stamp so that |offset| <= 0.5
     sx, sy = np.round(dx).astype(int), np.round(dy).astype(int)
@@ -587,14 +619,18 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
         dx, dy = dx - sx, dy - sy
     xc = ix0[cand] + sx + dx
     yc = iy0[cand] + sy + dy
-    inner = np.s_[:, pad + 1: pad + 1 + size, pad + 1: pad + 1 + size]   # the kernel box in a raw stamp
+    box = slice(pad + 1, pad + 1 + size)
+    inner = np.s_[:, box, box]                                            # the kernel box in a raw stamp
+    n_cand, n_raw = len(cand), 2 * hs + 1
+    to_centre = _Shift(-dx, -dy, n_cand, n_raw, n_raw, order)            # star -> kernel grid
+    to_star = _Shift(dx, dy, n_cand, n_raw, n_raw, order)                # kernel grid -> star
 
     x_center, x_scale = (nx - 1) / 2.0, max((nx - 1) / 2.0, 1.0)
     y_center, y_scale = (ny - 1) / 2.0, max((ny - 1) / 2.0, 1.0)
     basis = poly_basis((xc - x_center) / x_scale, (yc - y_center) / y_scale, degree)
 
     # first pass: box-sum fluxes and a robust (median) constant model
-    centred = shift_stack(raw, -dx, -dy, order)[inner]
+    centred = to_centre.apply(raw, out_box=box)
     flux = centred.sum(axis=(1, 2))
     good_flux = flux > 0
     norm = centred / np.where(good_flux, flux, 1.0)[:, None, None]
@@ -609,9 +645,7 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
         model = model.reshape(-1, size, size)
         model /= model.sum(axis=(1, 2), keepdims=True)
         # the model at each star's sub-pixel position, in the raw stamp frame
-        pred = np.zeros(raw.shape)
-        pred[inner] = model
-        pred = shift_stack(pred, dx, dy, order)
+        pred = to_star.apply(model, in_box=box)
         # PSF-fit flux with model-based weights
         wfit = 1.0 / (sky_var[:, None, None] + np.maximum(flux, 0)[:, None, None] * np.maximum(pred, 0))
         wfit = np.where(pixel_bad, 0.0, wfit)
@@ -630,7 +664,7 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
         pixel_bad = bad | grown
         filled = np.where(pixel_bad, scaled, raw)
         fpos = np.where(flux > 0, flux, 1.0)
-        data = shift_stack(filled, -dx, -dy, order)[inner] / fpos[:, None, None]
+        data = to_centre.apply(filled, out_box=box) / fpos[:, None, None]
         weight = fpos[:, None, None] ** 2 / (sky_var[:, None, None] + fpos[:, None, None] * np.maximum(model, 0)
                                              + (config.model_error * fpos[:, None, None] * model) ** 2)
         # a bad raw pixel taints the resampled pixel at the same place (the shift is < 1/2 pixel)
