@@ -127,17 +127,28 @@ class Background:
     global_background: float
     global_rms: float
     config: BackgroundConfig = field(default_factory=BackgroundConfig)
+    # the background image evaluated by estimate_background, handed to the first evaluate() call
+    _evaluated: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def _weights(self) -> tuple[np.ndarray, np.ndarray]:
         ty, tx = _node_coordinates(self.shape, self.box_size)
         return _spline_matrix(ty, self.mesh.shape[0]), _spline_matrix(tx, self.mesh.shape[1])
 
-    def _evaluate(self, mesh: np.ndarray) -> np.ndarray:
+    def _evaluate(self, mesh: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         wy, wx = self._weights()
-        return ((wy @ mesh.astype(float)).astype(np.float32) @ wx.T.astype(np.float32))
+        return np.matmul((wy @ mesh.astype(float)).astype(np.float32), wx.T.astype(np.float32), out=out)
 
     def evaluate(self) -> np.ndarray:
-        """The background image, float32, shape ``(ny, nx)`` [image units]."""
+        """The background image, float32, shape ``(ny, nx)`` [image units].
+
+        A model from :func:`estimate_background` returns, on the first call, the image already
+        evaluated there (into sep's map buffer, which saves a new image-sized array); later calls,
+        and models read from a file, evaluate anew. Both are the same numbers.
+        """
+        evaluated = self._evaluated
+        if evaluated is not None:
+            object.__setattr__(self, "_evaluated", None)
+            return evaluated
         return self._evaluate(self.mesh)
 
     def rms(self) -> np.ndarray:
@@ -209,9 +220,8 @@ def estimate_background(image: np.ndarray, mask: np.ndarray | None = None,
     """
     config = config or BackgroundConfig()
     data = np.ascontiguousarray(image, dtype=np.float32)
-    ignore = ~np.isfinite(data)
-    if mask is not None:
-        ignore |= (np.asarray(mask) & mask_bits(*config.ignored_mask_planes)) != 0
+    bits = mask_bits(*config.ignored_mask_planes) if mask is not None and config.ignored_mask_planes else 0
+    ignore = _ignored(data, None if mask is None else np.asarray(mask), bits)
     # no zeroed copy of the image: sep.Background ignores the values (NaN too) of masked pixels
     box = int(config.box_size)
     bkg = sep.Background(data, mask=ignore if ignore.any() else None, bw=box, bh=box,
@@ -220,11 +230,31 @@ def estimate_background(image: np.ndarray, mask: np.ndarray | None = None,
     n_box_y = (data.shape[0] - 1) // box + 1
     n_box_x = (data.shape[1] - 1) // box + 1
     wy, wx = _spline_matrix(ty, n_box_y), _spline_matrix(tx, n_box_x)
-    mesh = _mesh_from_map(bkg.back(), wy, wx, box).astype(np.float32)
+    back = bkg.back()
+    mesh = _mesh_from_map(back, wy, wx, box).astype(np.float32)
     mesh_rms = _mesh_from_map(bkg.rms(), wy, wx, box).astype(np.float32)
-    return Background(mesh=mesh, mesh_rms=mesh_rms, shape=tuple(int(s) for s in data.shape), box_size=box,
-                      global_background=float(bkg.globalback), global_rms=float(bkg.globalrms),
-                      config=config)
+    result = Background(mesh=mesh, mesh_rms=mesh_rms, shape=tuple(int(s) for s in data.shape), box_size=box,
+                        global_background=float(bkg.globalback), global_rms=float(bkg.globalrms),
+                        config=config)
+    # the caller's evaluate() would make a new image-sized array: evaluate into sep's map instead
+    if back.dtype == np.float32 and back.flags.c_contiguous:
+        object.__setattr__(result, "_evaluated", result._evaluate(mesh, out=back))
+    return result
+
+
+def _ignored(data: np.ndarray, mask: np.ndarray | None, bits: int, rows: int = 128) -> np.ndarray:
+    """Pixels the mesh ignores: non-finite, or with any of ``bits`` in ``mask``.
+
+    Computed a block of ``rows`` rows at a time: no image-sized temporaries besides the result.
+    """
+    ignore = np.empty(data.shape, bool)
+    for s in range(0, data.shape[0], rows):
+        block = slice(s, s + rows)
+        np.isfinite(data[block], out=ignore[block])
+        np.logical_not(ignore[block], out=ignore[block])
+        if bits:
+            ignore[block] |= (mask[block] & bits) != 0
+    return ignore
 
 
 def subtract_background(image: np.ndarray, background: Background, *, in_place: bool = False) -> np.ndarray:
