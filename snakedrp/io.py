@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -32,6 +33,9 @@ _BITPIX = {np.dtype(np.uint8): 8, np.dtype(np.int16): 16, np.dtype(np.int32): 32
 
 #: Binary-table TFORM letter of each column dtype FITS stores without TZERO.
 _TFORM = {"u1": "B", "i2": "I", "i4": "J", "i8": "K", "f4": "E", "f8": "D"}
+
+#: A standard (non-HIERARCH) header keyword.
+_KEYWORD = re.compile(r"[A-Z0-9_-]{1,8}")
 
 #: Header keys a table's meta must not set (astropy skips them too).
 _RESERVED = ("XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "PCOUNT", "GCOUNT", "TFIELDS",
@@ -75,20 +79,21 @@ def write_hdulist(hdulist: fits.HDUList, path: str | Path) -> None:
         hdulist.writeto(tmp, overwrite=True)
 
 
-def write_fits(units: list[tuple[fits.Header, np.ndarray | None]], path: str | Path) -> None:
+def write_fits(units: list[tuple[fits.Header | str, np.ndarray | None]], path: str | Path) -> None:
     """Write header-data units atomically, each header followed by its data, block-padded.
 
     Parameters
     ----------
-    units : list of (astropy.io.fits.Header, ndarray or None)
-        Complete headers (the first a primary one) and the data they describe, in any byte
+    units : list of (astropy.io.fits.Header or str, ndarray or None)
+        Complete headers (the first a primary one; a str is taken as the padded header
+        blocks, END card included) and the data they describe, in any byte
         order; converted to big-endian a chunk at a time, so the arrays are never copied
         whole nor modified.
     path : str or Path
     """
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for header, data in units:
-            f.write(header.tostring().encode("ascii"))
+            f.write((header if isinstance(header, str) else header.tostring()).encode("ascii"))
             if data is not None and data.size:
                 _write_big_endian(f, data)
                 f.write(bytes(-data.nbytes % FITS_BLOCK))
@@ -170,8 +175,8 @@ def _write_big_endian(f, data: np.ndarray) -> None:
 
 
 # ---------------------------------------------------------------------------- tables
-def _bintable(table: Table) -> tuple[fits.Header, np.ndarray] | None:
-    """The binary-table header and big-endian rows of ``table``; None if astropy must write it."""
+def _bintable(table: Table) -> tuple[str, np.ndarray] | None:
+    """The binary-table header blocks and big-endian rows of ``table``; None if astropy must write it."""
     if table.has_mixin_columns or table.masked:
         return None
     fields, forms, units = [], [], []
@@ -220,26 +225,48 @@ def _bintable(table: Table) -> tuple[fits.Header, np.ndarray] | None:
              ("NAXIS2", len(rows), "length of dimension 2"), ("PCOUNT", 0, "number of group parameters"),
              ("GCOUNT", 1, "number of groups"), ("TFIELDS", len(fields), "number of table fields")]
     for i, (col, (form, tdim), unit) in enumerate(zip(table.itercols(), forms, units), start=1):
-        cards.append((f"TTYPE{i}", col.name))
-        cards.append((f"TFORM{i}", form))
+        cards.append((f"TTYPE{i}", col.name, ""))
+        cards.append((f"TFORM{i}", form, ""))
         if unit is not None:
-            cards.append((f"TUNIT{i}", unit))
+            cards.append((f"TUNIT{i}", unit, ""))
         if tdim is not None:
-            cards.append((f"TDIM{i}", tdim))
-    header = fits.Header(cards)
+            cards.append((f"TDIM{i}", tdim, ""))
     try:
-        for key, value in meta_cards:
-            header[key] = value
+        images = [_card_image(*card) for card in cards + [(k, v, "") for k, v in meta_cards]]
     except ValueError:  # not a valid card: astropy skips it with a warning
         return None
-    header.add_comment("--BEGIN-ASTROPY-SERIALIZED-COLUMNS--")
+    comments = ["--BEGIN-ASTROPY-SERIALIZED-COLUMNS--"]
     for line in _yaml_columns(table, None):
         # astropy's convention: 70 characters per COMMENT card, a trailing "\" continues the line
         chunks = [line[i:i + 70] for i in range(0, len(line), 70)] or [""]
-        for chunk in chunks[:-1]:
-            header.add_comment(chunk + "\\")
-        header.add_comment(chunks[-1])
-    header.add_comment("--END-ASTROPY-SERIALIZED-COLUMNS--")
+        comments += [chunk + "\\" for chunk in chunks[:-1]] + chunks[-1:]
+    comments.append("--END-ASTROPY-SERIALIZED-COLUMNS--")
+    images += [f"COMMENT {text:72}" for text in comments]
+    images.append(f"{'END':80}")
+    header = "".join(images)
+    header += " " * (-len(header) % FITS_BLOCK)
+    return header, rows
+
+
+def _card_image(key: str, value, comment: str) -> str:
+    """The 80-column image(s) of one header card, formatted as astropy formats it.
+
+    Short ASCII strings and integers under 8-character keys (all of a table's own cards) are
+    formatted here, astropy's ``Card`` being slow; anything else is left to it.
+    """
+    if _KEYWORD.fullmatch(key):
+        if isinstance(value, str) and value.isascii() and value.isprintable():
+            quoted = value.replace("'", "''")
+            field = f"'{quoted:8}'" if quoted else "''"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            field = f"{value:>20d}"
+        else:
+            field = None
+        if field is not None:
+            image = f"{key:8}= {field:20}" + (f" / {comment}" if comment else "")
+            if len(image) <= 80:
+                return f"{image:80}"
+    return str(fits.Card(key, value, comment))
     return header, rows
 
 

@@ -33,7 +33,8 @@ def catalog():
         t[name].description = f"{name}: a description with 'quotes', a # and a colon, long enough to need " \
                               "more than one seventy-character COMMENT card in the FITS header"
     t["id"].description = "unique id"
-    t.meta.update({"CFGSECT": "process_ccd", "CFGHASH": "0123abcd", "SWNAM0": "numpy", "NSRC": 5, "SCALE": 1e-5})
+    t.meta.update({"CFGSECT": "process_ccd", "CFGHASH": "0123abcd", "SWNAM0": "numpy", "NSRC": 5, "SCALE": 1e-5,
+                   "origin": "lower-case key", "NOTE": "a string too long for one card, " * 4, "DONE": True})
     return t
 
 
@@ -143,4 +144,5 @@ def test_fitsverify_finds_no_error(catalog, exposure, tmp_path):
     exposure.write(tmp_path / "calexp.fits")
     for name in ("src.fits", "calexp.fits"):
         out = subprocess.run(["fitsverify", "-q", str(tmp_path / name)], capture_output=True, text=True)
-        assert "verification OK" in out.stdout, out.stdout
+        # a warning is allowed: the long NOTE card uses CONTINUE without LONGSTRN, as astropy writes it
+        assert "verification OK" in out.stdout or " 0 errors" in out.stdout, out.stdout
