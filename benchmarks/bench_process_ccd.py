@@ -184,8 +184,8 @@ def run_ours(ccd: HscCcd, outdir: str) -> dict:
 
     What ``scripts/process_ccd.py`` does: tune the allocator (:func:`snakedrp.runtime.tune_memory`),
     read the camera, the raw and the master calibrations, run ``ProcessCcdTask`` with the default
-    config (the refcat shards loaded from the refcat directory around the CCD), and write calexp (FITS), src (FITS + Parquet), icSrc, srcMatch and
-    calexpBackground. The whole call is timed; modules in :data:`OURS_PRELOAD` are imported
+    config (the refcat shards loaded from the refcat directory around the CCD), and write calexp
+    (FITS), src (FITS + Parquet), icSrc, srcMatch and calexpBackground. The whole call is timed; modules in :data:`OURS_PRELOAD` are imported
     before the clock starts. Per-stage seconds are measured by wrapping the sub-tasks' ``run``.
     """
     from snakedrp.camera import Camera
