@@ -82,6 +82,32 @@ def test_masked_planes_are_ignored(field):
     assert np.abs(resid_unmasked).max() > 5 * np.abs(resid[64:-64, 64:-64]).max()
 
 
+def test_ignored_pixels_as_sep_mask(field):
+    # ignored pixels go to sep as NaN in a copy, not as a mask: the same background as sep's mask gives
+    image, _, detected = field
+    image = image.copy()
+    mask = np.where(detected, mask_bit("DETECTED"), 0).astype(np.int32)
+    mask[:, 500] |= mask_bit("BAD")
+    image[:, 500] = -5000.0
+    image[1000, 700] = np.inf
+    before = image.copy()
+    bkg = estimate_background(image, mask)
+    np.testing.assert_array_equal(image, before)                  # the input is not modified
+    ref = sep.Background(image, mask=(mask != 0) | ~np.isfinite(image), bw=128, bh=128, fw=3, fh=3)
+    assert np.abs(bkg.evaluate() - ref.back()).max() < 1e-5 * np.abs(ref.back()).max()
+    assert np.abs(bkg.rms() - ref.rms()).max() < 1e-4 * ref.rms().max()
+    assert bkg.global_background == ref.globalback and bkg.global_rms == ref.globalrms
+
+
+def test_first_evaluation_is_handed_over(field):
+    # estimate_background evaluates the model once; evaluate() hands that array over, then evaluates anew
+    image, _, _ = field
+    bkg = estimate_background(image)
+    first, second = bkg.evaluate(), bkg.evaluate()
+    assert first is not second
+    np.testing.assert_array_equal(first, second)
+
+
 @pytest.mark.parametrize("shape, box", [((1536, 1024), 128), ((300, 401), 64), ((129, 257), 32), ((50, 70), 128)])
 def test_evaluation_equals_sep(shape, box):
     # the mesh read back from sep's map, re-evaluated in numpy, is sep's own background to float32 precision
