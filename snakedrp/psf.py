@@ -647,14 +647,22 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
         # the model at each star's sub-pixel position, in the raw stamp frame
         pred = to_star.apply(model, in_box=box)
         # PSF-fit flux with model-based weights
-        wfit = 1.0 / (sky_var[:, None, None] + np.maximum(flux, 0)[:, None, None] * np.maximum(pred, 0))
-        wfit = np.where(pixel_bad, 0.0, wfit)
-        flux = (wfit * pred * raw).sum(axis=(1, 2)) / np.maximum((wfit * pred**2).sum(axis=(1, 2)), 1e-300)
+        # (in-place steps and einsum sums: these stacks are large, temporaries cost)
+        wfit = np.maximum(pred, 0)
+        wfit *= np.maximum(flux, 0)[:, None, None]
+        wfit += sky_var[:, None, None]
+        np.divide(1.0, wfit, out=wfit)
+        wfit[pixel_bad] = 0.0
+        wpred = np.multiply(wfit, pred, out=wfit)                            # weight x model
+        flux = np.einsum("nij,nij->n", wpred, raw) / np.maximum(np.einsum("nij,nij->n", wpred, pred), 1e-300)
         # pixels far off the model (cosmic rays, neighbours) and their 8 neighbours are not used
         scaled = flux[:, None, None] * pred
         # the first model is spatially constant: allow for the PSF's variation over the CCD
         err = config.model_error if it > 0 else max(config.model_error, 0.25)
-        noise = np.sqrt(sky_var[:, None, None] + np.maximum(scaled, 0) + (err * scaled) ** 2)
+        noise = np.maximum(scaled, 0)
+        noise += sky_var[:, None, None]
+        noise += (err * scaled) ** 2
+        np.sqrt(noise, out=noise)
         outlier = np.abs(raw - scaled) > config.pixel_clip_sigma * noise
         grown = outlier.copy()
         grown[:, 1:, :] |= outlier[:, :-1, :]
