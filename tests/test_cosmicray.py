@@ -239,6 +239,16 @@ def test_repair(scene):
     assert np.abs(resid).max() < 6.0
 
 
+def test_repair_in_place(scene):
+    # in place: the caller's arrays come back, with exactly the copies' values
+    image, mask = scene["image"].copy(), scene["mask"].copy()
+    out, new_mask = repair_cosmic_rays(image, mask, scene["result"].cr_mask, scene["psf"], CosmicRayConfig(),
+                                       in_place=True)
+    assert out is image and new_mask is mask
+    np.testing.assert_array_equal(out, scene["repaired"])
+    np.testing.assert_array_equal(new_mask, scene["new_mask"])
+
+
 def test_count_groups():
     m = np.zeros((6, 5), bool)
     m[0, 0] = m[1, 1] = True            # diagonal: one group
