@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
 import time
@@ -453,8 +454,10 @@ def measure_ours(ccd: HscCcd, outdir: Path, *, cpu: int | None) -> dict:
 
     Returns ``seconds`` (the ``run_ours`` call alone, measured in the child), ``seconds_wall``
     (process start to exit, with interpreter start-up and imports), ``max_rss_mb`` (the
-    child's peak RSS, imports included), ``info`` and ``error``.
+    child's peak RSS, imports included), ``info`` and ``error``. ``outdir`` is emptied first, as
+    Snakemake removes a job's old outputs before it runs.
     """
+    shutil.rmtree(outdir, ignore_errors=True)
     outdir.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)

@@ -50,7 +50,7 @@ SEXTRACTOR_OPTIONS = {
     "ANALYSIS_THRESH": "5.0",
     "DETECT_MINAREA": "5",
     "FILTER": "Y",
-    "DEBLEND_NTHRESH": "32",
+    "DEBLEND_NTHRESH": "16",
     "DEBLEND_MINCONT": "0.005",
     "PHOT_APERTURES": "12,17,24",    # diameters [pixel]; PSFEx normalises on the first
     "BACK_SIZE": "128",

@@ -19,7 +19,8 @@ from astropy.table import Table
 from .apcorr import ApCorrConfig, ApCorrMap, fit_aperture_correction
 from .background import Background, BackgroundConfig, estimate_background
 from .cosmicray import CosmicRayConfig, find_cosmic_rays, repair_cosmic_rays
-from .detect import DetectionConfig, DetectionResult, detect_sources, remove_cosmic_ray_detections
+from .detect import (DetectionConfig, DetectionResult, detect_sources, remove_cosmic_ray_detections,
+                     unusable_pixels)
 from .exposure import Exposure
 from .measure import MeasureConfig, measure_sources
 from .pexconfig import Config, option, subconfig
@@ -106,9 +107,11 @@ class CharacterizeTask:
                                     "(empty field, or every pixel masked)")
         # only what star selection uses (centroids, PSF fluxes, pixel flags): the PSF stars are
         # measured in full below, with the model
+        # measured twice: before and after the cosmic-ray repair, which changes only CR pixels
+        bad = unusable_pixels(image, variance, detections.mask, cfg.measure.bad_mask_planes)
         sources = measure_sources(image, variance, detections.mask, detections.sources, guess, cfg.measure,
                                   segmentation=detections.segmentation, footprints=detections.sources,
-                                  minimal=True)
+                                  bad=bad, minimal=True)
         try:
             stars = select_psf_stars(sources, image, detections.mask, cfg.psf)
             psf_result = build_psf(image, variance, detections.mask, stars, cfg.psf)
@@ -120,14 +123,16 @@ class CharacterizeTask:
         mask = detections.mask                   # the input mask plus the DETECTED plane
         if cfg.do_cosmic_ray:
             cr = find_cosmic_rays(image, variance, mask, psf, cfg.cosmic_ray)
-            image, mask = repair_cosmic_rays(image, mask, cr.cr_mask, psf, cfg.cosmic_ray)
+            # both are this task's own arrays (image copied above, mask made by detect_sources)
+            image, mask = repair_cosmic_rays(image, mask, cr.cr_mask, psf, cfg.cosmic_ray, in_place=True)
             n_cr = cr.n_cr
             detections = remove_cosmic_ray_detections(detections, image, variance, mask, cfg.detection,
                                                       psf_sigma=guess.sigma)
 
         # icSrc: the PSF stars re-measured with the model (their fluxes feed the aperture correction)
         psf_sources = measure_sources(image, variance, mask, psf_result.stars, psf, cfg.measure,
-                                      segmentation=detections.segmentation, footprints=detections.sources)
+                                      segmentation=detections.segmentation, footprints=detections.sources,
+                                      bad=None if "CR" in cfg.measure.bad_mask_planes else bad)
         for name in ("psf_candidate", "psf_used", "reserved", "moments_sigma", "moments_e1", "moments_e2"):
             psf_sources[name] = psf_result.stars[name]
         apcorr = None

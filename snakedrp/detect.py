@@ -38,7 +38,7 @@ class DetectionConfig(Config):
     min_area: int = option(5, "Minimum number of connected pixels above threshold in the filtered image [pixel]", min=1)
     filter_size: int = option(5, "Side of the Gaussian matched-filter kernel, odd; 0 for no filtering [pixel]", min=0, max=31)
     psf_sigma: float = option(2.0, "Filter (and centroid window) Gaussian sigma when the caller gives no PSF sigma [pixel]", min=0.3)
-    deblend_nthresh: int = option(32, "Number of deblending sub-thresholds (SExtractor DEBLEND_NTHRESH)", min=1)
+    deblend_nthresh: int = option(16, "Number of deblending sub-thresholds (SExtractor DEBLEND_NTHRESH)", min=1)
     deblend_cont: float = option(0.005, "Minimum flux fraction of a deblended child (DEBLEND_MINCONT); 1 disables deblending", min=0.0, max=1.0)
     clean: bool = option(True, "Remove spurious detections in the wings of bright objects (SExtractor CLEAN)?")
     clean_param: float = option(1.0, "Cleaning efficiency (SExtractor CLEAN_PARAM)", min=0.1)
@@ -84,7 +84,8 @@ class DetectionResult:
 def unusable_pixels(data: np.ndarray, var: np.ndarray, mask: np.ndarray, planes) -> np.ndarray:
     """Boolean image: pixels in mask ``planes``, with non-finite data, or without a positive finite variance."""
     bad = (mask & mask_bits(*planes)) != 0
-    bad |= ~(var > 0)                            # also NaN
+    positive = np.greater(var, 0)                # False also for NaN
+    np.logical_or(bad, ~positive, out=bad)
     # one cheap reduction each instead of two full-image tests: non-finite values are rare
     if not np.isfinite(var.sum(dtype=np.float64)):
         bad |= ~np.isfinite(var)

@@ -325,7 +325,7 @@ def _adaptive_moments(data, bad, seg, ids, xc, yc, ix, iy, guess, rows, config):
 def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, detections: Table,
                     psf: PsfModel, config: MeasureConfig | None = None, *, wcs=None,
                     segmentation: np.ndarray | None = None, footprints: Table | None = None,
-                    minimal: bool = False) -> Table:
+                    bad: np.ndarray | None = None, minimal: bool = False) -> Table:
     """Measure every detected source.
 
     Parameters
@@ -352,6 +352,9 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
         ``id, x_min, x_max, y_min, y_max`` (inclusive box) of every footprint in ``segmentation``,
         e.g. :attr:`DetectionResult.sources <snakedrp.detect.DetectionResult>`; saves finding the
         boxes in the segmentation (a pass over the image).
+    bad : ndarray of bool, shape (ny, nx), optional
+        The unusable pixels, as :func:`snakedrp.detect.unusable_pixels` gives them for
+        ``config.bad_mask_planes``; computed when not given. Pass it to measure one image twice.
     minimal : bool
         Measure only centroids, PSF fluxes and pixel flags (what PSF-star selection needs, e.g.
         the first pass of characterization); the aperture, calibration-aperture, Kron and
@@ -380,7 +383,8 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
            else np.arange(1, n + 1, dtype=np.int64))
     parent = (np.asarray(detections["parent"], np.int64) if "parent" in detections.colnames
               else np.zeros(n, np.int64))
-    bad = unusable_pixels(data, var, mask, config.bad_mask_planes)
+    if bad is None:
+        bad = unusable_pixels(data, var, mask, config.bad_mask_planes)
     # masked pixels are not copied out of the image: sep ignores the values of masked pixels, and
     # the stamps below (and the neighbour sums) zero them, as a zeroed copy of the image would
     seg = None if segmentation is None else np.ascontiguousarray(segmentation, dtype=np.int32)
