@@ -34,14 +34,14 @@ class CharacterizeError(RuntimeError):
 
 @dataclass
 class CharacterizeConfig(Config):
-    """Characterize a science exposure: background, bright sources, PSF, cosmic rays, apcorr."""
+    """Characterize a science exposure: background, detection, PSF, cosmic rays, apcorr."""
 
     psf_fwhm_guess: float = option(4.5, "First-guess PSF FWHM before the model is built [pixel]", min=1.0, max=30.0)
     do_cosmic_ray: bool = option(True, "Find and repair cosmic rays (uses the PSF model)?")
     do_apcorr: bool = option(True, "Fit the aperture correction from PSF flux to the calibration aperture?")
     background: BackgroundConfig = subconfig(BackgroundConfig, "Background model (sep)")
     detection: DetectionConfig = subconfig(DetectionConfig, "Detection of the sources: PSF stars are drawn from them, and calibration measures them (filter: the first-guess PSF)")
-    measure: MeasureConfig = subconfig(MeasureConfig, "Measurement of the bright sources")
+    measure: MeasureConfig = subconfig(MeasureConfig, "Measurement for PSF-star selection and of the PSF stars (icSrc)")
     psf: PsfConfig = subconfig(PsfConfig, "PSF star selection and the spatially varying PSF model")
     cosmic_ray: CosmicRayConfig = subconfig(CosmicRayConfig, "Cosmic-ray detection and repair")
     apcorr: ApCorrConfig = subconfig(ApCorrConfig, "Aperture correction")
