@@ -264,8 +264,9 @@ def remove_cosmic_ray_detections(detections: DetectionResult, image: np.ndarray,
     if len(suspects) == 0:
         return detections
     kernel = gaussian_kernel(sigma, config.filter_size) if config.filter_size else None
-    bad = (np.asarray(mask) & mask_bits(*config.bad_mask_planes)) != 0
-    snr = _filtered_snr(np.asarray(image), np.asarray(variance), bad, xpk[suspects], ypk[suspects], kernel)
+    image, variance = np.asarray(image), np.asarray(variance)
+    bad = unusable_pixels(image, variance, np.asarray(mask), config.bad_mask_planes)
+    snr = _filtered_snr(image, variance, bad, xpk[suspects], ypk[suspects], kernel)
     drop = suspects[~(snr >= config.threshold)]
     if len(drop) == 0:
         return detections

@@ -475,8 +475,7 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
         with np.errstate(invalid="ignore", divide="ignore"):
             rows = np.nonzero(np.nan_to_num(psf_flux / psf_flux_err) >= config.calib_replace_snr_min)[0]
         ap_flux[rows, -1] += _neighbour_correction(data, bad, seg, ids[rows], xc[rows], yc[rows], calib_radius[rows],
-                                                   np.nan_to_num(psf_flux[rows]), grid, all_ids=ids,
-                                                   footprints=footprints)
+                                                   np.nan_to_num(psf_flux[rows]), grid, footprints=footprints)
     ap = {"flux": ap_flux, "err": ap_err, "flag": ap_flag}
 
     # ---- Kron
@@ -577,36 +576,43 @@ def _aperture_fluxes(data, var, bad, xc, yc, radii):
     return flux, err, flag
 
 
-def _neighbour_correction(data, bad, seg, ids, xc, yc, radius, psf_flux, grid, *, all_ids, footprints=None):
+def _footprint_boxes(seg: np.ndarray, footprints: Table | None = None):
+    """Id and half-open box ``(x0, x1, y0, y1)`` of every footprint in ``seg``, as int64 arrays.
+
+    Read from ``footprints`` (``id, x_min, x_max, y_min, y_max``, inclusive) when given, else found
+    by a pass over ``seg``.
+    """
+    if footprints is not None:
+        return (np.asarray(footprints["id"], np.int64),
+                np.asarray(footprints["x_min"], np.int64), np.asarray(footprints["x_max"], np.int64) + 1,
+                np.asarray(footprints["y_min"], np.int64), np.asarray(footprints["y_max"], np.int64) + 1)
+    from scipy import ndimage
+
+    boxes = ndimage.find_objects(seg)
+    present = [i for i, b in enumerate(boxes, start=1) if b is not None]
+    lab = np.array(present, np.int64)
+    x0s = np.array([boxes[i - 1][1].start for i in present], np.int64)
+    x1s = np.array([boxes[i - 1][1].stop for i in present], np.int64)
+    y0s = np.array([boxes[i - 1][0].start for i in present], np.int64)
+    y1s = np.array([boxes[i - 1][0].stop for i in present], np.int64)
+    return lab, x0s, x1s, y0s, y1s
+
+
+def _neighbour_correction(data, bad, seg, ids, xc, yc, radius, psf_flux, grid, *, footprints=None):
     """For each source, ``F_psf * sum(own model) - sum(data)`` over other sources' footprint pixels
     inside its circle of ``radius`` (pixel centres inside): adding it replaces the neighbours by the
     source's own PSF model (LSST replaces them by noise; a model keeps the aperture's total flux).
 
     Loops over (source, neighbour) pairs whose boxes meet: about one pair per source on an HSC CCD.
-    The footprints' boxes come from ``footprints`` (``id, x_min, x_max, y_min, y_max``, inclusive)
-    when given, else from a pass over ``seg``.
+    The footprints' boxes come from :func:`_footprint_boxes`.
     """
-    from scipy import ndimage
     from scipy.spatial import cKDTree
 
     n = len(xc)
     corr = np.zeros(n)
     if n == 0:
         return corr
-    ny, nx = data.shape
-    if footprints is not None:
-        lab = np.asarray(footprints["id"], np.int64)
-        x0s, x1s = np.asarray(footprints["x_min"], np.int64), np.asarray(footprints["x_max"], np.int64) + 1
-        y0s, y1s = np.asarray(footprints["y_min"], np.int64), np.asarray(footprints["y_max"], np.int64) + 1
-    else:
-        max_id = int(max(seg.max(), all_ids.max()))
-        boxes = ndimage.find_objects(seg, max_label=max_id)
-        present = [i for i in range(1, max_id + 1) if boxes[i - 1] is not None]
-        lab = np.array(present, np.int64)
-        x0s = np.array([boxes[i - 1][1].start for i in present], np.int64)
-        x1s = np.array([boxes[i - 1][1].stop for i in present], np.int64)
-        y0s = np.array([boxes[i - 1][0].start for i in present], np.int64)
-        y1s = np.array([boxes[i - 1][0].stop for i in present], np.int64)
+    lab, x0s, x1s, y0s, y1s = _footprint_boxes(seg, footprints)
     if len(lab) == 0:
         return corr
     cx = (x0s + x1s - 1) / 2.0
@@ -702,29 +708,19 @@ def _pixel_flags(mask, seg, ids, ix, iy, half, config, footprints=None) -> dict[
             jy, jx = iy + dy, ix + dx
             inside = (jy >= 0) & (jy < ny) & (jx >= 0) & (jx < nx)
             centre |= np.where(inside, mask[np.clip(jy, 0, ny - 1), np.clip(jx, 0, nx - 1)], 0)
-    if seg is not None and footprints is not None:
-        # the footprints' boxes: a few thousand small cut-outs instead of passes over the image
-        rows = {int(i): k for k, i in enumerate(np.asarray(footprints["id"]))}
-        boxes = [np.asarray(footprints[c], np.int64) for c in ("x_min", "x_max", "y_min", "y_max")]
+    if seg is not None:
+        # the footprints' boxes: small cut-outs instead of passes over every footprint pixel
+        lab, x0s, x1s, y0s, y1s = _footprint_boxes(seg, footprints)
+        rows = {int(i): k for k, i in enumerate(lab)}
         foot = centre.copy()
         for k, sid in enumerate(ids):
             r = rows.get(int(sid))
             if r is None:
                 continue
-            sl = (slice(boxes[2][r], boxes[3][r] + 1), slice(boxes[0][r], boxes[1][r] + 1))
+            sl = (slice(y0s[r], y1s[r]), slice(x0s[r], x1s[r]))
             values = mask[sl][seg[sl] == sid]
             if values.size:
                 foot[k] |= int(np.bitwise_or.reduce(values))
-    elif seg is not None:
-        # only pixels carrying a flag plane matter: a handful, instead of every footprint pixel
-        planes = mask_bits(*{p for v in config.pixel_flags.values() for p in v})
-        sy, sx = np.nonzero(mask & planes)
-        owner = seg[sy, sx]
-        on = owner > 0
-        top = max(int(owner.max()) if len(owner) else 0, int(ids.max()) if n else 0)
-        acc = np.zeros(top + 1, np.int64)
-        np.bitwise_or.at(acc, owner[on], mask[sy[on], sx[on]].astype(np.int64))
-        foot = acc[ids] | centre
     else:
         box = _gather(mask, ix, iy, half, 0).astype(np.int64)
         foot = np.bitwise_or.reduce(box.reshape(n, -1), axis=1) if n else np.zeros(0, np.int64)
