@@ -88,7 +88,7 @@ def prepare_hsc_ccd(repo: Path = DEFAULT_REPO) -> HscCcd:
 
     Simulates (untimed, once; reused while ``bench-params.json`` matches :data:`HSC`) one visit
     of one CCD of the ``hsc`` preset: the field truth and sharded refcat, the bias/dark/flat raws
-    and their masters (``snakedrp.calibs.construct_*``), the science raw, and the ISR-corrected
+    and their masters (``snakedrp.isr.calibs.construct_*``), the science raw, and the ISR-corrected
     image (``IsrTask`` with the masters, written as an Exposure) that the peers start from. The
     refcat returned is what our pipeline loads around the CCD (``refcat_for_exposure`` on the
     header WCS with the calibrate margin). Layout follows the data repository's
@@ -96,12 +96,13 @@ def prepare_hsc_ccd(repo: Path = DEFAULT_REPO) -> HscCcd:
     """
     from astropy.io import fits
 
-    from snakedrp import calibs, simulate
-    from snakedrp.calibrate import CalibrateConfig
-    from snakedrp.camera import Camera
-    from snakedrp.isr import IsrTask
-    from snakedrp.process_ccd import refcat_for_exposure
-    from snakedrp.raw import RawFrame
+    from snakedrp.isr import calibs
+    from snakedrp import simulate
+    from snakedrp.single_frame.calibrate import CalibrateConfig
+    from snakedrp.repo.camera import Camera
+    from snakedrp.isr.isr import IsrTask
+    from snakedrp.single_frame.process_ccd import refcat_for_exposure
+    from snakedrp.repo.raw import RawFrame
 
     repo = Path(repo)
     camera_yaml = ROOT / "config" / "cameras" / "hsc.yaml"
@@ -189,12 +190,12 @@ def run_ours(ccd: HscCcd, outdir: str) -> dict:
     (FITS), src (FITS + Parquet), icSrc, srcMatch and calexpBackground. The whole call is timed; modules in :data:`OURS_PRELOAD` are imported
     before the clock starts. Per-stage seconds are measured by wrapping the sub-tasks' ``run``.
     """
-    from snakedrp.camera import Camera
-    from snakedrp.exposure import Exposure
-    from snakedrp.io import write_hdulist, write_table
-    from snakedrp.process_ccd import ProcessCcdConfig, ProcessCcdTask, refcat_for_exposure
-    from snakedrp import process_ccd as pc
-    from snakedrp.raw import RawFrame
+    from snakedrp.repo.camera import Camera
+    from snakedrp.repo.exposure import Exposure
+    from snakedrp.repo.io import write_hdulist, write_table
+    from snakedrp.single_frame.process_ccd import ProcessCcdConfig, ProcessCcdTask, refcat_for_exposure
+    from snakedrp.single_frame import process_ccd as pc
+    from snakedrp.repo.raw import RawFrame
     from snakedrp.runtime import tune_memory
 
     tune_memory()  # as scripts/process_ccd.py does first
@@ -291,8 +292,8 @@ def make_standin_ccd(repo: Path | str = DEFAULT_REPO, **overrides) -> HscCcd:
     import galsim
     from astropy.io import fits
 
-    from snakedrp.camera import Camera
-    from snakedrp.exposure import Exposure, mask_bit
+    from snakedrp.repo.camera import Camera
+    from snakedrp.repo.exposure import Exposure, mask_bit
 
     camera = Camera.from_yaml(ROOT / "config" / "cameras" / "hsc.yaml")
     ccd = p["ccd"]
@@ -402,7 +403,7 @@ def make_standin_ccd(repo: Path | str = DEFAULT_REPO, **overrides) -> HscCcd:
 OURS_PRELOAD = ("numpy", "scipy.ndimage", "scipy.spatial", "scipy.sparse.csgraph", "astropy.io.fits",
                 "astropy.wcs", "astropy.io.misc.parquet", "astropy.io.misc.yaml", "pyarrow.parquet",
                 "pyarrow.compute", "pyarrow.pandas_compat", "pandas", "yaml", "sep", "galsim",
-                "snakedrp.process_ccd", "snakedrp.io")
+                "snakedrp.single_frame.process_ccd", "snakedrp.repo.io")
 _ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 

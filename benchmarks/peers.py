@@ -128,7 +128,7 @@ SCAMP_REFINE_OPTIONS = {
 # Library thread pools (ATLAS/OpenBLAS/OpenMP) pinned to one thread as well.
 _ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
-# Mask planes whose pixels carry no information (snakedrp.exposure.MASK_PLANES bits).
+# Mask planes whose pixels carry no information (snakedrp.repo.exposure.MASK_PLANES bits).
 _NO_DATA_BITS = (1 << 0) | (1 << 8)  # BAD, NO_DATA
 
 

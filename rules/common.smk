@@ -7,11 +7,12 @@ import yaml
 from snakemake.utils import validate
 
 from snakedrp import config as sdconfig
-from snakedrp import dataid, simulate
-from snakedrp.butler import Butler
-from snakedrp.camera import Camera
+from snakedrp.repo import dataid
+from snakedrp import simulate
+from snakedrp.repo.butler import Butler
+from snakedrp.repo.camera import Camera
 from snakedrp.pexconfig import ConfigError
-from snakedrp.registry import Registry
+from snakedrp.repo.registry import Registry
 
 
 def _load_sources():

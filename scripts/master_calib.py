@@ -1,12 +1,12 @@
 """Build one master calibration (rules master_bias, master_dark, master_flat, master_fringe)."""
 from typing import TYPE_CHECKING
 
-from snakedrp import calibs
+from snakedrp.isr import calibs
 from snakedrp import log as sdlog
-from snakedrp.camera import Camera
+from snakedrp.repo.camera import Camera
 from snakedrp.config import provenance_cards
-from snakedrp.exposure import Exposure
-from snakedrp.raw import RawError, RawFrame
+from snakedrp.repo.exposure import Exposure
+from snakedrp.repo.raw import RawError, RawFrame
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake

@@ -3,16 +3,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from snakedrp import log as sdlog
-from snakedrp.calibrate import CalibrateError
-from snakedrp.camera import Camera
-from snakedrp.characterize import CharacterizeError
+from snakedrp.single_frame.calibrate import CalibrateError
+from snakedrp.repo.camera import Camera
+from snakedrp.single_frame.characterize import CharacterizeError
 from snakedrp.config import provenance_cards
-from snakedrp.cosmicray import CosmicRayError
-from snakedrp.exposure import Exposure
-from snakedrp.io import write_hdulist, write_table
-from snakedrp.isr import IsrError
-from snakedrp.process_ccd import ProcessCcdConfig, ProcessCcdTask
-from snakedrp.raw import RawError, RawFrame
+from snakedrp.meas.cosmicray import CosmicRayError
+from snakedrp.repo.exposure import Exposure
+from snakedrp.repo.io import write_hdulist, write_table
+from snakedrp.isr.isr import IsrError
+from snakedrp.single_frame.process_ccd import ProcessCcdConfig, ProcessCcdTask
+from snakedrp.repo.raw import RawError, RawFrame
 from snakedrp.runtime import tune_memory
 
 if TYPE_CHECKING:

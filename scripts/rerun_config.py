@@ -3,7 +3,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from snakedrp.io import write_text
+from snakedrp.repo.io import write_text
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 from snakedrp import log as sdlog
 from snakedrp import simulate
-from snakedrp.camera import Camera
+from snakedrp.repo.camera import Camera
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake

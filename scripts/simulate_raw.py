@@ -6,7 +6,7 @@ from astropy.table import Table
 
 from snakedrp import log as sdlog
 from snakedrp import simulate
-from snakedrp.camera import Camera
+from snakedrp.repo.camera import Camera
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake

@@ -8,10 +8,10 @@ from astropy.table import Table
 
 from snakedrp import log as sdlog
 from snakedrp import simulate
-from snakedrp.camera import Camera
-from snakedrp.exposure import Exposure
-from snakedrp.io import write_text
-from snakedrp.validate import ValidateConfig, check_goals, summarize, validate_exposure
+from snakedrp.repo.camera import Camera
+from snakedrp.repo.exposure import Exposure
+from snakedrp.repo.io import write_text
+from snakedrp.validate.single_frame import ValidateConfig, check_goals, summarize, validate_exposure
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake

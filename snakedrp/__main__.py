@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from . import config as sdconfig
-from .pexconfig import ConfigError
+from snakedrp import config as sdconfig
+from snakedrp.pexconfig import ConfigError
 
 
 def _parse_assignments(items: list[str]) -> dict:

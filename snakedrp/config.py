@@ -15,14 +15,14 @@ from pathlib import Path
 
 import yaml
 
-from .calibrate import CalibrateConfig
-from .calibs import CalibsConfig
-from .characterize import CharacterizeConfig
-from .isr import IsrConfig
-from .pexconfig import Config, ConfigError, merge_into, option, subconfig
-from .registry import IngestConfig
-from .simulate import SimulateConfig
-from .validate import ValidateConfig
+from snakedrp.single_frame.calibrate import CalibrateConfig
+from snakedrp.isr.calibs import CalibsConfig
+from snakedrp.single_frame.characterize import CharacterizeConfig
+from snakedrp.isr.isr import IsrConfig
+from snakedrp.pexconfig import Config, ConfigError, merge_into, option, subconfig
+from snakedrp.repo.registry import IngestConfig
+from snakedrp.simulate import SimulateConfig
+from snakedrp.validate.single_frame import ValidateConfig
 
 #: Packages whose versions every product records.
 KEY_PACKAGES = ("snakedrp", "numpy", "scipy", "astropy", "galsim", "sep", "astroscrappy")

@@ -1,4 +1,4 @@
-"""Aperture correction (snakedrp.apcorr): fit, evaluation, persistence."""
+"""Aperture correction (snakedrp.meas.apcorr): fit, evaluation, persistence."""
 from __future__ import annotations
 
 import io
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from snakedrp.apcorr import ApCorrConfig, ApCorrError, ApCorrMap, fit_aperture_correction
+from snakedrp.meas.apcorr import ApCorrConfig, ApCorrError, ApCorrMap, fit_aperture_correction
 from snakedrp.pexconfig import ConfigError
 
 SHAPE = (4176, 2048)

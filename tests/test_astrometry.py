@@ -1,4 +1,4 @@
-"""Tests of snakedrp.astrometry on synthetic fields made with the camera's true pixel→sky mapping.
+"""Tests of snakedrp.calib.astrometry on synthetic fields made with the camera's true pixel→sky mapping.
 
 The true mapping (``Camera.pixel_to_sky``) includes the optical distortion; the guess WCS is the
 camera's nominal TAN at a pointing 1.5 arcsec off, rotated by 0.015 deg, without distortion —
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from snakedrp.astrometry import (AstrometryConfig, AstrometryError, angular_separation_mas, match_and_fit,
+from snakedrp.calib.astrometry import (AstrometryConfig, AstrometryError, angular_separation_mas, match_and_fit,
                                  world_to_pixel_sip)
-from snakedrp.camera import Camera
+from snakedrp.repo.camera import Camera
 
 CAMERAS = Path(__file__).resolve().parents[1] / "config" / "cameras"
 

@@ -5,8 +5,8 @@ import pytest
 import sep
 from astropy.io import fits
 
-from snakedrp.background import Background, BackgroundConfig, estimate_background, subtract_background
-from snakedrp.exposure import mask_bit
+from snakedrp.meas.background import Background, BackgroundConfig, estimate_background, subtract_background
+from snakedrp.repo.exposure import mask_bit
 
 SIGMA_PSF = 1.8
 

@@ -9,11 +9,11 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from snakedrp.butler import (DATASET_TYPES, TEMPLATE_KEYS, Butler, ButlerError, NoSuchDatasetError,
+from snakedrp.repo.butler import (DATASET_TYPES, TEMPLATE_KEYS, Butler, ButlerError, NoSuchDatasetError,
                              RerunError, load_dataset_types)
-from snakedrp.exposure import Exposure, mask_bit
-from snakedrp.raw import RawFrame
-from snakedrp.registry import Registry
+from snakedrp.repo.exposure import Exposure, mask_bit
+from snakedrp.repo.raw import RawFrame
+from snakedrp.repo.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import yaml
 
-from snakedrp.calibs import (CalibError, CalibsConfig, combine_clipped, construct_bias, construct_dark,
+from snakedrp.isr.calibs import (CalibError, CalibsConfig, combine_clipped, construct_bias, construct_dark,
                              construct_flat, construct_fringe)
-from snakedrp.camera import Camera
-from snakedrp.exposure import mask_bit
-from snakedrp.isr import IsrConfig, IsrTask
+from snakedrp.repo.camera import Camera
+from snakedrp.repo.exposure import mask_bit
+from snakedrp.isr.isr import IsrConfig, IsrTask
 
 from test_isr import add_star, make_raw  # the raw-frame maker shared with the ISR tests
 

@@ -1,4 +1,4 @@
-"""Cosmic-ray detection and repair (snakedrp.cosmicray).
+"""Cosmic-ray detection and repair (snakedrp.meas.cosmicray).
 
 A full HSC-sized CCD (2048 x 4176) is rendered with GalSim: a sheared Moffat PSF of ~3.2 px FWHM
 (the sharpest, hardest case for telling stars from cosmic rays), bright unsaturated stars,
@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from scipy.ndimage import binary_dilation
 
-from snakedrp.cosmicray import (CosmicRayConfig, CosmicRayError, count_groups, find_cosmic_rays,
+from snakedrp.meas.cosmicray import (CosmicRayConfig, CosmicRayError, count_groups, find_cosmic_rays,
                                 psf_neighbour_ratios, repair_cosmic_rays)
-from snakedrp.exposure import mask_bit
+from snakedrp.repo.exposure import mask_bit
 from snakedrp.pexconfig import ConfigError
-from snakedrp.psf import GaussianPsf, PsfModel
+from snakedrp.meas.psf import GaussianPsf, PsfModel
 
 pytestmark = pytest.mark.filterwarnings("ignore::galsim.GalSimWarning")
 

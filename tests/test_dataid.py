@@ -2,7 +2,7 @@
 import pytest
 from astropy.table import Table
 
-from snakedrp.dataid import DataIdError, format_values, parse_id, parse_ids, select
+from snakedrp.repo.dataid import DataIdError, format_values, parse_id, parse_ids, select
 
 # The ci_hsc visits of the tutorial: HSC-R 903334..903346 (even), HSC-I 903986..904014.
 R_VISITS = [903334, 903336, 903338, 903342, 903344, 903346]

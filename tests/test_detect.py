@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from snakedrp.detect import DETECTION_FLAGS, DetectionConfig, detect_sources
-from snakedrp.exposure import mask_bit
+from snakedrp.meas.detect import DETECTION_FLAGS, DetectionConfig, detect_sources
+from snakedrp.repo.exposure import mask_bit
 
 SIGMA_PSF = 1.8
 SKY = 900.0                                         # sky variance [e-^2], sky already subtracted
@@ -225,7 +225,7 @@ def test_cosmic_ray_detections_are_dropped_after_repair():
     for rows, cols in (track, core):
         repaired[rows, cols] = clean[rows, cols]
         cr_mask[rows, cols] |= mask_bit("CR")
-    from snakedrp.detect import remove_cosmic_ray_detections
+    from snakedrp.meas.detect import remove_cosmic_ray_detections
 
     after = remove_cosmic_ray_detections(before, repaired, variance, cr_mask, psf_sigma=SIGMA_PSF)
     assert len(after.sources) == 3

@@ -1,4 +1,4 @@
-"""snakedrp.io: products read back as astropy writes them, byte for byte where astropy is the reference."""
+"""snakedrp.repo.io: products read back as astropy writes them, byte for byte where astropy is the reference."""
 import io
 import shutil
 import subprocess
@@ -9,8 +9,8 @@ import pytest
 from astropy.io import fits
 from astropy.table import MaskedColumn, Table
 
-from snakedrp.exposure import Exposure
-from snakedrp.io import _fits_unit, write_hdulist, write_table
+from snakedrp.repo.exposure import Exposure
+from snakedrp.repo.io import _fits_unit, write_hdulist, write_table
 
 
 @pytest.fixture

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from snakedrp.camera import Camera
-from snakedrp.exposure import Exposure, mask_bit
-from snakedrp.isr import IsrConfig, IsrError, IsrTask, fit_overscan
+from snakedrp.repo.camera import Camera
+from snakedrp.repo.exposure import Exposure, mask_bit
+from snakedrp.isr.isr import IsrConfig, IsrError, IsrTask, fit_overscan
 from snakedrp.pexconfig import ConfigError
-from snakedrp.raw import REQUIRED_KEYS, RawFrame
+from snakedrp.repo.raw import REQUIRED_KEYS, RawFrame
 
 ROOT = Path(__file__).resolve().parents[1]
 CI = Camera.from_yaml(ROOT / "config/cameras/ci.yaml")

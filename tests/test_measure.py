@@ -9,10 +9,10 @@ from astropy.table import Table
 from astropy.wcs import WCS
 from scipy.spatial import cKDTree
 
-from snakedrp.detect import DetectionConfig, detect_sources
-from snakedrp.exposure import mask_bit
-from snakedrp.measure import MeasureConfig, aperture_name, calibrate_fluxes, measure_sources
-from snakedrp.psf import GaussianPsf, PsfModel, register
+from snakedrp.meas.detect import DetectionConfig, detect_sources
+from snakedrp.repo.exposure import mask_bit
+from snakedrp.meas.measure import MeasureConfig, aperture_name, calibrate_fluxes, measure_sources
+from snakedrp.meas.psf import GaussianPsf, PsfModel, register
 
 SIGMA_PSF = 1.8
 SKY = 900.0                                           # sky variance [e-^2]; the sky itself is subtracted
@@ -328,7 +328,7 @@ def test_measure_without_segmentation_and_empty():
 
 def test_timing_full_hsc_ccd():
     """Background, detection and measurement on a 2048 x 4176 CCD with ~4000 sources (printed, not asserted)."""
-    from snakedrp.background import estimate_background
+    from snakedrp.meas.background import estimate_background
 
     rng = np.random.default_rng(30)
     shape = (4176, 2048)
@@ -365,8 +365,8 @@ def test_timing_full_hsc_ccd():
 
 def test_bulk_models_equal_per_source_draw():
     """The vectorised GaussianPsf / PixelPsf drawing in measure equals PsfModel.draw source by source."""
-    from snakedrp.measure import _draw_models
-    from snakedrp.psf import PixelPsf
+    from snakedrp.meas.measure import _draw_models
+    from snakedrp.meas.psf import PixelPsf
 
     rng = np.random.default_rng(5)
     n = 40

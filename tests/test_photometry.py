@@ -1,4 +1,4 @@
-"""Tests of snakedrp.photometry: zeropoint from synthetic matched stars with known truth."""
+"""Tests of snakedrp.calib.photometry: zeropoint from synthetic matched stars with known truth."""
 from __future__ import annotations
 
 import time
@@ -8,7 +8,7 @@ import pytest
 from astropy.table import Table
 
 from snakedrp.pexconfig import ConfigError
-from snakedrp.photometry import PhotometryConfig, PhotometryError, fit_zeropoint, weighted_median
+from snakedrp.calib.photometry import PhotometryConfig, PhotometryError, fit_zeropoint, weighted_median
 
 TRUE_ZP = 31.234
 
@@ -147,7 +147,7 @@ def test_with_astrometry_matches():
     """The astrometric matches table carries what the zeropoint fit needs."""
     from test_astrometry import camera, make_field
 
-    from snakedrp.astrometry import match_and_fit
+    from snakedrp.calib.astrometry import match_and_fit
 
     cam = camera("ci")
     sources, refcat, guess, truth = make_field(cam, 2, seed=21)

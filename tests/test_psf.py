@@ -1,4 +1,4 @@
-"""PSF star selection and the spatially varying pixel-basis PSF model (snakedrp.psf, psf_select).
+"""PSF star selection and the spatially varying pixel-basis PSF model (snakedrp.meas.psf, psf_select).
 
 One full HSC-sized CCD (2048 x 4176) is rendered with GalSim: a sheared Moffat (beta 3.5,
 truncated at 4 FWHM) whose FWHM (~4.2 px = 0.7") and shear vary quadratically over the CCD,
@@ -20,9 +20,9 @@ from astropy.io import fits
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
-from snakedrp.exposure import mask_bit
+from snakedrp.repo.exposure import mask_bit
 from snakedrp.pexconfig import ConfigError
-from snakedrp.psf import (GaussianPsf, PixelPsf, PsfConfig, PsfError, build_psf, gaussian_centroid,
+from snakedrp.meas.psf import (GaussianPsf, PixelPsf, PsfConfig, PsfError, build_psf, gaussian_centroid,
                           kernel_moments, psf_from_hdu, select_psf_stars, shift_image, shift_stack)
 
 pytestmark = pytest.mark.filterwarnings("ignore::galsim.GalSimWarning")

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from snakedrp.raw import REQUIRED_KEYS, RawFrame
+from snakedrp.repo.raw import REQUIRED_KEYS, RawFrame
 
 
 def _raw_header():

@@ -7,8 +7,8 @@ import pytest
 from astropy.table import Table
 
 from snakedrp import simulate as sim
-from snakedrp.camera import Camera
-from snakedrp.refcat import (RefcatError, angular_distance, healpix_of, load_refcat, pixels_in_cone,
+from snakedrp.repo.camera import Camera
+from snakedrp.repo.refcat import (RefcatError, angular_distance, healpix_of, load_refcat, pixels_in_cone,
                              read_index, refcat_shards, write_refcat)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from snakedrp import registry as regmod
+from snakedrp.repo import registry as regmod
 from snakedrp.pexconfig import ConfigError
-from snakedrp.raw import REQUIRED_KEYS
-from snakedrp.registry import IngestConfig, IngestError, Registry, ingest
+from snakedrp.repo.raw import REQUIRED_KEYS
+from snakedrp.repo.registry import IngestConfig, IngestError, Registry, ingest
 
 ROOT = Path(__file__).resolve().parents[1]
 # astropy warns when it opens the deliberately truncated file

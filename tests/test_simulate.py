@@ -9,10 +9,10 @@ import sep
 from astropy.table import Table
 
 from snakedrp import simulate as sim
-from snakedrp.camera import Camera
+from snakedrp.repo.camera import Camera
 from snakedrp.pexconfig import ConfigError
-from snakedrp.raw import RawFrame
-from snakedrp.refcat import angular_distance
+from snakedrp.repo.raw import RawFrame
+from snakedrp.repo.refcat import angular_distance
 from snakedrp.simulate import field, instrument
 
 ROOT = Path(__file__).resolve().parents[1]

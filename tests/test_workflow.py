@@ -24,13 +24,13 @@ from astropy.io import fits
 from astropy.table import Table
 
 from snakedrp import simulate
-from snakedrp.butler import Butler
-from snakedrp.calibrate import CalibrateError
-from snakedrp.camera import Camera
-from snakedrp.exposure import MASK_PLANES, Exposure
-from snakedrp.process_ccd import ProcessCcdConfig, ProcessCcdTask
-from snakedrp.raw import RawFrame
-from snakedrp.registry import REGISTRY_NAME, IngestConfig, IngestError, Registry, ingest
+from snakedrp.repo.butler import Butler
+from snakedrp.single_frame.calibrate import CalibrateError
+from snakedrp.repo.camera import Camera
+from snakedrp.repo.exposure import MASK_PLANES, Exposure
+from snakedrp.single_frame.process_ccd import ProcessCcdConfig, ProcessCcdTask
+from snakedrp.repo.raw import RawFrame
+from snakedrp.repo.registry import REGISTRY_NAME, IngestConfig, IngestError, Registry, ingest
 
 pytestmark = pytest.mark.workflow
 

@@ -48,8 +48,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..io import write_table
-from ..refcat import write_refcat
+from snakedrp.repo.io import write_table
+from snakedrp.repo.refcat import write_refcat
 from .field import (FieldResult, make_field, make_objects, make_refcat, plan_exposures, plan_visits,
                     sky_to_pixel_jacobian, true_psf)
 from .presets import PRESETS, SimParams, SimulateConfig, resolve_config

@@ -12,8 +12,8 @@ import numpy as np
 from astropy.table import Table
 from astropy.time import Time
 
-from ..camera import Camera
-from ..refcat import angular_distance
+from snakedrp.repo.camera import Camera
+from snakedrp.repo.refcat import angular_distance
 from . import instrument
 from .instrument import STREAM_EXPOSURE, STREAM_OBJECTS, STREAM_REFCAT, STREAM_VISIT, rng_for
 from .presets import SimParams

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..camera import Box, Camera
+from snakedrp.repo.camera import Box, Camera
 
 #: Fractional drop of the flat response (vignetting) at the focal-plane radius of the farthest CCD corner.
 VIGNETTING = 0.04

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-from ..pexconfig import Config, ConfigError, option
+from snakedrp.pexconfig import Config, ConfigError, option
 
 #: Preset values. ``ci``: the small 4-CCD camera, a dense field for fast end-to-end tests;
 #: ``hsc``: the 8-CCD 2048x4176 camera for benchmarks.

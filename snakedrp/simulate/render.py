@@ -14,8 +14,8 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-from ..camera import Camera
-from ..io import atomic_path, write_table
+from snakedrp.repo.camera import Camera
+from snakedrp.repo.io import atomic_path, write_table
 from . import instrument
 from .field import (GALAXY_TRUNCATION, PSF_TRUNCATION, SATELLITE_SIGMA, atmospheric_psf, exposure_rngs,
                     objects_on_ccd, pixel_psf, psf_variation, sky_to_pixel_jacobian)
@@ -52,7 +52,7 @@ class RenderResult:
     raw : ndarray, uint16, shape ``camera.raw_shape``
         The raw frame in ADU.
     header : astropy.io.fits.Header
-        ``snakedrp.raw.REQUIRED_KEYS`` and, for on-sky exposures, the nominal TAN WCS.
+        ``snakedrp.repo.raw.REQUIRED_KEYS`` and, for on-sky exposures, the nominal TAN WCS.
     sources : Table
         Truth of the rendered objects (empty for calibration exposures); see :class:`Scene`
         plus ``saturated`` (a pixel within 2 pixels of the object reaches the amplifier's

@@ -6,7 +6,7 @@ measure them with a Gaussian first-guess PSF, select PSF stars on the size–flu
 cosmic rays with that PSF, re-measure the PSF stars with the model and fit the aperture
 correction from PSF flux to the calibration aperture. Unlike the LSST stack, the detection runs
 once, at the science threshold: the detections that turn out to be cosmic rays are dropped after
-the repair (:func:`snakedrp.detect.remove_cosmic_ray_detections`) and calibration measures the
+the repair (:func:`snakedrp.meas.detect.remove_cosmic_ray_detections`) and calibration measures the
 rest, which saves a second pass over the image.
 """
 from __future__ import annotations
@@ -16,16 +16,16 @@ from dataclasses import dataclass, replace
 import numpy as np
 from astropy.table import Table
 
-from .apcorr import ApCorrConfig, ApCorrMap, fit_aperture_correction
-from .background import Background, BackgroundConfig, estimate_background
-from .cosmicray import CosmicRayConfig, find_cosmic_rays, repair_cosmic_rays
-from .detect import (DetectionConfig, DetectionResult, detect_sources, remove_cosmic_ray_detections,
+from snakedrp.meas.apcorr import ApCorrConfig, ApCorrMap, fit_aperture_correction
+from snakedrp.meas.background import Background, BackgroundConfig, estimate_background
+from snakedrp.meas.cosmicray import CosmicRayConfig, find_cosmic_rays, repair_cosmic_rays
+from snakedrp.meas.detect import (DetectionConfig, DetectionResult, detect_sources, remove_cosmic_ray_detections,
                      unusable_pixels)
-from .exposure import Exposure
-from .measure import MeasureConfig, measure_sources
-from .pexconfig import Config, option, subconfig
-from .psf import GaussianPsf, PsfConfig, PsfError, build_psf
-from .psf_select import select_psf_stars
+from snakedrp.repo.exposure import Exposure
+from snakedrp.meas.measure import MeasureConfig, measure_sources
+from snakedrp.pexconfig import Config, option, subconfig
+from snakedrp.meas.psf import GaussianPsf, PsfConfig, PsfError, build_psf
+from snakedrp.meas.psf_select import select_psf_stars
 
 
 class CharacterizeError(RuntimeError):
@@ -64,7 +64,7 @@ class CharacterizeResult:
     n_cosmic_rays : int
     detections : DetectionResult
         The sources detected, without those that were cosmic rays (segmentation and DETECTED mask
-        plane included), for :class:`snakedrp.calibrate.CalibrateTask` to measure.
+        plane included), for :class:`snakedrp.single_frame.calibrate.CalibrateTask` to measure.
     """
 
     exposure: Exposure

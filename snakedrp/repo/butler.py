@@ -1,6 +1,6 @@
 """The butler: dataset type + data ID → file, reruns and their chains, typed get/put.
 
-Dataset types are declared in ``snakedrp/data/datasets.yaml`` (template, location, storage).
+Dataset types are declared in ``snakedrp/repo/data/datasets.yaml`` (template, location, storage).
 Datasets at location ``root`` (raw data, master calibrations, reference catalogs) live under
 the repository root; ``rerun`` datasets (every pipeline output) under ``<root>/rerun/<name>/``.
 
@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .io import write_hdulist, write_table, write_text
+from snakedrp.repo.io import write_hdulist, write_table, write_text
 
 #: Placeholders a template may use (the data-ID keys / Snakemake wildcards).
 TEMPLATE_KEYS = ("visit", "ccd", "filter", "tract", "patch", "refcat")
@@ -95,8 +95,8 @@ class DatasetType:
 def load_dataset_types(path: str | Path | None = None) -> dict[str, DatasetType]:
     """Read and check ``datasets.yaml`` (the packaged one by default)."""
     if path is None:
-        text = resources.files("snakedrp").joinpath("data/datasets.yaml").read_text()
-        where = "snakedrp/data/datasets.yaml"
+        text = resources.files("snakedrp").joinpath("repo/data/datasets.yaml").read_text()
+        where = "snakedrp/repo/data/datasets.yaml"
     else:
         text, where = Path(path).read_text(), str(path)
     out = {}
@@ -126,7 +126,7 @@ def _import(dotted: str):
 
 
 def _read_exposure(path, dt):
-    from .exposure import Exposure
+    from snakedrp.repo.exposure import Exposure
 
     return Exposure.read(path)
 
@@ -146,7 +146,7 @@ def _write_table(obj, path, dt):
 
 
 def _read_raw(path, dt):
-    from .raw import RawFrame
+    from snakedrp.repo.raw import RawFrame
 
     return RawFrame.read(path)
 
@@ -163,7 +163,7 @@ def _write_raw(obj, path, dt):
 
 
 def _read_camera(path, dt):
-    from .camera import Camera
+    from snakedrp.repo.camera import Camera
 
     return Camera.from_yaml(path)
 
@@ -305,7 +305,7 @@ class Butler:
         """The registry (opened on first use)."""
         if self._registry is not None:
             return self._registry
-        from .registry import REGISTRY_NAME, Registry
+        from snakedrp.repo.registry import REGISTRY_NAME, Registry
 
         return Registry(self.root / REGISTRY_NAME)
 
@@ -315,7 +315,7 @@ class Butler:
         path = self.root / "_camera.yaml"
         if not path.exists():
             raise FileNotFoundError(f"no camera definition {path}; the repository has not been set up")
-        from .camera import Camera
+        from snakedrp.repo.camera import Camera
 
         return Camera.from_yaml(path)
 
@@ -441,7 +441,7 @@ class Butler:
         """
         if isinstance(what, str) and what in self.dataset_types:
             dt = self.dataset_types[what]
-            from .registry import COLUMNS
+            from snakedrp.repo.registry import COLUMNS
 
             extra = [k for k in dt.keys if k not in COLUMNS]
             if extra:

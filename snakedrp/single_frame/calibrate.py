@@ -13,14 +13,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 from astropy.table import Table
 
-from .apcorr import ApCorrMap
-from .astrometry import AstrometryConfig, AstrometryError, match_and_fit
-from .detect import DetectionConfig, DetectionResult, detect_sources
-from .exposure import Exposure
-from .measure import MeasureConfig, calibrate_fluxes, measure_sources
-from .pexconfig import Config, option, subconfig
-from .psf import kernel_moments
-from .photometry import PhotometryConfig, PhotometryError, fit_zeropoint
+from snakedrp.meas.apcorr import ApCorrMap
+from snakedrp.calib.astrometry import AstrometryConfig, AstrometryError, match_and_fit
+from snakedrp.meas.detect import DetectionConfig, DetectionResult, detect_sources
+from snakedrp.repo.exposure import Exposure
+from snakedrp.meas.measure import MeasureConfig, calibrate_fluxes, measure_sources
+from snakedrp.pexconfig import Config, option, subconfig
+from snakedrp.meas.psf import kernel_moments
+from snakedrp.calib.photometry import PhotometryConfig, PhotometryError, fit_zeropoint
 
 
 class CalibrateError(RuntimeError):
@@ -67,7 +67,7 @@ class CalibrateTask:
         Parameters
         ----------
         exposure : Exposure
-            From :class:`snakedrp.characterize.CharacterizeTask`; its ``wcs`` is the first guess.
+            From :class:`snakedrp.single_frame.characterize.CharacterizeTask`; its ``wcs`` is the first guess.
         refcat : astropy.table.Table or None
             Reference stars around the CCD (``ra, dec, ra_err, dec_err, mag_<band>, ...``).
         apcorr : ApCorrMap, optional

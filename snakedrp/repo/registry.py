@@ -33,9 +33,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import atomic_path
-from .pexconfig import Config, option
-from .raw import RawError, read_raw_header
+from snakedrp.repo.io import atomic_path
+from snakedrp.pexconfig import Config, option
+from snakedrp.repo.raw import RawError, read_raw_header
 
 log = logging.getLogger("snakedrp.ingest")
 
@@ -286,7 +286,7 @@ def _camera_of(repo: Path):
     camera_path = repo / "_camera.yaml"
     if not camera_path.exists():
         return None
-    from .camera import Camera
+    from snakedrp.repo.camera import Camera
 
     return Camera.from_yaml(camera_path)
 
@@ -319,7 +319,7 @@ def ingest(repo_root: str | Path, paths: Iterable[str | Path], config: IngestCon
     repo_root : str or Path
         Data repository root.
     paths : iterable of str or Path
-        Raw files (see :mod:`snakedrp.raw`).
+        Raw files (see :mod:`snakedrp.repo.raw`).
     config : IngestConfig, optional
 
     Returns
@@ -398,7 +398,7 @@ def _transfer(path: Path, repo: Path, key: tuple[int, int], mode: str) -> str:
     """Bring ``path`` into the repository layout (``mode`` = none, symlink, copy); its registry path."""
     if mode == "none":
         return _relative(path, repo)
-    from .butler import Butler
+    from snakedrp.repo.butler import Butler
 
     dest = Path(Butler(repo).output_path("raw", visit=key[0], ccd=key[1]))
     if os.path.abspath(dest) != os.path.abspath(path):

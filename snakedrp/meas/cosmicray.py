@@ -29,8 +29,8 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .pexconfig import Config, option
-from .psf import PsfModel
+from snakedrp.pexconfig import Config, option
+from snakedrp.meas.psf import PsfModel
 
 
 @dataclass
@@ -202,7 +202,7 @@ def _clean_median(px, idx):
 
 
 def _psf_sigma(psf: PsfModel, shape) -> float:
-    from .psf import kernel_moments
+    from snakedrp.meas.psf import kernel_moments
 
     s = kernel_moments(psf.kernel((shape[1] - 1) / 2, (shape[0] - 1) / 2))[0]
     return float(s) if np.isfinite(s) else 1.5
@@ -303,7 +303,7 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, 
     CosmicRayError
         More than ``config.max_cr_fraction`` of the pixels flagged.
     """
-    from .exposure import mask_bits
+    from snakedrp.repo.exposure import mask_bits
 
     config = config or CosmicRayConfig()
     ny, nx = image.shape
@@ -409,7 +409,7 @@ def repair_cosmic_rays(image: np.ndarray, mask: np.ndarray, cr_mask: np.ndarray,
     image, mask : ndarray
         Repaired copies, or ``image`` and ``mask`` themselves with ``in_place``.
     """
-    from .exposure import mask_bit, mask_bits
+    from snakedrp.repo.exposure import mask_bit, mask_bits
 
     config = config or CosmicRayConfig()
     ny, nx = image.shape

@@ -7,7 +7,7 @@ The full-resolution model is the bicubic natural spline through the mesh nodes, 
 in numpy with exactly sep's node positions (so a mesh read back from the calexpBackground
 product evaluates to the same image as the one subtracted).
 
-Mask convention: ``mask`` is the LSST bit mask (:data:`snakedrp.exposure.MASK_PLANES`); pixels
+Mask convention: ``mask`` is the LSST bit mask (:data:`snakedrp.repo.exposure.MASK_PLANES`); pixels
 with any of ``config.ignored_mask_planes`` set, or non-finite values, do not enter the mesh.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ import numpy as np
 import sep
 from astropy.io import fits
 
-from .exposure import mask_bits
-from .pexconfig import Config, option
+from snakedrp.repo.exposure import mask_bits
+from snakedrp.pexconfig import Config, option
 
 
 @dataclass
@@ -35,7 +35,7 @@ class BackgroundConfig(Config):
 
     def validate(self) -> None:
         super().validate()
-        from .exposure import MASK_PLANES
+        from snakedrp.repo.exposure import MASK_PLANES
 
         unknown = [p for p in self.ignored_mask_planes if p not in MASK_PLANES]
         if unknown:

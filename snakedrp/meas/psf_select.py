@@ -13,7 +13,7 @@ import numpy as np
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
-from .psf import (PsfConfig, PsfError, _bad_bits, _cutouts, _flux_columns, _xy_columns, kernel_size_for,
+from snakedrp.meas.psf import (PsfConfig, PsfError, _bad_bits, _cutouts, _flux_columns, _xy_columns, kernel_size_for,
                   poly_basis)
 
 _PILOT = 32                   # stamps measured from HSM's default first guess of the size
@@ -140,7 +140,7 @@ def select_psf_stars(sources: Table, image: np.ndarray, mask: np.ndarray,
     ----------
     sources : Table
         Detected sources: ``x, y`` (or ``x_centroid, y_centroid``; zero-based pixels), a flux
-        pair (the first of :data:`snakedrp.psf.FLUX_COLUMNS` present: ``flux, flux_err``, else
+        pair (the first of :data:`snakedrp.meas.psf.FLUX_COLUMNS` present: ``flux, flux_err``, else
         ``psf_flux``/``calib_flux``/``ap_flux`` and their ``_err``; electrons). A True boolean
         column named ``flag*`` excludes a source.
     image : ndarray, shape (ny, nx)

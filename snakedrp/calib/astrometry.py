@@ -40,7 +40,7 @@ from astropy.wcs import WCS, Sip
 from scipy.spatial import cKDTree
 from scipy.stats import poisson
 
-from .pexconfig import Config, ConfigError, option
+from snakedrp.pexconfig import Config, ConfigError, option
 
 MAS_PER_DEG = 3.6e6
 

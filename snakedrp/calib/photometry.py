@@ -23,7 +23,7 @@ import numpy as np
 from astropy.table import Table
 from scipy.optimize import brentq
 
-from .pexconfig import Config, ConfigError, option
+from snakedrp.pexconfig import Config, ConfigError, option
 
 MAG_PER_LN = 2.5 / np.log(10.0)
 

@@ -13,9 +13,9 @@ from astropy.table import Table
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .exposure import Exposure, mask_bit
-from .pexconfig import Config, option
-from .psf import kernel_moments
+from snakedrp.repo.exposure import Exposure, mask_bit
+from snakedrp.pexconfig import Config, option
+from snakedrp.meas.psf import kernel_moments
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 From Python, as in the seed notebook::
 
-    from snakedrp.butler import Butler
-    from snakedrp.process_ccd import ProcessCcdTask, ProcessCcdConfig
+    from snakedrp.repo.butler import Butler
+    from snakedrp.single_frame.process_ccd import ProcessCcdTask, ProcessCcdConfig
     butler = Butler("data/ci_repo", rerun="ci")
     config = ProcessCcdConfig()
     config.isr.do_flat = False
@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table
 
-from .apcorr import ApCorrMap
-from .background import Background
-from .calibrate import CalibrateConfig, CalibrateTask
-from .camera import Camera
-from .characterize import CharacterizeConfig, CharacterizeTask
-from .exposure import Exposure
-from .isr import IsrConfig, IsrTask
-from .pexconfig import Config, subconfig
-from .raw import RawFrame
-from .refcat import load_refcat
+from snakedrp.meas.apcorr import ApCorrMap
+from snakedrp.meas.background import Background
+from snakedrp.single_frame.calibrate import CalibrateConfig, CalibrateTask
+from snakedrp.repo.camera import Camera
+from snakedrp.single_frame.characterize import CharacterizeConfig, CharacterizeTask
+from snakedrp.repo.exposure import Exposure
+from snakedrp.isr.isr import IsrConfig, IsrTask
+from snakedrp.pexconfig import Config, subconfig
+from snakedrp.repo.raw import RawFrame
+from snakedrp.repo.refcat import load_refcat
 
 
 @dataclass

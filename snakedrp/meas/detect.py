@@ -17,8 +17,8 @@ import sep
 from astropy.table import Table
 from scipy import ndimage
 
-from .exposure import mask_bit, mask_bits
-from .pexconfig import Config, option
+from snakedrp.repo.exposure import mask_bit, mask_bits
+from snakedrp.pexconfig import Config, option
 
 #: Bits of the ``flags`` column: sep's extraction flags plus our own.
 DETECTION_FLAGS: dict[str, int] = {
@@ -52,7 +52,7 @@ class DetectionConfig(Config):
         super().validate()
         if self.filter_size and self.filter_size % 2 == 0:
             raise ValueError(f"detection.filter_size must be odd or 0, got {self.filter_size}")
-        from .exposure import MASK_PLANES
+        from snakedrp.repo.exposure import MASK_PLANES
 
         unknown = [p for p in self.bad_mask_planes if p not in MASK_PLANES]
         if unknown:

@@ -42,10 +42,10 @@ from astropy.wcs import WCS, FITSFixedWarning
 from scipy import ndimage
 from scipy.interpolate import LSQUnivariateSpline
 
-from .camera import Amplifier, Camera
-from .exposure import Exposure, mask_bit, mask_bits
-from .pexconfig import Config, ConfigError, option
-from .raw import RawFrame
+from snakedrp.repo.camera import Amplifier, Camera
+from snakedrp.repo.exposure import Exposure, mask_bit, mask_bits
+from snakedrp.pexconfig import Config, ConfigError, option
+from snakedrp.repo.raw import RawFrame
 
 #: Raw header keys copied into the exposure's metadata (when present).
 METADATA_KEYS = ("VISIT", "CCD", "FILTER", "OBSTYPE", "DATE-OBS", "MJD-OBS", "EXPTIME", "DARKTIME",
@@ -613,7 +613,7 @@ class IsrTask:
         flat : Exposure, optional
             Master flat, median 1; needed if ``do_flat``.
         fringe : Exposure, optional
-            Fringe template per unit sky (see :func:`snakedrp.calibs.construct_fringe`); needed
+            Fringe template per unit sky (see :func:`snakedrp.isr.calibs.construct_fringe`); needed
             if ``do_fringe`` and the filter fringes.
 
         Returns

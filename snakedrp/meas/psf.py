@@ -7,7 +7,7 @@ Models persist as a FITS HDU whose header names the model class in ``PSFTYPE``.
 
 Besides the interface this module holds the spatially varying pixel-basis model
 (:class:`PixelPsf`, built by :func:`build_psf` from the stars that
-:func:`snakedrp.psf_select.select_psf_stars` picks; both are configured by :class:`PsfConfig`).
+:func:`snakedrp.meas.psf_select.select_psf_stars` picks; both are configured by :class:`PsfConfig`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-from .pexconfig import Config, ConfigError, option
+from snakedrp.pexconfig import Config, ConfigError, option
 
 _REGISTRY: dict[str, type["PsfModel"]] = {}
 
@@ -290,7 +290,7 @@ class PsfError(RuntimeError):
 class PsfConfig(Config):
     """PSF star selection (size–flux locus) and the spatially varying pixel-basis PSF model."""
 
-    # --- star selection (snakedrp.psf_select)
+    # --- star selection (snakedrp.meas.psf_select)
     snr_min: float = option(50.0, "Minimum S/N (flux / flux_err) of a PSF star candidate", min=1.0)
     max_candidates: int = option(600, "Measure the moments of at most this many of the highest-S/N candidates", min=10)
     moments_stamp_size: int = option(25, "Stamp side for the candidates' adaptive moments [pixel, odd]", min=9, max=101)
@@ -420,7 +420,7 @@ class PixelPsf(PsfModel):
     def to_hdu(self):
         hdu = fits.ImageHDU(self.coeffs, name="PSF")
         h = hdu.header
-        h["PSFTYPE"] = (type(self).__name__, "PSF model class (snakedrp.psf)")
+        h["PSFTYPE"] = (type(self).__name__, "PSF model class (snakedrp.meas.psf)")
         h["DEGREE"] = (self.degree, "polynomial degree of the pixel coefficients")
         h["XCENTER"] = (self.x_center, "u = (x - XCENTER) / XSCALE [pixel, 0-based]")
         h["XSCALE"] = (self.x_scale, "[pixel]")
@@ -486,7 +486,7 @@ def _flux_columns(table: Table) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _bad_bits(names) -> int:
-    from .exposure import mask_bits  # lazy: exposure imports this module
+    from snakedrp.repo.exposure import mask_bits  # lazy: exposure imports this module
 
     return mask_bits(*names)
 
@@ -548,7 +548,7 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
     mask : ndarray of int, shape (ny, nx)
         Bit mask; pixels with any of ``config.bad_mask_planes`` are not used.
     stars : Table
-        From :func:`snakedrp.psf_select.select_psf_stars`: ``x, y`` (or ``x_centroid, y_centroid``),
+        From :func:`snakedrp.meas.psf_select.select_psf_stars`: ``x, y`` (or ``x_centroid, y_centroid``),
         a flux pair (optional, orders the stars by S/N; see :data:`FLUX_COLUMNS`), ``reserved`` (optional),
         ``moments_sigma`` (optional, first-guess PSF sigma [pixel]).
     config : PsfConfig
@@ -709,9 +709,9 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
 
 
 def __getattr__(name):
-    # ``from snakedrp.psf import select_psf_stars`` works; imported lazily since psf_select imports this module
+    # ``from snakedrp.meas.psf import select_psf_stars`` works; imported lazily since psf_select imports this module
     if name == "select_psf_stars":
-        from .psf_select import select_psf_stars
+        from snakedrp.meas.psf_select import select_psf_stars
 
         return select_psf_stars
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ import numpy as np
 from astropy.table import Table, vstack
 from astropy_healpix import HEALPix
 
-from .io import write_table, write_text
+from snakedrp.repo.io import write_table, write_text
 
 INDEX_NAME = "index.json"
 

@@ -10,7 +10,7 @@ PRIMARY   metadata (VISIT, CCD, FILTER, ...), ``ZEROPT``/``ZEROPTER`` (AB mag of
 IMAGE     float32 ``(ny, nx)``; the fitted WCS in its header
 MASK      int32 bit mask; each plane declared as ``MP_<NAME> = bit``
 VARIANCE  float32, in image units squared
-PSF       the PSF model (see :mod:`snakedrp.psf`), when there is one
+PSF       the PSF model (see :mod:`snakedrp.meas.psf`), when there is one
 ========  ==========================================================================
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from .io import write_hdulist
-from .psf import PsfModel, psf_from_hdu
+from snakedrp.repo.io import write_hdulist
+from snakedrp.meas.psf import PsfModel, psf_from_hdu
 
 #: Mask plane bits, as the LSST stack numbers them.
 MASK_PLANES: dict[str, int] = {

@@ -10,7 +10,7 @@ aperture (about one neighbour per bright source). Conventions:
 - Pixels with ``config.bad_mask_planes`` (default BAD, SAT, NO_DATA) or non-finite values carry no
   weight in fits; in circular apertures sep replaces them by the mean of the aperture's other
   pixels, and the ``ap_<r>_flag`` columns say so.
-- Neighbours: with a segmentation image (from :func:`snakedrp.detect.detect_sources`), pixels
+- Neighbours: with a segmentation image (from :func:`snakedrp.meas.detect.detect_sources`), pixels
   of other sources are excluded from a source's PSF fit, centroid error and adaptive moments;
   children of one deblended parent whose PSF-fit boxes overlap are fitted simultaneously, each
   with its own PSF model; in the calibration aperture of sources above ``calib_replace_snr_min``,
@@ -32,10 +32,10 @@ import numpy as np
 import sep
 from astropy.table import Table
 
-from .detect import unusable_pixels
-from .exposure import MASK_PLANES, mask_bits
-from .pexconfig import Config, option
-from .psf import PsfModel, kernel_moments, shift_stack
+from snakedrp.meas.detect import unusable_pixels
+from snakedrp.repo.exposure import MASK_PLANES, mask_bits
+from snakedrp.pexconfig import Config, option
+from snakedrp.meas.psf import PsfModel, kernel_moments, shift_stack
 
 #: Pixel-flag columns and the mask planes that set them by default (LSST base_PixelFlags names).
 DEFAULT_PIXEL_FLAGS: dict[str, list[str]] = {
@@ -170,7 +170,7 @@ def _draw_models(psf: PsfModel, xc, yc, ix, iy, half: int) -> np.ndarray:
     pixel-integrated Gaussian) and :class:`PixelPsf` (its Lanczos-``resample_order`` shift of the
     kernel, cropped to the box plus the Lanczos support before shifting).
     """
-    from .psf import GaussianPsf, PixelPsf
+    from snakedrp.meas.psf import GaussianPsf, PixelPsf
 
     size = 2 * half + 1
     n_src = len(xc)
@@ -335,14 +335,14 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
     variance : ndarray, shape (ny, nx)
         Per-pixel variance [electrons^2].
     mask : ndarray of int, shape (ny, nx)
-        LSST bit mask (:data:`snakedrp.exposure.MASK_PLANES`).
+        LSST bit mask (:data:`snakedrp.repo.exposure.MASK_PLANES`).
     detections : Table
         ``x, y`` (or ``x_centroid, y_centroid``) zero-based starting positions; optional ``id``
         (must equal the segmentation values when ``segmentation`` is given), ``parent``,
         ``blend_nchild``, ``is_blended`` (carried over) and ``a, b, theta`` (isophotal ellipse for
         the Kron aperture; the PSF's circle otherwise).
     psf : PsfModel
-        PSF model of the image (:class:`snakedrp.psf.GaussianPsf` before one is built).
+        PSF model of the image (:class:`snakedrp.meas.psf.GaussianPsf` before one is built).
     config : MeasureConfig
     wcs : astropy.wcs.WCS, optional
         When given, ``coord_ra``/``coord_dec`` are filled (NaN otherwise).
@@ -350,10 +350,10 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
         Footprints (value = source id); enables neighbour masking and joint blend fits.
     footprints : Table, optional
         ``id, x_min, x_max, y_min, y_max`` (inclusive box) of every footprint in ``segmentation``,
-        e.g. :attr:`DetectionResult.sources <snakedrp.detect.DetectionResult>`; saves finding the
+        e.g. :attr:`DetectionResult.sources <snakedrp.meas.detect.DetectionResult>`; saves finding the
         boxes in the segmentation (a pass over the image).
     bad : ndarray of bool, shape (ny, nx), optional
-        The unusable pixels, as :func:`snakedrp.detect.unusable_pixels` gives them for
+        The unusable pixels, as :func:`snakedrp.meas.detect.unusable_pixels` gives them for
         ``config.bad_mask_planes``; computed when not given. Pass it to measure one image twice.
     minimal : bool
         Measure only centroids, PSF fluxes and pixel flags (what PSF-star selection needs, e.g.

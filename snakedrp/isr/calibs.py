@@ -1,6 +1,6 @@
 """Master calibrations (LSST constructBias / constructDark / constructFlat / constructFringe).
 
-Each ``construct_*`` runs :class:`snakedrp.isr.IsrTask` on every input frame, with the steps up
+Each ``construct_*`` runs :class:`snakedrp.isr.isr.IsrTask` on every input frame, with the steps up
 to the one being built switched on (one implementation of overscan, assembly, gain ...), then
 combines the frames with a sigma-clipped mean, pixel by pixel, clipping against each input's
 ISR variance (see :func:`combine_clipped`).
@@ -14,7 +14,7 @@ flat       none, median 1          + dark; divided by the frame's median
 fringe     fraction of the sky     + flat; ``(frame - sky) / sky``, sources masked
 =========  ======================  =====================================================
 
-Every master is an :class:`~snakedrp.exposure.Exposure` (no WCS): ``image`` the clipped mean,
+Every master is an :class:`~snakedrp.repo.exposure.Exposure` (no WCS): ``image`` the clipped mean,
 ``variance`` the variance *of that mean* (per pixel, the clipped inputs' sample variance over
 their number: the master's own noise, which ISR adds to the science variance), ``mask``
 NO_DATA|BAD where no input pixel survived (value 0, or 1 for the flat) and BAD on the camera's
@@ -38,11 +38,11 @@ import numpy as np
 from astropy.io import fits
 from scipy import ndimage
 
-from .camera import Camera
-from .exposure import Exposure, mask_bit, mask_bits
-from .isr import IsrConfig, IsrError, IsrTask
-from .pexconfig import Config, option, subconfig
-from .raw import RawFrame
+from snakedrp.repo.camera import Camera
+from snakedrp.repo.exposure import Exposure, mask_bit, mask_bits
+from snakedrp.isr.isr import IsrConfig, IsrError, IsrTask
+from snakedrp.pexconfig import Config, option, subconfig
+from snakedrp.repo.raw import RawFrame
 
 log = logging.getLogger(__name__)
 
