@@ -51,10 +51,16 @@ def _config_camera_path():
 CAMERA_PATH = REPO / "_camera.yaml"
 CAMERA = Camera.from_yaml(CAMERA_PATH if CAMERA_PATH.exists() else _config_camera_path())
 SIM_PARAMS = simulate.resolve_config(CFG.simulate)
-# Until ingest has run, the simulator's plan (cheap, no rendering) stands in for the registry,
-# so a dry run of a fresh demo already lists every job.
-SIMULATING = not REGISTRY_PATH.exists() and not (REPO / "raw").exists()
+TRUTH_DIR = REPO / "truth"
+# A repository is simulated when it is new or its simulation has begun (Snakemake makes truth/
+# for simulate_field's outputs before the job starts); real data never has truth/. Deciding from
+# raw/ instead made a half-simulated repository (killed, or seen by a Slurm job between
+# simulate_raw and ingest) look like un-ingested real data, and each process plan another DAG.
+SIMULATED_REPO = TRUTH_DIR.exists() or not (REPO / "raw").exists()
 INGESTED = REGISTRY_PATH.exists()
+# Until ingest has run, the simulator's plan (cheap, no rendering) stands in for the registry,
+# so a dry run of a fresh demo already lists every job, and every process sees the same DAG.
+SIMULATING = SIMULATED_REPO and not INGESTED
 
 
 def plan_registry_rows():
@@ -91,7 +97,6 @@ except ConfigError as err:
 
 SCIENCE_CCDS = sorted({e["ccd"] for e in SCIENCE})
 SCIENCE_FILTERS = sorted({e["filter"] for e in SCIENCE})
-TRUTH_DIR = REPO / "truth"
 
 
 # ------------------------------------------------------------------ paths
