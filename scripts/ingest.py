@@ -3,7 +3,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from snakedrp import log as sdlog
-from snakedrp.repo.registry import IngestConfig, IngestError, ingest
+from snakedrp.repo.ingest import IngestConfig, IngestError, ingest
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake

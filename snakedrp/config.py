@@ -20,7 +20,7 @@ from snakedrp.isr.calibs import CalibsConfig
 from snakedrp.single_frame.characterize import CharacterizeConfig
 from snakedrp.isr.isr import IsrConfig
 from snakedrp.pexconfig import Config, ConfigError, merge_into, option, subconfig
-from snakedrp.repo.registry import IngestConfig
+from snakedrp.repo.ingest import IngestConfig
 from snakedrp.simulate import SimulateConfig
 from snakedrp.validate.single_frame import ValidateConfig
 

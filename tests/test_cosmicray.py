@@ -21,7 +21,7 @@ from snakedrp.meas.cosmicray import (CosmicRayConfig, CosmicRayError, count_grou
                                 psf_neighbour_ratios, repair_cosmic_rays)
 from snakedrp.repo.exposure import mask_bit
 from snakedrp.pexconfig import ConfigError
-from snakedrp.meas.psf import GaussianPsf, PsfModel
+from snakedrp.repo.psf_model import GaussianPsf, PsfModel
 
 pytestmark = pytest.mark.filterwarnings("ignore::galsim.GalSimWarning")
 

@@ -12,7 +12,7 @@ from scipy.spatial import cKDTree
 from snakedrp.meas.detect import DetectionConfig, detect_sources
 from snakedrp.repo.exposure import mask_bit
 from snakedrp.meas.measure import MeasureConfig, aperture_name, calibrate_fluxes, measure_sources
-from snakedrp.meas.psf import GaussianPsf, PsfModel, register
+from snakedrp.repo.psf_model import GaussianPsf, PsfModel, register
 
 SIGMA_PSF = 1.8
 SKY = 900.0                                           # sky variance [e-^2]; the sky itself is subtracted
@@ -366,7 +366,7 @@ def test_timing_full_hsc_ccd():
 def test_bulk_models_equal_per_source_draw():
     """The vectorised GaussianPsf / PixelPsf drawing in measure equals PsfModel.draw source by source."""
     from snakedrp.meas.measure import _draw_models
-    from snakedrp.meas.psf import PixelPsf
+    from snakedrp.repo.psf_model import PixelPsf
 
     rng = np.random.default_rng(5)
     n = 40

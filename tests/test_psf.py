@@ -22,8 +22,10 @@ from scipy.spatial import cKDTree
 
 from snakedrp.repo.exposure import mask_bit
 from snakedrp.pexconfig import ConfigError
-from snakedrp.meas.psf import (GaussianPsf, PixelPsf, PsfConfig, PsfError, build_psf, gaussian_centroid,
-                          kernel_moments, psf_from_hdu, select_psf_stars, shift_image, shift_stack)
+from snakedrp.meas.psf import PsfConfig, PsfError, build_psf
+from snakedrp.meas.psf_select import select_psf_stars
+from snakedrp.repo.psf_model import GaussianPsf, PixelPsf, psf_from_hdu
+from snakedrp.stamps import gaussian_centroid, kernel_moments, shift_image, shift_stack
 
 pytestmark = pytest.mark.filterwarnings("ignore::galsim.GalSimWarning")
 

@@ -10,7 +10,8 @@ from astropy.io import fits
 from snakedrp.repo import registry as regmod
 from snakedrp.pexconfig import ConfigError
 from snakedrp.repo.raw import REQUIRED_KEYS
-from snakedrp.repo.registry import IngestConfig, IngestError, Registry, ingest
+from snakedrp.repo.ingest import IngestConfig, IngestError, ingest
+from snakedrp.repo.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 # astropy warns when it opens the deliberately truncated file

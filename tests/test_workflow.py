@@ -30,7 +30,8 @@ from snakedrp.repo.camera import Camera
 from snakedrp.repo.exposure import MASK_PLANES, Exposure
 from snakedrp.single_frame.process_ccd import ProcessCcdConfig, ProcessCcdTask
 from snakedrp.repo.raw import RawFrame
-from snakedrp.repo.registry import REGISTRY_NAME, IngestConfig, IngestError, Registry, ingest
+from snakedrp.repo.ingest import IngestConfig, IngestError, ingest
+from snakedrp.repo.registry import REGISTRY_NAME, Registry
 
 pytestmark = pytest.mark.workflow
 

@@ -18,7 +18,7 @@ import numpy as np
 from astropy.io import fits
 
 from snakedrp.pexconfig import Config, option
-from snakedrp.meas.psf import poly_basis, poly_terms
+from snakedrp.poly import poly_basis, poly_terms
 
 
 @dataclass
@@ -45,7 +45,7 @@ class ApCorrMap:
     """The aperture correction over a CCD: ``evaluate(x, y) = sum_k coeffs[k] u**i_k v**j_k``.
 
     ``u = (x - x_center) / x_scale``, ``v = (y - y_center) / y_scale`` and the exponents of
-    :func:`snakedrp.meas.psf.poly_terms`.
+    :func:`snakedrp.poly.poly_terms`.
 
     Attributes
     ----------

@@ -30,7 +30,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from snakedrp.pexconfig import Config, option
-from snakedrp.meas.psf import PsfModel
+from snakedrp.repo.psf_model import PsfModel
 
 
 @dataclass
@@ -202,7 +202,7 @@ def _clean_median(px, idx):
 
 
 def _psf_sigma(psf: PsfModel, shape) -> float:
-    from snakedrp.meas.psf import kernel_moments
+    from snakedrp.stamps import kernel_moments
 
     s = kernel_moments(psf.kernel((shape[1] - 1) / 2, (shape[0] - 1) / 2))[0]
     return float(s) if np.isfinite(s) else 1.5

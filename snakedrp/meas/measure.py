@@ -35,7 +35,9 @@ from astropy.table import Table
 from snakedrp.meas.detect import unusable_pixels
 from snakedrp.repo.exposure import MASK_PLANES, mask_bits
 from snakedrp.pexconfig import Config, option
-from snakedrp.meas.psf import PsfModel, kernel_moments, shift_stack
+from snakedrp.meas.columns import xy_columns
+from snakedrp.repo.psf_model import PsfModel
+from snakedrp.stamps import kernel_moments, shift_stack
 
 #: Pixel-flag columns and the mask planes that set them by default (LSST base_PixelFlags names).
 DEFAULT_PIXEL_FLAGS: dict[str, list[str]] = {
@@ -86,14 +88,6 @@ def aperture_name(radius: float) -> str:
     """Column stem of an aperture: 4.5 -> ``ap_4_5`` (LSST's CircularApertureFlux_4_5)."""
     whole, frac = f"{float(radius):.1f}".split(".")
     return f"ap_{whole}_{frac}"
-
-
-# ---------------------------------------------------------------- small helpers
-def _xy_columns(table: Table) -> tuple[np.ndarray, np.ndarray]:
-    for xname, yname in (("x_centroid", "y_centroid"), ("x", "y")):
-        if xname in table.colnames and yname in table.colnames:
-            return np.asarray(table[xname], float), np.asarray(table[yname], float)
-    raise KeyError(f"detections need x, y (or x_centroid, y_centroid) columns; have {table.colnames}")
 
 
 def _gather(array: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int, fill) -> np.ndarray:
@@ -170,7 +164,7 @@ def _draw_models(psf: PsfModel, xc, yc, ix, iy, half: int) -> np.ndarray:
     pixel-integrated Gaussian) and :class:`PixelPsf` (its Lanczos-``resample_order`` shift of the
     kernel, cropped to the box plus the Lanczos support before shifting).
     """
-    from snakedrp.meas.psf import GaussianPsf, PixelPsf
+    from snakedrp.repo.psf_model import GaussianPsf, PixelPsf
 
     size = 2 * half + 1
     n_src = len(xc)
@@ -342,7 +336,7 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
         ``blend_nchild``, ``is_blended`` (carried over) and ``a, b, theta`` (isophotal ellipse for
         the Kron aperture; the PSF's circle otherwise).
     psf : PsfModel
-        PSF model of the image (:class:`snakedrp.meas.psf.GaussianPsf` before one is built).
+        PSF model of the image (:class:`snakedrp.repo.psf_model.GaussianPsf` before one is built).
     config : MeasureConfig
     wcs : astropy.wcs.WCS, optional
         When given, ``coord_ra``/``coord_dec`` are filled (NaN otherwise).
@@ -378,7 +372,7 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
     mask = np.asarray(mask)
     ny, nx = data.shape
     n = len(detections)
-    x0, y0 = _xy_columns(detections)
+    x0, y0 = xy_columns(detections, order=(("x_centroid", "y_centroid"), ("x", "y")))
     ids = (np.asarray(detections["id"], np.int64) if "id" in detections.colnames
            else np.arange(1, n + 1, dtype=np.int64))
     parent = (np.asarray(detections["parent"], np.int64) if "parent" in detections.colnames

@@ -1,284 +1,20 @@
-"""PSF model interface, shared by characterization (which builds models) and measurement.
-
-Every PSF model answers two questions at a pixel position ``(x, y)`` (zero-based, CCD pixel
-coordinates): the PSF image there (``kernel``: odd-sized, centred on the central pixel, sum 1)
-and the image of a point source at exactly ``(x, y)`` on the image's pixel grid (``draw``).
-Models persist as a FITS HDU whose header names the model class in ``PSFTYPE``.
-
-Besides the interface this module holds the spatially varying pixel-basis model
-(:class:`PixelPsf`, built by :func:`build_psf` from the stars that
-:func:`snakedrp.meas.psf_select.select_psf_stars` picks; both are configured by :class:`PsfConfig`).
+"""PSF modelling: fit the spatially varying pixel-basis model (:class:`~snakedrp.repo.psf_model.PixelPsf`)
+to the stars that :func:`snakedrp.meas.psf_select.select_psf_stars` picks; both are configured by
+:class:`PsfConfig`. The model classes and their storage live in :mod:`snakedrp.repo.psf_model`.
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
-from astropy.io import fits
 from astropy.table import Table
 
+from snakedrp.meas.columns import flux_columns, xy_columns
 from snakedrp.pexconfig import Config, ConfigError, option
-
-_REGISTRY: dict[str, type["PsfModel"]] = {}
-
-
-def register(cls):
-    """Class decorator: make a PSF model class readable by :func:`psf_from_hdu`."""
-    _REGISTRY[cls.__name__] = cls
-    return cls
-
-
-def psf_from_hdu(hdu: fits.BinTableHDU | fits.ImageHDU) -> "PsfModel":
-    """Rebuild a PSF model written by :meth:`PsfModel.to_hdu`."""
-    name = hdu.header["PSFTYPE"]
-    try:
-        cls = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown PSF model type {name!r}; known: {sorted(_REGISTRY)}") from None
-    return cls.from_hdu(hdu)
-
-
-class PsfModel(ABC):
-    """A PSF that can be evaluated anywhere on its CCD."""
-
-    @abstractmethod
-    def kernel(self, x: float, y: float) -> np.ndarray:
-        """PSF image at ``(x, y)``: shape ``(n, n)``, ``n`` odd, centred at ``[n//2, n//2]``, sum 1."""
-
-    def draw(self, x: float, y: float) -> tuple[np.ndarray, int, int]:
-        """Image of a unit-flux point source at ``(x, y)`` on the image pixel grid.
-
-        Returns ``(stamp, x0, y0)``: ``stamp[j, i]`` is the image pixel ``[y0 + j, x0 + i]``.
-        The default shifts :meth:`kernel` by the sub-pixel offset with a Lanczos-3 kernel.
-        """
-        k = self.kernel(x, y)
-        n = k.shape[0]
-        ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
-        stamp = shift_image(k, x - ix, y - iy)
-        return stamp, ix - n // 2, iy - n // 2
-
-    def fwhm(self, x: float, y: float) -> float:
-        """Gaussian-equivalent FWHM at ``(x, y)`` [pixel]: 2.3548 x the adaptive-moment sigma of the kernel."""
-        return 2.3548 * kernel_moments(self.kernel(x, y))[0]
-
-    @abstractmethod
-    def to_hdu(self) -> fits.BinTableHDU | fits.ImageHDU:
-        """The model as one FITS HDU with ``PSFTYPE`` and ``EXTNAME='PSF'`` in its header."""
-
-    @classmethod
-    @abstractmethod
-    def from_hdu(cls, hdu) -> "PsfModel":
-        """Inverse of :meth:`to_hdu`."""
-
-
-def lanczos3(t: np.ndarray) -> np.ndarray:
-    """Lanczos kernel of order 3 evaluated at offsets ``t`` (pixels)."""
-    return lanczos(t, 3)
-
-
-def lanczos(t: np.ndarray, order: int) -> np.ndarray:
-    """Lanczos kernel of integer ``order`` evaluated at offsets ``t`` (pixels)."""
-    t = np.asarray(t, float)
-    out = np.sinc(t) * np.sinc(t / order)
-    out[np.abs(t) >= order] = 0.0
-    return out
-
-
-def shift_image(image: np.ndarray, dx: float, dy: float) -> np.ndarray:
-    """Shift an image by ``(dx, dy)`` pixels (|d| <= 0.5) with separable Lanczos-3 resampling.
-
-    Written here because scipy.ndimage.shift offers only spline interpolation, whose
-    prefilter rings differently from the Lanczos kernel the rest of the pipeline uses.
-    """
-    offsets = np.arange(-3, 4)
-    wx = lanczos3(offsets - dx)
-    wy = lanczos3(offsets - dy)
-    wx /= wx.sum()
-    wy /= wy.sum()
-    padded = np.pad(image, 3)
-    ny, nx = image.shape
-    # out[j, i] = sum_k w[k] * in[j, i - offsets[k]]: the source moves by +d.
-    tmp = sum(w * padded[:, 3 - o: 3 - o + nx] for w, o in zip(wx, offsets))
-    return sum(w * tmp[3 - o: 3 - o + ny, :] for w, o in zip(wy, offsets))
-
-
-@register
-class GaussianPsf(PsfModel):
-    """A circular Gaussian PSF of constant width; for tests and as a first guess.
-
-    Parameters
-    ----------
-    sigma : float
-        Gaussian sigma in pixels.
-    size : int
-        Odd kernel size in pixels.
-    """
-
-    def __init__(self, sigma: float, size: int = 25):
-        if size % 2 == 0:
-            raise ValueError("PSF kernel size must be odd")
-        self.sigma = float(sigma)
-        self.size = int(size)
-
-    def _render(self, dx: float, dy: float) -> np.ndarray:
-        r = np.arange(self.size) - self.size // 2
-        # pixel-integrated Gaussian via the error function, so the sum is exact
-        from scipy.special import erf
-
-        s = self.sigma * np.sqrt(2.0)
-        ex = 0.5 * (erf((r - dx + 0.5) / s) - erf((r - dx - 0.5) / s))
-        ey = 0.5 * (erf((r - dy + 0.5) / s) - erf((r - dy - 0.5) / s))
-        k = np.outer(ey, ex)
-        return k / k.sum()
-
-    def kernel(self, x, y):
-        return self._render(0.0, 0.0)
-
-    def draw(self, x, y):
-        ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
-        n = self.size
-        return self._render(x - ix, y - iy), ix - n // 2, iy - n // 2
-
-    def to_hdu(self):
-        hdu = fits.ImageHDU(self.kernel(0, 0).astype(np.float32), name="PSF")
-        hdu.header["PSFTYPE"] = type(self).__name__
-        hdu.header["SIGMA"] = (self.sigma, "Gaussian sigma [pixel]")
-        return hdu
-
-    @classmethod
-    def from_hdu(cls, hdu):
-        return cls(hdu.header["SIGMA"], hdu.data.shape[0])
-
-
-# ---------------------------------------------------------------- moments and resampling helpers
-def kernel_moments(kernel: np.ndarray) -> tuple[float, float, float]:
-    """Adaptive (elliptical Gaussian-weighted) moments of an image: ``(sigma, e1, e2)``.
-
-    ``sigma`` in pixels (``det(M)**0.25``), ``e1, e2`` the distortion ``(Mxx - Myy, 2 Mxy)/(Mxx + Myy)``,
-    as GalSim's ``FindAdaptiveMom`` measures them; NaNs when the moments fail.
-    """
-    import galsim
-
-    res = galsim.hsm.FindAdaptiveMom(galsim.Image(np.ascontiguousarray(kernel, dtype=np.float64)),
-                                     strict=False)
-    if res.moments_status != 0:
-        return float("nan"), float("nan"), float("nan")
-    return float(res.moments_sigma), float(res.observed_shape.e1), float(res.observed_shape.e2)
-
-
-def _shift_matrices(d: np.ndarray, n: int, order: int) -> np.ndarray:
-    """Banded matrices ``M`` (shape (len(d), n, n)) with ``(M @ v)[i] = sum_o w_o v[i - o]``.
-
-    ``w_o`` are the normalised Lanczos taps ``L(o - d)``, ``o = -order..order``.
-    """
-    offsets = np.arange(-order, order + 1)
-    w = lanczos(offsets[None, :] - np.asarray(d, float)[:, None], order)
-    w /= w.sum(axis=1, keepdims=True)
-    m = np.zeros((len(w), n, n))
-    for k, o in enumerate(offsets):
-        i = np.arange(max(o, 0), min(n + o, n))
-        m[:, i, i - o] = w[:, k, None]
-    return m
-
-
-def shift_stack(stack: np.ndarray, dx: np.ndarray, dy: np.ndarray, order: int = 3) -> np.ndarray:
-    """Shift each image of ``stack`` (shape (n, ny, nx)) by its own ``(dx, dy)`` (|d| <= 1/2 pixel).
-
-    Separable Lanczos resampling of the given ``order``; order 3 is :func:`shift_image`. Pixels
-    within ``order`` of the border see zeros beyond it. The shift is a product with two banded
-    matrices per image (BLAS is faster than one pass per tap).
-    """
-    stack = np.asarray(stack, float)
-    n, ny, nx = stack.shape
-    return _Shift(dx, dy, n, ny, nx, order).apply(stack)
-
-
-class _Shift:
-    """The banded matrices of one :func:`shift_stack`, kept to apply again (build_psf shifts the
-    same stars by the same offsets many times) and applicable to sub-boxes of the input or output:
-    rows and columns outside a box need not be computed, nor zeros outside it multiplied.
-    """
-
-    def __init__(self, dx, dy, n, ny, nx, order):
-        self.mx = _shift_matrices(np.asarray(dx, float).reshape(n), nx, order)
-        self.my = _shift_matrices(np.asarray(dy, float).reshape(n), ny, order)
-
-    def apply(self, stack, out_box=slice(None), in_box=slice(None)):
-        """Shifted ``stack``: rows and columns ``out_box`` of the output, from the input's ``in_box``
-        (``stack`` is that box; the rest of the input is zero)."""
-        my = self.my[:, out_box, in_box]
-        mx = self.mx[:, out_box, in_box]
-        return my @ stack @ mx.transpose(0, 2, 1)
-
-
-def shift_one(image: np.ndarray, dx: float, dy: float, order: int = 3) -> np.ndarray:
-    """:func:`shift_stack` for one image (scipy's 1-D correlations: faster for a single stamp)."""
-    from scipy.ndimage import correlate1d
-
-    offsets = np.arange(-order, order + 1)
-    out = np.asarray(image, float)
-    for axis, d in ((1, dx), (0, dy)):
-        w = lanczos(offsets - d, order)
-        # out[i] = sum_o w_o in[i - o]; correlate1d computes sum_k w'_k in[i + k - order]
-        out = correlate1d(out, (w / w.sum())[::-1], axis=axis, mode="constant", cval=0.0)
-    return out
-
-
-def gaussian_centroid(stack: np.ndarray, sigma: float, *, n_iter: int = 8,
-                      weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Circular-Gaussian-weighted centroids of a stack of stamps, iterated to the fixed point.
-
-    Parameters
-    ----------
-    stack : ndarray, shape (n, ny, nx)
-        Background-subtracted stamps; a source near the stamp centre ``(nx // 2, ny // 2)``.
-    sigma : float
-        Weight sigma [pixel]; about the PSF sigma. A symmetric weight centred on the source gives an
-        unbiased centroid of any centrally symmetric profile.
-    weights : ndarray, shape (n, ny, nx), optional
-        0 for pixels to ignore (masked), 1 otherwise.
-
-    Returns
-    -------
-    dx, dy : ndarray, shape (n,)
-        Offsets from the stamp centre [pixel].
-    """
-    n, ny, nx = stack.shape
-    yy = np.arange(ny) - ny // 2
-    xx = np.arange(nx) - nx // 2
-    data = np.asarray(stack, float) if weights is None else weights * stack
-    dx, dy = np.zeros(n), np.zeros(n)
-    for _ in range(n_iter):
-        # the weight is separable: sum over x first (a matrix product per stamp), then over y
-        gx = np.exp(-0.5 * ((xx - dx[:, None]) / sigma) ** 2)                    # (n, nx)
-        gy = np.exp(-0.5 * ((yy - dy[:, None]) / sigma) ** 2)                    # (n, ny)
-        rows = data @ np.stack([gx, gx * xx], axis=2)                           # (n, ny, 2)
-        norm, sum_x = (gy[:, None, :] @ rows)[:, 0].T
-        sum_y = np.einsum("ni,i,ni->n", gy, yy, rows[:, :, 0])
-        ok = norm > 0
-        new_dx = np.where(ok, sum_x / np.where(ok, norm, 1.0), dx)
-        new_dy = np.where(ok, sum_y / np.where(ok, norm, 1.0), dy)
-        # a faint or blended stamp can run away: keep every centroid within one pixel of the centre
-        dx, dy = np.clip(new_dx, -1.0, 1.0), np.clip(new_dy, -1.0, 1.0)
-    return dx, dy
-
-
-# ---------------------------------------------------------------- polynomial basis in (x, y)
-def poly_terms(degree: int) -> list[tuple[int, int]]:
-    """Exponents ``(i, j)`` of ``u**i * v**j`` for total degree <= ``degree``, ordered by degree then j.
-
-    Degree 2 gives ``1, u, v, u^2, uv, v^2``; this order is the first axis of :class:`PixelPsf`'s
-    coefficient cube.
-    """
-    return [(d - j, j) for d in range(degree + 1) for j in range(d + 1)]
-
-
-def poly_basis(u: np.ndarray, v: np.ndarray, degree: int) -> np.ndarray:
-    """Basis values at normalised positions: shape ``(len(u), n_terms)``."""
-    u = np.atleast_1d(np.asarray(u, float))
-    v = np.atleast_1d(np.asarray(v, float))
-    return np.stack([u**i * v**j for i, j in poly_terms(degree)], axis=-1)
+from snakedrp.poly import poly_basis, poly_terms
+from snakedrp.repo.exposure import mask_bits
+from snakedrp.repo.psf_model import PixelPsf
+from snakedrp.stamps import StackShift, cutouts, gaussian_centroid, shift_stack
 
 
 class PsfError(RuntimeError):
@@ -343,101 +79,6 @@ def kernel_size_for(fwhm: float, config: PsfConfig) -> int:
     return int(np.clip(size, lo, hi))
 
 
-# ---------------------------------------------------------------- the pixel-basis model
-@register
-class PixelPsf(PsfModel):
-    """A PSF image whose every pixel is a polynomial in the CCD position.
-
-    ``kernel(x, y) = sum_k coeffs[k] * u**i_k * v**j_k`` normalised to sum 1, with
-    ``u = (x - x_center) / x_scale``, ``v = (y - y_center) / y_scale`` and the exponents of
-    :func:`poly_terms`. The kernel's Gaussian-weighted centroid is its central pixel.
-
-    Parameters
-    ----------
-    coeffs : ndarray, shape (n_terms, n, n)
-        Polynomial coefficient images, ``n`` odd.
-    degree : int
-        Polynomial degree (``n_terms = (degree + 1) (degree + 2) / 2``).
-    x_center, x_scale, y_center, y_scale : float
-        Normalisation of the CCD position [pixel].
-    n_stars : int
-        Stars the model was fitted to (provenance).
-    resample_order : int
-        Lanczos order of the sub-pixel shifts in :meth:`draw` (the order the model was built with).
-    """
-
-    def __init__(self, coeffs: np.ndarray, degree: int, x_center: float, x_scale: float,
-                 y_center: float, y_scale: float, n_stars: int = 0, resample_order: int = 5):
-        # native, contiguous float64: a FITS-read (big-endian) cube then gives bit-identical kernels
-        coeffs = np.ascontiguousarray(coeffs, dtype=np.float64)
-        if coeffs.ndim != 3 or coeffs.shape[1] != coeffs.shape[2] or coeffs.shape[1] % 2 == 0:
-            raise ValueError(f"coeffs must have shape (n_terms, n, n) with n odd, got {coeffs.shape}")
-        if coeffs.shape[0] != len(poly_terms(degree)):
-            raise ValueError(f"degree {degree} needs {len(poly_terms(degree))} terms, got {coeffs.shape[0]}")
-        self.coeffs = coeffs
-        self.degree = int(degree)
-        self.x_center, self.x_scale = float(x_center), float(x_scale)
-        self.y_center, self.y_scale = float(y_center), float(y_scale)
-        self.n_stars = int(n_stars)
-        self.resample_order = int(resample_order)
-
-    @property
-    def size(self) -> int:
-        """Kernel side [pixel]."""
-        return self.coeffs.shape[1]
-
-    def basis(self, x, y) -> np.ndarray:
-        """Polynomial basis at CCD positions ``x, y``: shape ``(len(x), n_terms)``."""
-        u = (np.asarray(x, float) - self.x_center) / self.x_scale
-        v = (np.asarray(y, float) - self.y_center) / self.y_scale
-        return poly_basis(u, v, self.degree)
-
-    def kernels(self, x, y) -> np.ndarray:
-        """Kernels at many positions: shape ``(len(x), n, n)``, each summing to 1."""
-        n = self.size
-        k = (self.basis(x, y) @ self.coeffs.reshape(len(self.coeffs), -1)).reshape(-1, n, n)
-        return k / k.sum(axis=(1, 2), keepdims=True)
-
-    def kernel(self, x, y):
-        # one position: the basis from Python floats (poly_basis costs ~20 us of numpy overhead)
-        u = (float(x) - self.x_center) / self.x_scale
-        v = (float(y) - self.y_center) / self.y_scale
-        b = np.array([u**i * v**j for i, j in poly_terms(self.degree)])
-        k = np.tensordot(b, self.coeffs, axes=1)
-        return k / k.sum()
-
-    def draw(self, x, y):
-        """As :meth:`PsfModel.draw`, with the Lanczos-5 resampling the model was built with.
-
-        Lanczos-3 narrows a 3-4 pixel FWHM star by up to 0.7 % (at half-pixel shifts); order 5 by
-        < 0.2 %.
-        """
-        n = self.size
-        ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
-        stamp = shift_one(self.kernel(x, y), x - ix, y - iy, order=self.resample_order)
-        return stamp, ix - n // 2, iy - n // 2
-
-    def to_hdu(self):
-        hdu = fits.ImageHDU(self.coeffs, name="PSF")
-        h = hdu.header
-        h["PSFTYPE"] = (type(self).__name__, "PSF model class (snakedrp.meas.psf)")
-        h["DEGREE"] = (self.degree, "polynomial degree of the pixel coefficients")
-        h["XCENTER"] = (self.x_center, "u = (x - XCENTER) / XSCALE [pixel, 0-based]")
-        h["XSCALE"] = (self.x_scale, "[pixel]")
-        h["YCENTER"] = (self.y_center, "v = (y - YCENTER) / YSCALE [pixel, 0-based]")
-        h["YSCALE"] = (self.y_scale, "[pixel]")
-        h["NSTARS"] = (self.n_stars, "stars in the fit")
-        h["RESAMPLE"] = (self.resample_order, "Lanczos order of sub-pixel shifts")
-        h["TERMS"] = (" ".join(f"u{i}v{j}" for i, j in poly_terms(self.degree)), "plane k: u^i v^j")
-        return hdu
-
-    @classmethod
-    def from_hdu(cls, hdu):
-        h = hdu.header
-        return cls(np.asarray(hdu.data, float), h["DEGREE"], h["XCENTER"], h["XSCALE"],
-                   h["YCENTER"], h["YSCALE"], h.get("NSTARS", 0), h.get("RESAMPLE", 5))
-
-
 @dataclass(frozen=True)
 class PsfResult:
     """Result of :func:`build_psf`.
@@ -464,37 +105,6 @@ class PsfResult:
     kernel_size: int
     degree: int
     fwhm: float
-
-
-def _xy_columns(table: Table) -> tuple[np.ndarray, np.ndarray]:
-    for xname, yname in (("x", "y"), ("x_centroid", "y_centroid")):
-        if xname in table.colnames and yname in table.colnames:
-            return np.asarray(table[xname], float), np.asarray(table[yname], float)
-    raise KeyError(f"star table needs x, y (or x_centroid, y_centroid) columns; has {table.colnames}")
-
-
-#: Flux columns tried, in order, for a source's S/N (and the selection's isolation test).
-FLUX_COLUMNS = (("flux", "flux_err"), ("psf_flux", "psf_flux_err"), ("calib_flux", "calib_flux_err"),
-                ("ap_flux", "ap_flux_err"))
-
-
-def _flux_columns(table: Table) -> tuple[np.ndarray, np.ndarray]:
-    for name, err in FLUX_COLUMNS:
-        if name in table.colnames and err in table.colnames:
-            return np.asarray(table[name], float), np.asarray(table[err], float)
-    raise KeyError(f"source table needs one of the flux column pairs {FLUX_COLUMNS}; has {table.colnames}")
-
-
-def _bad_bits(names) -> int:
-    from snakedrp.repo.exposure import mask_bits  # lazy: exposure imports this module
-
-    return mask_bits(*names)
-
-
-def _cutouts(array: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) -> np.ndarray:
-    """Stack of ``(2 half + 1)``-sided cutouts of ``array`` centred on integer pixels (all inside)."""
-    off = np.arange(-half, half + 1)
-    return array[(iy[:, None] + off)[:, :, None], (ix[:, None] + off)[:, None, :]]
 
 
 def _masked_median(values: np.ndarray, use: np.ndarray) -> np.ndarray:
@@ -549,7 +159,7 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
         Bit mask; pixels with any of ``config.bad_mask_planes`` are not used.
     stars : Table
         From :func:`snakedrp.meas.psf_select.select_psf_stars`: ``x, y`` (or ``x_centroid, y_centroid``),
-        a flux pair (optional, orders the stars by S/N; see :data:`FLUX_COLUMNS`), ``reserved`` (optional),
+        a flux pair (optional, orders the stars by S/N; see :data:`snakedrp.meas.columns.FLUX_COLUMNS`), ``reserved`` (optional),
         ``moments_sigma`` (optional, first-guess PSF sigma [pixel]).
     config : PsfConfig
 
@@ -562,7 +172,7 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
     image = np.asarray(image)
     ny, nx = image.shape
     n_all = len(stars)
-    x_all, y_all = _xy_columns(stars)
+    x_all, y_all = xy_columns(stars, order=(("x", "y"), ("x_centroid", "y_centroid")))
     reserved = np.asarray(stars["reserved"], bool) if "reserved" in stars.colnames else np.zeros(n_all, bool)
     if "moments_sigma" in stars.colnames and np.isfinite(stars["moments_sigma"]).any():
         sigma0 = float(np.nanmedian(np.asarray(stars["moments_sigma"], float)))
@@ -579,7 +189,7 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
     inside = (ix0 - hs >= 0) & (ix0 + hs < nx) & (iy0 - hs >= 0) & (iy0 + hs < ny) & np.isfinite(x_all + y_all)
     cand = np.nonzero(inside & ~reserved)[0]
     try:
-        flux_col, err_col = _flux_columns(stars)
+        flux_col, err_col = flux_columns(stars)
         with np.errstate(divide="ignore", invalid="ignore"):
             snr = flux_col / err_col
         cand = cand[np.argsort(-np.nan_to_num(snr[cand], nan=-np.inf), kind="stable")]
@@ -593,10 +203,10 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
     while degree > 0 and len(cand) < config.stars_per_term * len(poly_terms(degree)):
         degree -= 1
 
-    bad_bits = _bad_bits(config.bad_mask_planes)
-    raw = _cutouts(image, ix0[cand], iy0[cand], hs).astype(float)
-    var = _cutouts(variance, ix0[cand], iy0[cand], hs).astype(float)
-    bad = (_cutouts(mask, ix0[cand], iy0[cand], hs) & bad_bits) != 0
+    bad_bits = mask_bits(*config.bad_mask_planes)
+    raw = cutouts(image, ix0[cand], iy0[cand], hs).astype(float)
+    var = cutouts(variance, ix0[cand], iy0[cand], hs).astype(float)
+    bad = (cutouts(mask, ix0[cand], iy0[cand], hs) & bad_bits) != 0
     bad |= ~np.isfinite(raw) | ~(var > 0)
     raw[bad] = 0.0
     ring = np.hypot(*np.meshgrid(np.arange(-hs, hs + 1), np.arange(-hs, hs + 1))) > half
@@ -622,8 +232,8 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
     box = slice(pad + 1, pad + 1 + size)
     inner = np.s_[:, box, box]                                            # the kernel box in a raw stamp
     n_cand, n_raw = len(cand), 2 * hs + 1
-    to_centre = _Shift(-dx, -dy, n_cand, n_raw, n_raw, order)            # star -> kernel grid
-    to_star = _Shift(dx, dy, n_cand, n_raw, n_raw, order)                # kernel grid -> star
+    to_centre = StackShift(-dx, -dy, n_cand, n_raw, n_raw, order)            # star -> kernel grid
+    to_star = StackShift(dx, dy, n_cand, n_raw, n_raw, order)                # kernel grid -> star
 
     x_center, x_scale = (nx - 1) / 2.0, max((nx - 1) / 2.0, 1.0)
     y_center, y_scale = (ny - 1) / 2.0, max((ny - 1) / 2.0, 1.0)
@@ -706,12 +316,3 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
         out[name] = col
     fwhm = psf.fwhm(x_center, y_center)
     return PsfResult(psf=psf, stars=out, stars_used=used, kernel_size=size, degree=degree, fwhm=fwhm)
-
-
-def __getattr__(name):
-    # ``from snakedrp.meas.psf import select_psf_stars`` works; imported lazily since psf_select imports this module
-    if name == "select_psf_stars":
-        from snakedrp.meas.psf_select import select_psf_stars
-
-        return select_psf_stars
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,18 +13,13 @@ import numpy as np
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
-from snakedrp.meas.psf import (PsfConfig, PsfError, _bad_bits, _cutouts, _flux_columns, _xy_columns, kernel_size_for,
-                  poly_basis)
+from snakedrp.meas.columns import flagged, flux_columns, xy_columns
+from snakedrp.meas.psf import PsfConfig, PsfError, kernel_size_for
+from snakedrp.poly import poly_basis
+from snakedrp.repo.exposure import mask_bits
+from snakedrp.stamps import cutouts
 
 _PILOT = 32                   # stamps measured from HSM's default first guess of the size
-
-
-def _flagged(table: Table) -> np.ndarray:
-    flags = np.zeros(len(table), bool)
-    for name in table.colnames:
-        if name.startswith("flag") and table[name].dtype == bool:
-            flags |= np.asarray(table[name])
-    return flags
 
 
 def measure_moments(image: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray,
@@ -48,7 +43,7 @@ def measure_moments(image: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.nda
     half = size // 2
     ix = np.floor(np.asarray(x) + 0.5).astype(int)
     iy = np.floor(np.asarray(y) + 0.5).astype(int)
-    return _stamp_moments(_cutouts(image, ix, iy, half), _cutouts(bad, ix, iy, half))
+    return _stamp_moments(cutouts(image, ix, iy, half), cutouts(bad, ix, iy, half))
 
 
 def _stamp_moments(stamps: np.ndarray, bad: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -140,7 +135,7 @@ def select_psf_stars(sources: Table, image: np.ndarray, mask: np.ndarray,
     ----------
     sources : Table
         Detected sources: ``x, y`` (or ``x_centroid, y_centroid``; zero-based pixels), a flux
-        pair (the first of :data:`snakedrp.meas.psf.FLUX_COLUMNS` present: ``flux, flux_err``, else
+        pair (the first of :data:`snakedrp.meas.columns.FLUX_COLUMNS` present: ``flux, flux_err``, else
         ``psf_flux``/``calib_flux``/``ap_flux`` and their ``_err``; electrons). A True boolean
         column named ``flag*`` excludes a source.
     image : ndarray, shape (ny, nx)
@@ -163,28 +158,28 @@ def select_psf_stars(sources: Table, image: np.ndarray, mask: np.ndarray,
     """
     config = config or PsfConfig()
     ny, nx = image.shape
-    x, y = _xy_columns(sources)
-    flux, flux_err = _flux_columns(sources)
+    x, y = xy_columns(sources, order=(("x", "y"), ("x_centroid", "y_centroid")))
+    flux, flux_err = flux_columns(sources)
     with np.errstate(divide="ignore", invalid="ignore"):
         snr = flux / flux_err
     mask = np.asarray(mask)
-    bad_bits = _bad_bits(config.bad_mask_planes)
+    bad_bits = mask_bits(*config.bad_mask_planes)
     ms = config.moments_stamp_size
     hm = ms // 2
     ix = np.floor(x + 0.5)
     iy = np.floor(y + 0.5)
-    ok = np.isfinite(x + y + snr) & (flux_err > 0) & (snr >= config.snr_min) & ~_flagged(sources)
+    ok = np.isfinite(x + y + snr) & (flux_err > 0) & (snr >= config.snr_min) & ~flagged(sources)
     ok &= (ix - hm >= 0) & (ix + hm < nx) & (iy - hm >= 0) & (iy + hm < ny)
     cand = np.nonzero(ok)[0]
     cand = cand[np.argsort(-snr[cand], kind="stable")][: config.max_candidates]
     # the mask is only read on the candidates' stamps, not over the whole image
     cix, ciy = ix[cand].astype(int), iy[cand].astype(int)
-    bad_stamps = (_cutouts(mask, cix, ciy, hm) & bad_bits) != 0
+    bad_stamps = (cutouts(mask, cix, ciy, hm) & bad_bits) != 0
     # a saturated or defective core spoils the moments; such sources cannot be PSF stars anyway
     core = bad_stamps[:, hm, hm]
     cand, bad_stamps = cand[~core], bad_stamps[~core]
 
-    sigma, e1, e2 = _stamp_moments(_cutouts(image, ix[cand].astype(int), iy[cand].astype(int), hm), bad_stamps)
+    sigma, e1, e2 = _stamp_moments(cutouts(image, ix[cand].astype(int), iy[cand].astype(int), hm), bad_stamps)
     good = np.isfinite(sigma) & (sigma > config.fwhm_min / 2.3548) & (sigma < config.fwhm_max / 2.3548)
     cand, sigma, e1, e2 = cand[good], sigma[good], e1[good], e2[good]
     if len(cand) < 5:

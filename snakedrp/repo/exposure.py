@@ -23,7 +23,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from snakedrp.repo.io import write_hdulist
-from snakedrp.meas.psf import PsfModel, psf_from_hdu
+from snakedrp.repo.psf_model import PsfModel, psf_from_hdu
 
 #: Mask plane bits, as the LSST stack numbers them.
 MASK_PLANES: dict[str, int] = {

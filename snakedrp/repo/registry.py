@@ -1,4 +1,4 @@
-"""The registry: one SQLite file listing every raw exposure of a data repository, and ingest.
+"""The registry: one SQLite file listing every raw exposure of a data repository.
 
 ``<repo>/registry.sqlite3`` holds a single table ``raw`` with one row per (visit, ccd):
 
@@ -18,26 +18,17 @@ airmass     REAL     airmass at the start (AIRMASS)
 path        TEXT     file path relative to the repository root
 ==========  =======  ===========================================================
 
-Queries mirror the Gen2 butler's ``queryMetadata``. :func:`ingest` reads the headers of raw
-files and writes the registry atomically: it builds a new SQLite file beside the target and
-renames it into place, so a failed ingest leaves the previous registry untouched.
+Queries mirror the Gen2 butler's ``queryMetadata``. :func:`write_registry` writes the file
+atomically (a new SQLite file beside the target, renamed into place), so a failed ingest
+(:func:`snakedrp.repo.ingest.ingest`) leaves the previous registry untouched.
 """
 from __future__ import annotations
 
-import logging
 import os
-import shutil
 import sqlite3
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-
-from snakedrp.repo.io import atomic_path
-from snakedrp.pexconfig import Config, option
-from snakedrp.repo.raw import RawError, read_raw_header
-
-log = logging.getLogger("snakedrp.ingest")
 
 #: Registry file name inside a data repository.
 REGISTRY_NAME = "registry.sqlite3"
@@ -73,16 +64,12 @@ HEADER_KEYS: dict[str, str] = {
     "airmass": "AIRMASS",
 }
 
-_PYTYPE = {"INTEGER": int, "REAL": float, "TEXT": str}
+PYTHON_TYPES = {"INTEGER": int, "REAL": float, "TEXT": str}
 _SCHEMA = (
     "CREATE TABLE raw ("
     + ", ".join(f'"{c}" {t} NOT NULL' for c, t in COLUMNS.items())
     + ", PRIMARY KEY (visit, ccd))"
 )
-
-
-class IngestError(RuntimeError):
-    """Ingest refused its input; the message names the file and the problem."""
 
 
 class Registry:
@@ -147,12 +134,12 @@ class Registry:
             if value is None:
                 continue
             if isinstance(value, (list, tuple, set, frozenset)):
-                values = [_PYTYPE[COLUMNS[key]](v) for v in value]
+                values = [PYTHON_TYPES[COLUMNS[key]](v) for v in value]
                 clauses.append(f'"{key}" IN ({", ".join("?" * len(values))})')
                 params.extend(values)
             else:
                 clauses.append(f'"{key}" = ?')
-                params.append(_PYTYPE[COLUMNS[key]](value))
+                params.append(PYTHON_TYPES[COLUMNS[key]](value))
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
     def query_metadata(self, fields: str | Sequence[str], **where) -> list:
@@ -194,7 +181,7 @@ class Registry:
         from astropy.table import Table
 
         rows = self.exposures(**where)
-        dtype = [_PYTYPE[t] for t in COLUMNS.values()]
+        dtype = [PYTHON_TYPES[t] for t in COLUMNS.values()]
         if not rows:
             return Table(names=list(COLUMNS), dtype=dtype)
         return Table(rows=[[r[c] for c in COLUMNS] for r in rows], names=list(COLUMNS), dtype=dtype)
@@ -232,7 +219,7 @@ def _coerce_row(row: dict, *, where: str) -> dict:
     missing = [c for c in COLUMNS if c not in row]
     if missing:
         raise ValueError(f"{where}: row {row!r} lacks column(s) {', '.join(missing)}")
-    return {c: _PYTYPE[t](row[c]) for c, t in COLUMNS.items()}
+    return {c: PYTHON_TYPES[t](row[c]) for c, t in COLUMNS.items()}
 
 
 def _insert(conn: sqlite3.Connection, rows: list[dict]) -> None:
@@ -245,169 +232,25 @@ def _insert(conn: sqlite3.Connection, rows: list[dict]) -> None:
     conn.commit()
 
 
-# ------------------------------------------------------------------ ingest
-@dataclass
-class IngestConfig(Config):
-    """Ingest of raw files into the registry (the role of ingestImages.py)."""
+def write_registry(path: str | Path, rows: list[dict]) -> None:
+    """Write a registry file holding ``rows`` (dicts of :data:`COLUMNS`), atomically.
 
-    on_error: str = option("skip", "What to do with an unreadable, truncated or incomplete raw file: "
-                           "skip it with a warning, or fail the ingest", choices=("skip", "fail"))
-    transfer: str = option("none", "How files are brought into the repository layout raw/<visit>/: "
-                           "none (registered where they are), symlink or copy", choices=("none", "symlink", "copy"))
-    append: bool = option(False, "Add to the existing registry instead of rebuilding it from the given files")
-
-
-@dataclass(frozen=True)
-class IngestReport:
-    """What an ingest did.
-
-    Attributes
-    ----------
-    registry : Path
-        The registry file written.
-    ingested : list of str
-        Registry paths (relative to the repository root) of the files added.
-    skipped : list of (str, str)
-        (file, reason) of every file left out.
+    The file appears complete under ``path`` or not at all: it is built under a temporary name
+    in the same directory and renamed.
     """
-
-    registry: Path
-    ingested: list[str] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _problem(path: Path, err: Exception) -> str:
-    # RawError messages start with the path; keep only the problem.
-    text = str(err)
-    return text[len(f"{path}: "):] if text.startswith(f"{path}: ") else text
-
-
-def _camera_of(repo: Path):
-    camera_path = repo / "_camera.yaml"
-    if not camera_path.exists():
-        return None
-    from snakedrp.repo.camera import Camera
-
-    return Camera.from_yaml(camera_path)
-
-
-def _row_from_header(header, camera) -> dict:
-    row = {}
-    for col, key in HEADER_KEYS.items():
-        try:
-            row[col] = _PYTYPE[COLUMNS[col]](header[key])
-        except (TypeError, ValueError):
-            raise RawError(f"header key {key} = {header[key]!r} is not a valid {COLUMNS[col].lower()}") from None
-    if camera is not None:
-        if str(header["CAMERA"]) != camera.name:
-            raise RawError(f"CAMERA {header['CAMERA']!r} is not this repository's camera {camera.name!r}")
-        if row["ccd"] not in camera.ccds:
-            raise RawError(f"CCD {row['ccd']} is not a detector of camera {camera.name!r} "
-                           f"(ids {', '.join(map(str, camera.ccd_ids))})")
-    return row
-
-
-def _relative(path: Path, repo: Path) -> str:
-    return os.path.relpath(os.path.abspath(path), os.path.abspath(repo))
-
-
-def ingest(repo_root: str | Path, paths: Iterable[str | Path], config: IngestConfig | None = None) -> IngestReport:
-    """Read raw headers and (re)write ``<repo_root>/registry.sqlite3``.
-
-    Parameters
-    ----------
-    repo_root : str or Path
-        Data repository root.
-    paths : iterable of str or Path
-        Raw files (see :mod:`snakedrp.repo.raw`).
-    config : IngestConfig, optional
-
-    Returns
-    -------
-    IngestReport
-
-    Raises
-    ------
-    IngestError
-        With ``on_error="fail"``: the first bad file (named, with the problem) before anything
-        is written. Always: when no file at all can be ingested. A duplicate (visit, ccd) is a
-        bad file naming both paths. Whatever goes wrong, the previous registry is unchanged.
-    """
-    config = config or IngestConfig()
-    config.validate()
-    repo = Path(repo_root)
-    target = repo / REGISTRY_NAME
-    camera = _camera_of(repo)
-    existing: dict[tuple[int, int], dict] = {}
-    if config.append and target.exists():
-        existing = {(r["visit"], r["ccd"]): r for r in Registry(target).exposures()}
-
-    rows: dict[tuple[int, int], dict] = {}
-    sources: dict[tuple[int, int], Path] = {}
-    skipped: list[tuple[str, str]] = []
-
-    def reject(path: Path, problem: str) -> None:
-        if config.on_error == "fail":
-            raise IngestError(f"{path}: {problem}")
-        log.warning("skipping %s: %s", path, problem)
-        skipped.append((str(path), problem))
-
-    for path in map(Path, paths):
-        try:
-            row = _row_from_header(read_raw_header(path), camera)
-        except RawError as err:
-            reject(path, _problem(path, err))
-            continue
-        key = (row["visit"], row["ccd"])
-        if key in rows:
-            reject(path, f"duplicate visit={key[0]} ccd={key[1]}: already read from {sources[key]}")
-            continue
-        if key in existing:
-            old = repo / existing[key]["path"]
-            if os.path.abspath(old) != os.path.abspath(path):
-                reject(path, f"duplicate visit={key[0]} ccd={key[1]}: already registered from {old}")
-            continue
-        rows[key] = row
-        sources[key] = path
-    if not rows and not existing:
-        raise IngestError(f"no raw file could be ingested into {target} ({len(skipped)} skipped); "
-                          f"the registry is unchanged")
-
-    for key, row in rows.items():
-        row["path"] = _transfer(sources[key], repo, key, config.transfer)
-
-    repo.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{REGISTRY_NAME}.", suffix=".tmp", dir=repo)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         conn = sqlite3.connect(tmp)
         try:
             conn.execute(_SCHEMA)
-            _insert(conn, list(existing.values()) + list(rows.values()))
+            _insert(conn, rows)
         finally:
             conn.close()
-        os.replace(tmp, target)
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    log.info("ingested %d raw file(s) into %s; %d skipped", len(rows), target, len(skipped))
-    return IngestReport(registry=target, ingested=[r["path"] for r in rows.values()], skipped=skipped)
 
-
-def _transfer(path: Path, repo: Path, key: tuple[int, int], mode: str) -> str:
-    """Bring ``path`` into the repository layout (``mode`` = none, symlink, copy); its registry path."""
-    if mode == "none":
-        return _relative(path, repo)
-    from snakedrp.repo.butler import Butler
-
-    dest = Path(Butler(repo).output_path("raw", visit=key[0], ccd=key[1]))
-    if os.path.abspath(dest) != os.path.abspath(path):
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists() or dest.is_symlink():
-            dest.unlink()
-        if mode == "symlink":
-            dest.symlink_to(os.path.abspath(path))
-        else:
-            with atomic_path(dest) as tmp:
-                shutil.copy2(path, tmp)
-    return _relative(dest, repo)

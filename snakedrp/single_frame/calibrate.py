@@ -19,7 +19,7 @@ from snakedrp.meas.detect import DetectionConfig, DetectionResult, detect_source
 from snakedrp.repo.exposure import Exposure
 from snakedrp.meas.measure import MeasureConfig, calibrate_fluxes, measure_sources
 from snakedrp.pexconfig import Config, option, subconfig
-from snakedrp.meas.psf import kernel_moments
+from snakedrp.stamps import kernel_moments
 from snakedrp.calib.photometry import PhotometryConfig, PhotometryError, fit_zeropoint
 
 

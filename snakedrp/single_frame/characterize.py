@@ -24,7 +24,8 @@ from snakedrp.meas.detect import (DetectionConfig, DetectionResult, detect_sourc
 from snakedrp.repo.exposure import Exposure
 from snakedrp.meas.measure import MeasureConfig, measure_sources
 from snakedrp.pexconfig import Config, option, subconfig
-from snakedrp.meas.psf import GaussianPsf, PsfConfig, PsfError, build_psf
+from snakedrp.meas.psf import PsfConfig, PsfError, build_psf
+from snakedrp.repo.psf_model import GaussianPsf
 from snakedrp.meas.psf_select import select_psf_stars
 
 

@@ -15,7 +15,8 @@ from scipy.spatial import cKDTree
 
 from snakedrp.repo.exposure import Exposure, mask_bit
 from snakedrp.pexconfig import Config, option
-from snakedrp.meas.psf import kernel_moments
+from snakedrp.meas.columns import flagged
+from snakedrp.stamps import kernel_moments
 
 
 @dataclass
@@ -101,7 +102,7 @@ def astrometric_errors_mas(src: Table, truth: Table, objects: Table, config: Val
     keep = _is_star(truth)[it] & (snr > config.astrometry_snr_min)
     if isolated_only:
         keep &= _isolated(truth, config)[it]
-    keep &= ~_flagged(src)[im] & ~np.asarray(truth["saturated"], bool)[it]
+    keep &= ~flagged(src, also=("centroid_flag",))[im] & ~np.asarray(truth["saturated"], bool)[it]
     im, it = im[keep], it[keep]
     by_id = {int(i): k for k, i in enumerate(objects["id"])}
     rows = np.array([by_id[int(i)] for i in truth["id"][it]], int)
@@ -116,22 +117,13 @@ def _is_star(truth: Table) -> np.ndarray:
     return np.char.strip(np.asarray(truth["type"]).astype(str)) == "star"
 
 
-def _flagged(src: Table) -> np.ndarray:
-    """Sources with a pixel flag (``flag_*``) or a failed centroid."""
-    flags = np.zeros(len(src), bool)
-    for name in src.colnames:
-        if (name.startswith("flag_") or name == "centroid_flag") and src[name].dtype == bool:
-            flags |= np.asarray(src[name])
-    return flags
-
-
 def psf_flux_ratios(src: Table, truth: Table, config: ValidateConfig) -> np.ndarray:
     """measured/true PSF flux of matched, isolated, unflagged bright stars."""
     iso = _isolated(truth, config)
     im, it = match_sources(src["x_centroid"], src["y_centroid"], truth["x"], truth["y"], config.match_radius)
     snr = np.asarray(src["psf_flux"])[im] / np.asarray(src["psf_flux_err"])[im]
     keep = _is_star(truth)[it] & iso[it] & (snr > config.psf_flux_snr_min)
-    keep &= ~_flagged(src)[im] & ~np.asarray(truth["saturated"], bool)[it]
+    keep &= ~flagged(src, also=("centroid_flag",))[im] & ~np.asarray(truth["saturated"], bool)[it]
     return np.asarray(src["psf_flux"])[im[keep]] / np.asarray(truth["flux"])[it[keep]]
 
 
