@@ -156,3 +156,16 @@ def cutouts(array: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) -> np.
     """Stack of ``(2 half + 1)``-sided cutouts of ``array`` centred on integer pixels (all inside)."""
     off = np.arange(-half, half + 1)
     return array[(iy[:, None] + off)[:, :, None], (ix[:, None] + off)[:, None, :]]
+
+
+def padded_cutouts(array: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int, fill) -> np.ndarray:
+    """Stack of ``(2 half + 1)``-sided cutouts centred on integer pixels; ``fill`` off the image."""
+    ny, nx = array.shape
+    off = np.arange(-half, half + 1)
+    yy = iy[:, None] + off
+    xx = ix[:, None] + off
+    out = array[np.clip(yy, 0, ny - 1)[:, :, None], np.clip(xx, 0, nx - 1)[:, None, :]]
+    outside = ((yy < 0) | (yy >= ny))[:, :, None] | ((xx < 0) | (xx >= nx))[:, None, :]
+    if outside.any():
+        out = np.where(outside, fill, out)
+    return out

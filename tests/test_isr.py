@@ -14,7 +14,8 @@ from astropy.io import fits
 
 from snakedrp.repo.camera import Camera
 from snakedrp.repo.exposure import Exposure, mask_bit
-from snakedrp.isr.isr import IsrConfig, IsrError, IsrTask, fit_overscan
+from snakedrp.isr.isr import IsrConfig, IsrError, IsrTask
+from snakedrp.isr.overscan import fit_overscan
 from snakedrp.pexconfig import ConfigError
 from snakedrp.repo.raw import REQUIRED_KEYS, RawFrame
 

@@ -11,7 +11,8 @@ from scipy.spatial import cKDTree
 
 from snakedrp.meas.detect import DetectionConfig, detect_sources
 from snakedrp.repo.exposure import mask_bit
-from snakedrp.meas.measure import MeasureConfig, aperture_name, calibrate_fluxes, measure_sources
+from snakedrp.meas.apertures import aperture_name
+from snakedrp.meas.measure import MeasureConfig, calibrate_fluxes, measure_sources
 from snakedrp.repo.psf_model import GaussianPsf, PsfModel, register
 
 SIGMA_PSF = 1.8
@@ -365,7 +366,7 @@ def test_timing_full_hsc_ccd():
 
 def test_bulk_models_equal_per_source_draw():
     """The vectorised GaussianPsf / PixelPsf drawing in measure equals PsfModel.draw source by source."""
-    from snakedrp.meas.measure import _draw_models
+    from snakedrp.meas.psf_flux import draw_psf_models
     from snakedrp.repo.psf_model import PixelPsf
 
     rng = np.random.default_rng(5)
@@ -381,8 +382,8 @@ def test_bulk_models_equal_per_source_draw():
 
     loop = Loop(coeffs, 1, 500.0, 500.0, 500.0, 500.0, resample_order=5)
     for half in (4, 10, 14):  # box smaller than, equal to and larger than the kernel
-        fast = _draw_models(pixel, xc, yc, ix, iy, half)
-        slow = _draw_models(loop, xc, yc, ix, iy, half)
+        fast = draw_psf_models(pixel, xc, yc, ix, iy, half)
+        slow = draw_psf_models(loop, xc, yc, ix, iy, half)
         assert fast.shape == slow.shape == (n, 2 * half + 1, 2 * half + 1)
         np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-12)
         gauss = GaussianPsf(1.7, size=15)
@@ -390,8 +391,8 @@ def test_bulk_models_equal_per_source_draw():
         class GaussLoop(GaussianPsf):
             pass
 
-        np.testing.assert_allclose(_draw_models(gauss, xc, yc, ix, iy, half),
-                                   _draw_models(GaussLoop(1.7, size=15), xc, yc, ix, iy, half), rtol=0, atol=1e-14)
+        np.testing.assert_allclose(draw_psf_models(gauss, xc, yc, ix, iy, half),
+                                   draw_psf_models(GaussLoop(1.7, size=15), xc, yc, ix, iy, half), rtol=0, atol=1e-14)
 
 
 def test_minimal_measurement_matches_full(star_field):

@@ -36,16 +36,15 @@ from dataclasses import dataclass
 
 import numpy as np
 from astropy.io import fits
-from astropy.stats import sigma_clip
-from astropy.utils.exceptions import AstropyUserWarning
 from astropy.wcs import WCS, FITSFixedWarning
 from scipy import ndimage
-from scipy.interpolate import LSQUnivariateSpline
 
-from snakedrp.repo.camera import Amplifier, Camera
+from snakedrp.repo.camera import Camera
 from snakedrp.repo.exposure import Exposure, mask_bit, mask_bits
 from snakedrp.pexconfig import Config, ConfigError, option
 from snakedrp.repo.raw import RawFrame
+from snakedrp.isr.overscan import (IsrError, amp_regions, assemble, assemble_overscan_corrected, overscan_correct,
+                                    overscan_models, place_amp)
 
 #: Raw header keys copied into the exposure's metadata (when present).
 METADATA_KEYS = ("VISIT", "CCD", "FILTER", "OBSTYPE", "DATE-OBS", "MJD-OBS", "EXPTIME", "DARKTIME",
@@ -56,10 +55,6 @@ UNUSABLE_BITS = mask_bits("BAD", "SAT", "NO_DATA")
 #: Calibration-product mask planes that make the corrected science pixel BAD (a master's BAD
 #: marks the camera defects, which do_defect handles, so only pixels without data count).
 CALIB_BAD_BITS = mask_bit("NO_DATA")
-
-
-class IsrError(RuntimeError):
-    """ISR cannot proceed (missing calibration, wrong shape, no usable data); names visit and ccd."""
 
 
 @dataclass
@@ -107,6 +102,12 @@ class IsrConfig(Config):
         if self.do_dark and not self.do_gain:
             raise ConfigError("isr: do_dark needs do_gain (the master dark is in electrons per second)")
 
+    def overscan_options(self) -> dict:
+        """The ``overscan_*`` options as keywords of :func:`snakedrp.isr.overscan.overscan_models`."""
+        return dict(fit=self.overscan_fit, order=self.overscan_order, knots=self.overscan_spline_knots,
+                    clip_sigma=self.overscan_clip_sigma, clip_iterations=self.overscan_clip_iterations,
+                    skip_columns=self.overscan_skip_columns)
+
 
 @dataclass(frozen=True)
 class IsrResult:
@@ -127,12 +128,6 @@ class IsrResult:
     fringe_amplitude: float | None = None
 
 
-# ---------------------------------------------------------------------------- helpers
-def amp_regions(amplifiers, *, assembled: bool) -> list[tuple[slice, slice]]:
-    """Each amplifier's pixels in the output image: its assembled box, or raw data box."""
-    return [(a.assembled if assembled else a.raw_data).slices for a in amplifiers]
-
-
 #: Rows per block in whole-image arithmetic: the temporaries stay in cache (2x faster than
 #: whole-image temporaries on a 2048 x 4176 CCD).
 BLOCK_ROWS = 128
@@ -141,154 +136,6 @@ BLOCK_ROWS = 128
 def _blocks(n_rows: int):
     for y in range(0, n_rows, BLOCK_ROWS):
         yield slice(y, min(y + BLOCK_ROWS, n_rows))
-
-
-def _place(src: np.ndarray, amp: Amplifier) -> np.ndarray:
-    # raw data of a flip_x amplifier are mirrored in x (it reads out to the right)
-    return src[:, ::-1] if amp.flip_x else src
-
-
-# ---------------------------------------------------------------------------- overscan
-def fit_overscan(overscan: np.ndarray, *, fit: str = "poly", order: int = 3, knots: int = 8,
-                 clip_sigma: float = 3.0, clip_iterations: int = 3) -> np.ndarray:
-    """Model of the overscan level along the rows of one amplifier.
-
-    Parameters
-    ----------
-    overscan : ndarray, shape (ny, n_columns)
-        Overscan pixels [ADU]; NaN pixels are ignored.
-    fit : {"median", "poly", "spline"}
-        ``median``: one level, the median of all overscan pixels. ``poly``/``spline``: a
-        polynomial of ``order`` / a cubic spline with ``knots`` interior knots fitted to the
-        per-row sigma-clipped mean, rows beyond ``clip_sigma`` (MAD) sigma of the fit rejected.
-
-    Returns
-    -------
-    ndarray, float32, shape (ny,)
-        Overscan level of each row [ADU]; NaN if the overscan holds no finite pixel.
-    """
-    ny = overscan.shape[0]
-    if fit == "median":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN overscan → NaN level
-            level = np.nanmedian(overscan)
-        return np.full(ny, level, np.float32)
-    if clip_iterations > 0:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", AstropyUserWarning)  # NaN pixels are meant to be dropped
-            clipped = sigma_clip(overscan, sigma=clip_sigma, maxiters=clip_iterations, axis=1, masked=True)
-        row_mean = np.ma.filled(clipped.mean(axis=1).astype(np.float64), np.nan)
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            row_mean = np.nanmean(overscan, axis=1, dtype=np.float64)
-    rows = np.arange(ny, dtype=np.float64)
-    good = np.isfinite(row_mean)
-    n_params = order + 1 if fit == "poly" else knots + 4
-    if good.sum() < max(n_params + 1, 2):
-        level = np.nanmedian(row_mean) if good.any() else np.nan
-        return np.full(ny, level, np.float32)
-
-    def _fit(use):
-        if fit == "poly":
-            return np.polynomial.Polynomial.fit(rows[use], row_mean[use], order)
-        x = rows[use]
-        inner = np.linspace(x[0], x[-1], knots + 2)[1:-1]
-        return LSQUnivariateSpline(x, row_mean[use], inner, k=3)
-
-    use = good
-    model = _fit(use)
-    for _ in range(clip_iterations):
-        resid = row_mean - model(rows)
-        scale = 1.4826 * np.median(np.abs(resid[use] - np.median(resid[use])))
-        if not scale > 0:
-            break
-        new_use = good & (np.abs(resid) <= clip_sigma * scale)
-        if np.array_equal(new_use, use) or new_use.sum() < n_params + 1:
-            break
-        use = new_use
-        model = _fit(use)
-    return model(rows).astype(np.float32)
-
-
-def overscan_correct(data: np.ndarray, amplifiers, *, config: IsrConfig) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Subtract each amplifier's overscan model from its data and overscan columns.
-
-    Parameters
-    ----------
-    data : ndarray, float32, shape (ny_raw, nx_raw)
-        Raw frame [ADU], camera raw layout; not modified.
-    amplifiers : sequence of Amplifier
-    config : IsrConfig
-        ``overscan_*`` options.
-
-    Returns
-    -------
-    corrected : ndarray, float32, shape (ny_raw, nx_raw)
-        Raw layout with the overscan level removed [ADU].
-    models : list of ndarray, float32, shape (ny_amp,)
-        Each amplifier's overscan level per row [ADU].
-    """
-    covered = sum(a.raw_data.shape[0] * a.raw_data.shape[1] + a.raw_overscan.shape[0] * a.raw_overscan.shape[1]
-                  for a in amplifiers)
-    out = np.empty_like(data, dtype=np.float32) if covered == data.size else data.astype(np.float32, copy=True)
-    models = overscan_models(data, amplifiers, config=config)
-    for amp, model in zip(amplifiers, models):
-        column = model[:, None]
-        for box in (amp.raw_data, amp.raw_overscan):
-            np.subtract(data[box.slices], column, out=out[box.slices])
-    return out, models
-
-
-def overscan_models(data: np.ndarray, amplifiers, *, config: IsrConfig) -> list[np.ndarray]:
-    """Each amplifier's overscan level per row [ADU] (the models :func:`overscan_correct` subtracts)."""
-    models = []
-    for amp in amplifiers:
-        ys, xs = amp.raw_overscan.slices
-        skip = min(config.overscan_skip_columns, amp.raw_overscan.shape[1] - 1)
-        columns = data[ys, xs.start + skip:xs.stop]
-        model = fit_overscan(columns, fit=config.overscan_fit, order=config.overscan_order,
-                             knots=config.overscan_spline_knots, clip_sigma=config.overscan_clip_sigma,
-                             clip_iterations=config.overscan_clip_iterations)
-        if amp.raw_overscan.y0 != amp.raw_data.y0 or amp.raw_overscan.shape[0] != amp.raw_data.shape[0]:
-            raise IsrError(f"amplifier {amp.name}: overscan rows {amp.raw_overscan} do not match data rows {amp.raw_data}")
-        models.append(model)
-    return models
-
-
-def assemble_overscan_corrected(data: np.ndarray, amplifiers, ccd_shape: tuple[int, int],
-                                models: list[np.ndarray]) -> np.ndarray:
-    """``assemble(overscan_correct(data)[0])`` in one pass, without the raw-layout intermediate."""
-    out = np.empty(ccd_shape, np.float32)
-    for amp, model in zip(amplifiers, models):
-        if amp.raw_data.shape != amp.assembled.shape:
-            raise IsrError(f"amplifier {amp.name}: raw data {amp.raw_data} and assembled {amp.assembled} differ in shape")
-        np.subtract(_place(data[amp.raw_data.slices], amp), model[:, None], out=out[amp.assembled.slices])
-    return out
-
-
-# ---------------------------------------------------------------------------- assembly, masks
-def assemble(data: np.ndarray, amplifiers, ccd_shape: tuple[int, int]) -> np.ndarray:
-    """Trim and assemble the amplifiers into the CCD image.
-
-    Parameters
-    ----------
-    data : ndarray, shape (ny_raw, nx_raw)
-        Raw layout (overscan-corrected or not).
-    amplifiers : sequence of Amplifier
-        ``raw_data`` → ``assembled`` boxes; ``flip_x`` data are un-mirrored.
-    ccd_shape : (ny, nx)
-
-    Returns
-    -------
-    ndarray, float32, shape ccd_shape
-    """
-    out = np.empty(ccd_shape, np.float32)
-    for amp in amplifiers:
-        if amp.raw_data.shape != amp.assembled.shape:
-            raise IsrError(f"amplifier {amp.name}: raw data {amp.raw_data} and assembled {amp.assembled} differ in shape")
-        out[amp.assembled.slices] = _place(data[amp.raw_data.slices], amp)
-    return out
 
 
 def detect_saturation(data: np.ndarray, amplifiers, shape: tuple[int, int], *, assembled: bool) -> np.ndarray:
@@ -309,7 +156,7 @@ def detect_saturation(data: np.ndarray, amplifiers, shape: tuple[int, int], *, a
     for amp in amplifiers:
         hit = data[amp.raw_data.slices] >= amp.saturation
         if assembled:
-            saturated[amp.assembled.slices] = _place(hit, amp)
+            saturated[amp.assembled.slices] = place_amp(hit, amp)
         else:
             saturated[amp.raw_data.slices] = hit
     return saturated
@@ -659,9 +506,9 @@ class IsrTask:
         if cfg.do_overscan:
             if assembled:
                 # subtract while assembling: no raw-layout copy (a 36 MB array per HSC CCD)
-                models = overscan_models(raw.data, amps, config=cfg)
+                models = overscan_models(raw.data, amps, **cfg.overscan_options())
             else:
-                work, models = overscan_correct(raw.data, amps, config=cfg)
+                work, models = overscan_correct(raw.data, amps, **cfg.overscan_options())
             for amp, model in zip(amps, models):
                 level = float(np.median(model))
                 if np.isfinite(level):

@@ -15,7 +15,7 @@ aperture (about one neighbour per bright source). Conventions:
   children of one deblended parent whose PSF-fit boxes overlap are fitted simultaneously, each
   with its own PSF model; in the calibration aperture of sources above ``calib_replace_snr_min``,
   other sources' footprint pixels are replaced by the source's own PSF model
-  (:func:`_neighbour_correction`). The fixed-radius apertures keep their neighbours.
+  (:func:`neighbour_correction`). The fixed-radius apertures keep their neighbours.
 - PSF fluxes are unweighted least-squares amplitudes of the unit-flux PSF model (normalised over the
   whole kernel), as LSST's PsfFlux: per-pixel variance weights would bias bright stars low.
 - The calibration aperture has radius ``calib_aperture_fwhm`` x the local PSF FWHM (default 4; the
@@ -37,7 +37,10 @@ from snakedrp.repo.exposure import MASK_PLANES, mask_bits
 from snakedrp.pexconfig import Config, option
 from snakedrp.meas.columns import xy_columns
 from snakedrp.repo.psf_model import PsfModel
-from snakedrp.stamps import kernel_moments, shift_stack
+from snakedrp.meas.apertures import aperture_fluxes, aperture_name, footprint_boxes, kron_fluxes, neighbour_correction
+from snakedrp.meas.psf_flux import PsfGrid, blend_groups, draw_psf_models, joint_psf_fits, psf_fit
+from snakedrp.meas.shapes import adaptive_moments, guess_sigma
+from snakedrp.stamps import padded_cutouts
 
 #: Pixel-flag columns and the mask planes that set them by default (LSST base_PixelFlags names).
 DEFAULT_PIXEL_FLAGS: dict[str, list[str]] = {
@@ -82,237 +85,6 @@ class MeasureConfig(Config):
             raise ValueError("measure.aperture_radii must be a non-empty list of positive radii")
         if self.shape_stamp_size % 2 == 0:
             raise ValueError("measure.shape_stamp_size must be odd")
-
-
-def aperture_name(radius: float) -> str:
-    """Column stem of an aperture: 4.5 -> ``ap_4_5`` (LSST's CircularApertureFlux_4_5)."""
-    whole, frac = f"{float(radius):.1f}".split(".")
-    return f"ap_{whole}_{frac}"
-
-
-def _gather(array: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int, fill) -> np.ndarray:
-    """Stack of ``(2 half + 1)``-sided cutouts centred on integer pixels; ``fill`` off the image."""
-    ny, nx = array.shape
-    off = np.arange(-half, half + 1)
-    yy = iy[:, None] + off
-    xx = ix[:, None] + off
-    out = array[np.clip(yy, 0, ny - 1)[:, :, None], np.clip(xx, 0, nx - 1)[:, None, :]]
-    outside = ((yy < 0) | (yy >= ny))[:, :, None] | ((xx < 0) | (xx >= nx))[:, None, :]
-    if outside.any():
-        out = np.where(outside, fill, out)
-    return out
-
-
-class _PsfGrid:
-    """The PSF kernel on a regular grid of CCD positions, for vectorised models and widths."""
-
-    def __init__(self, psf: PsfModel, shape: tuple[int, int], spacing: float):
-        ny, nx = shape
-        self.gx = np.linspace(0.0, nx - 1.0, max(2, int(math.ceil((nx - 1) / spacing)) + 1))
-        self.gy = np.linspace(0.0, ny - 1.0, max(2, int(math.ceil((ny - 1) / spacing)) + 1))
-        kernels = np.array([[psf.kernel(x, y) for x in self.gx] for y in self.gy], float)
-        self.kernels = kernels                                   # (n_gy, n_gx, n, n)
-        sig = np.array([[kernel_moments(k)[0] for k in row] for row in kernels])
-        if not np.isfinite(sig).all():
-            fallback = np.nanmedian(sig) if np.isfinite(sig).any() else 2.0
-            sig = np.where(np.isfinite(sig), sig, fallback)
-        self.sigma_nodes = sig
-
-    def _bilinear(self, x, y):
-        fx = np.interp(x, self.gx, np.arange(len(self.gx)))
-        fy = np.interp(y, self.gy, np.arange(len(self.gy)))
-        i0 = np.clip(np.floor(fx).astype(int), 0, len(self.gx) - 2)
-        j0 = np.clip(np.floor(fy).astype(int), 0, len(self.gy) - 2)
-        tx, ty = fx - i0, fy - j0
-        corners = [(j0, i0, (1 - ty) * (1 - tx)), (j0, i0 + 1, (1 - ty) * tx),
-                   (j0 + 1, i0, ty * (1 - tx)), (j0 + 1, i0 + 1, ty * tx)]
-        return corners
-
-    def sigma(self, x, y) -> np.ndarray:
-        """Adaptive-moment sigma of the PSF at ``(x, y)`` [pixel]."""
-        return sum(w * self.sigma_nodes[j, i] for j, i, w in self._bilinear(x, y))
-
-    def models(self, xc, yc, ix, iy, half: int) -> np.ndarray:
-        """Unit-flux PSF images of sources at ``(xc, yc)`` on the boxes ``[iy +- half, ix +- half]``: (N, s, s)."""
-        n = self.kernels.shape[-1]
-        size = 2 * half + 1
-        big = size + 6                                           # Lanczos-3 support on both sides
-        pad = max(0, (big - n + 1) // 2)
-        kernels = np.pad(self.kernels, ((0, 0), (0, 0), (pad, pad), (pad, pad))) if pad else self.kernels
-        c = kernels.shape[-1] // 2
-        sub = kernels[:, :, c - half - 3: c + half + 4, c - half - 3: c + half + 4]
-        stack = sum(w[:, None, None] * sub[j, i] for j, i, w in self._bilinear(xc, yc))
-        shifted = shift_stack(stack, xc - ix, yc - iy)
-        return shifted[:, 3:-3, 3:-3]
-
-
-def _place_centred(stamps: np.ndarray, half: int) -> np.ndarray:
-    """Centred stamps (N, n, n) cut or zero-padded to (N, 2 half + 1, 2 half + 1) about their centre."""
-    n = stamps.shape[-1]
-    c = n // 2
-    if n >= 2 * half + 1:
-        return stamps[:, c - half: c + half + 1, c - half: c + half + 1]
-    p = half - c
-    return np.pad(stamps, ((0, 0), (p, p), (p, p)))
-
-
-def _draw_models(psf: PsfModel, xc, yc, ix, iy, half: int) -> np.ndarray:
-    """:meth:`PsfModel.draw` per source, placed on the boxes ``[iy +- half, ix +- half]``.
-
-    The two models of this package that override ``draw`` are drawn in bulk with the same
-    arithmetic (a per-source Python loop costs ~0.1 ms a source): :class:`GaussianPsf` (its
-    pixel-integrated Gaussian) and :class:`PixelPsf` (its Lanczos-``resample_order`` shift of the
-    kernel, cropped to the box plus the Lanczos support before shifting).
-    """
-    from snakedrp.repo.psf_model import GaussianPsf, PixelPsf
-
-    size = 2 * half + 1
-    n_src = len(xc)
-    xc, yc = np.asarray(xc, float), np.asarray(yc, float)
-    if type(psf) is GaussianPsf and n_src:
-        from scipy.special import erf
-
-        r = np.arange(psf.size) - psf.size // 2
-        s = psf.sigma * np.sqrt(2.0)
-        dx = (xc - np.floor(xc + 0.5))[:, None]
-        dy = (yc - np.floor(yc + 0.5))[:, None]
-        ex = 0.5 * (erf((r - dx + 0.5) / s) - erf((r - dx - 0.5) / s))
-        ey = 0.5 * (erf((r - dy + 0.5) / s) - erf((r - dy - 0.5) / s))
-        k = ey[:, :, None] * ex[:, None, :]
-        k /= k.sum(axis=(1, 2), keepdims=True)
-        return _place_centred(k, half)
-    if type(psf) is PixelPsf and n_src:
-        order = psf.resample_order
-        kernels = psf.kernels(xc, yc)
-        # box pixels see taps up to `order` pixels away: crop the kernel to the box plus that
-        # margin before shifting (draw shifts the whole kernel, zero beyond it, then cuts the box)
-        m = min(half + order, psf.size // 2)
-        dx = xc - np.floor(xc + 0.5)
-        dy = yc - np.floor(yc + 0.5)
-        shifted = shift_stack(_place_centred(kernels, m), dx, dy, order=order)
-        return np.ascontiguousarray(_place_centred(shifted, half))
-    out = np.zeros((n_src, size, size))
-    for k in range(len(xc)):
-        stamp, x0, y0 = psf.draw(float(xc[k]), float(yc[k]))
-        bx, by = ix[k] - half, iy[k] - half
-        sy0, sx0 = max(by, y0), max(bx, x0)
-        sy1, sx1 = min(by + size, y0 + stamp.shape[0]), min(bx + size, x0 + stamp.shape[1])
-        if sy1 > sy0 and sx1 > sx0:
-            out[k, sy0 - by: sy1 - by, sx0 - bx: sx1 - bx] = stamp[sy0 - y0: sy1 - y0, sx0 - x0: sx1 - x0]
-    return out
-
-
-# ---------------------------------------------------------------- PSF fluxes
-def _psf_fit(data, var, good, model):
-    """Unweighted linear least-squares amplitude of ``model`` (N, s, s) over ``good`` pixels.
-
-    Unweighted (as LSST's PsfFlux): variance-plane weights include the source's own photon noise,
-    which correlates with the data and biases bright fluxes low.
-    """
-    pm = model * good
-    norm = (pm * model).sum(axis=(1, 2))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        flux = (pm * data).sum(axis=(1, 2)) / norm
-        err = np.sqrt((pm**2 * var).sum(axis=(1, 2))) / norm
-        resid = (data - flux[:, None, None] * model) ** 2 / np.where(var > 0, var, np.inf)
-        chi2 = (resid * good).sum(axis=(1, 2)) / np.maximum(good.sum(axis=(1, 2)) - 1, 1)
-    return flux, err, chi2, norm
-
-
-def _joint_fits(groups, data, var, bad_img, seg, ids, models, ix, iy, half):
-    """Simultaneous PSF amplitudes of each group of blended children: {row: (flux, err)}."""
-    ny, nx = data.shape
-    size = 2 * half + 1
-    out = {}
-    for rows in groups:
-        x0 = max(int(ix[rows].min()) - half, 0)
-        y0 = max(int(iy[rows].min()) - half, 0)
-        x1 = min(int(ix[rows].max()) + half + 1, nx)
-        y1 = min(int(iy[rows].max()) + half + 1, ny)
-        d = data[y0:y1, x0:x1].astype(float)
-        v = var[y0:y1, x0:x1].astype(float)
-        s = seg[y0:y1, x0:x1]
-        good = ~bad_img[y0:y1, x0:x1] & ((s == 0) | np.isin(s, ids[rows]))
-        m = np.zeros((len(rows), y1 - y0, x1 - x0))
-        for k, r in enumerate(rows):
-            bx, by = ix[r] - half, iy[r] - half
-            sy0, sx0 = max(by, y0), max(bx, x0)
-            sy1, sx1 = min(by + size, y1), min(bx + size, x1)
-            m[k, sy0 - y0: sy1 - y0, sx0 - x0: sx1 - x0] = models[r, sy0 - by: sy1 - by, sx0 - bx: sx1 - bx]
-        mg = m[:, good]
-        a = mg @ mg.T
-        try:
-            ainv = np.linalg.inv(a)
-        except np.linalg.LinAlgError:
-            continue
-        flux = ainv @ (mg @ d[good])
-        cov = ainv @ ((mg * v[good]) @ mg.T) @ ainv
-        for k, r in enumerate(rows):
-            out[int(r)] = (float(flux[k]), float(np.sqrt(max(cov[k, k], 0.0))))
-    return out
-
-
-def _blend_groups(parent, ix, iy, half) -> list[np.ndarray]:
-    """Rows of children of one parent whose fit boxes overlap, linked transitively (>= 2 rows each)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-    from scipy.spatial import cKDTree
-
-    rows = np.nonzero(parent > 0)[0]
-    if len(rows) < 2:
-        return []
-    pts = np.column_stack([ix[rows], iy[rows]]).astype(float)
-    pairs = cKDTree(pts).query_pairs(2 * half + 1, p=np.inf, output_type="ndarray")
-    if len(pairs) == 0:
-        return []
-    pairs = pairs[parent[rows[pairs[:, 0]]] == parent[rows[pairs[:, 1]]]]
-    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(rows), len(rows)))
-    n_comp, labels = connected_components(graph, directed=False)
-    counts = np.bincount(labels, minlength=n_comp)
-    order = np.argsort(labels, kind="stable")
-    splits = np.split(order, np.cumsum(counts)[:-1])
-    return [rows[s] for s in splits if len(s) > 1]
-
-
-# ---------------------------------------------------------------- adaptive moments
-def _guess_sigma(sigma, detections):
-    """First-guess size for the moments: the PSF sigma, or the isophotal size if larger [pixel]."""
-    if all(c in detections.colnames for c in ("a", "b")):
-        ab = np.sqrt(np.abs(np.asarray(detections["a"], float) * np.asarray(detections["b"], float)))
-        return np.where(np.isfinite(ab), np.maximum(sigma, ab), sigma)
-    return sigma
-
-
-def _adaptive_moments(data, bad, seg, ids, xc, yc, ix, iy, guess, rows, config):
-    """GalSim HSM adaptive moments of the sources ``rows``, masked and neighbour pixels excluded.
-
-    Returns an array (6, N): sigma, e1, e2, xx, yy, xy; NaN where not measured or failed.
-    """
-    import galsim
-
-    out = np.full((6, len(xc)), np.nan)
-    if len(rows) == 0:
-        return out
-    half = config.shape_stamp_size // 2
-    params = galsim.hsm.HSMParams(max_mom2_iter=config.shape_max_iterations)
-    stamps = _gather(data, ix[rows], iy[rows], half, np.float32(0.0)).astype(np.float64)
-    masked = _gather(bad, ix[rows], iy[rows], half, True)
-    if seg is not None:
-        segs = _gather(seg, ix[rows], iy[rows], half, -1)
-        masked |= (segs != 0) & (segs != ids[rows, None, None])
-    stamps[masked] = 0.0
-    weights = (~masked).astype(np.int32)        # HSM's own mask format: no per-call conversion
-    bounds = galsim.BoundsI(1, 2 * half + 1, 1, 2 * half + 1)
-    for k, r in enumerate(rows):
-        centre = galsim.PositionD(xc[r] - (ix[r] - half) + 1.0, yc[r] - (iy[r] - half) + 1.0)
-        res = galsim.hsm.FindAdaptiveMom(
-            galsim._Image(stamps[k], bounds, None), weight=galsim._Image(weights[k], bounds, None),
-            guess_sig=float(guess[r]), guess_centroid=centre, strict=False, check=False, hsmparams=params)
-        if res.moments_status == 0 and res.moments_sigma > 0:
-            s, e1, e2 = res.moments_sigma, res.observed_shape.e1, res.observed_shape.e2
-            trace = 2.0 * s**2 / math.sqrt(max(1.0 - e1**2 - e2**2, 1e-12))
-            out[:, r] = s, e1, e2, 0.5 * trace * (1 + e1), 0.5 * trace * (1 - e1), 0.5 * trace * e2
-    return out
 
 
 # ---------------------------------------------------------------- the task
@@ -383,7 +155,7 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
     # the stamps below (and the neighbour sums) zero them, as a zeroed copy of the image would
     seg = None if segmentation is None else np.ascontiguousarray(segmentation, dtype=np.int32)
 
-    grid = _PsfGrid(psf, (ny, nx), config.psf_grid_spacing)
+    grid = PsfGrid(psf, (ny, nx), config.psf_grid_spacing)
     finite0 = np.isfinite(x0) & np.isfinite(y0)
     x0c, y0c = np.where(finite0, x0, 0.0), np.where(finite0, y0, 0.0)
     sigma = grid.sigma(x0c, y0c)
@@ -409,13 +181,13 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
 
     # ---- stamps on the PSF-fit box
     half = max(2, int(math.ceil(config.psf_fit_radius * float(np.median(sigma))))) if n else 2
-    d_st = _gather(data, ix, iy, half, np.float32(0.0)).astype(float)
-    v_st = _gather(var, ix, iy, half, np.float32(0.0)).astype(float)
-    bad_st = _gather(bad, ix, iy, half, True)
+    d_st = padded_cutouts(data, ix, iy, half, np.float32(0.0)).astype(float)
+    v_st = padded_cutouts(var, ix, iy, half, np.float32(0.0)).astype(float)
+    bad_st = padded_cutouts(bad, ix, iy, half, True)
     d_st[bad_st] = 0.0
     v_st[bad_st] = 0.0
     if seg is not None:
-        s_st = _gather(seg, ix, iy, half, -1)
+        s_st = padded_cutouts(seg, ix, iy, half, -1)
         other = (s_st != 0) & (s_st != ids[:, None, None])
     else:
         other = np.zeros(bad_st.shape, bool)
@@ -428,14 +200,14 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
     if evaluation == "grid":
         models = grid.models(xc, yc, ix, iy, half)
     else:
-        models = _draw_models(psf, xc, yc, ix, iy, half)
+        models = draw_psf_models(psf, xc, yc, ix, iy, half)
 
-    psf_flux, psf_flux_err, psf_chi2, norm = _psf_fit(d_st, v_st, good, models)
+    psf_flux, psf_flux_err, psf_chi2, norm = psf_fit(d_st, v_st, good, models)
     full_norm = (models**2).sum(axis=(1, 2))
     psf_flux_flag = ~np.isfinite(psf_flux) | (norm < 0.5 * full_norm) | centroid_flag
     if seg is not None and config.joint_blend_fit:
-        groups = _blend_groups(parent, ix, iy, half)
-        for r, (f, e) in _joint_fits(groups, data, var, bad, seg, ids, models, ix, iy, half).items():
+        groups = blend_groups(parent, ix, iy, half)
+        for r, (f, e) in joint_psf_fits(groups, data, var, bad, seg, ids, models, ix, iy, half).items():
             psf_flux[r], psf_flux_err[r] = f, e
 
     # ---- centroid errors from the linearised windowed-centroid condition (pixels of the fit box)
@@ -464,11 +236,11 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
         ap_err = np.full((n, len(radii) + 1), np.nan)
         ap_flag = np.ones((n, len(radii) + 1), bool)
     else:
-        ap_flux, ap_err, ap_flag = _aperture_fluxes(data, var, bad, xc, yc, radii + [calib_radius])
+        ap_flux, ap_err, ap_flag = aperture_fluxes(data, var, bad, xc, yc, radii + [calib_radius])
     if seg is not None and config.calib_replace_neighbours and not minimal:
         with np.errstate(invalid="ignore", divide="ignore"):
             rows = np.nonzero(np.nan_to_num(psf_flux / psf_flux_err) >= config.calib_replace_snr_min)[0]
-        ap_flux[rows, -1] += _neighbour_correction(data, bad, seg, ids[rows], xc[rows], yc[rows], calib_radius[rows],
+        ap_flux[rows, -1] += neighbour_correction(data, bad, seg, ids[rows], xc[rows], yc[rows], calib_radius[rows],
                                                    np.nan_to_num(psf_flux[rows]), grid, footprints=footprints)
     ap = {"flux": ap_flux, "err": ap_err, "flag": ap_flag}
 
@@ -477,18 +249,18 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
         kron = {"radius": np.full(n, np.nan), "flux": np.full(n, np.nan), "err": np.full(n, np.nan),
                 "flag": np.ones(n, bool)}
     else:
-        kron = _kron(data, var, bad, seg, ids, xc, yc, sigma, detections, config)
+        kron = kron_fluxes(data, var, bad, seg, ids, xc, yc, sigma, detections, config)
 
     # ---- adaptive moments
     with np.errstate(invalid="ignore", divide="ignore"):
         psf_snr = psf_flux / psf_flux_err
     shape_rows = np.nonzero(np.nan_to_num(psf_snr) >= config.shape_snr_min)[0] if not minimal else np.zeros(0, int)
-    shapes = _adaptive_moments(data, bad, seg, ids, xc, yc, ix, iy, _guess_sigma(sigma, detections),
+    shapes = adaptive_moments(data, bad, seg, ids, xc, yc, ix, iy, guess_sigma(sigma, detections),
                                shape_rows, config)
     shape_flag = ~np.isfinite(shapes[0])
 
     # ---- pixel flags
-    flags = _pixel_flags(mask, seg, ids, ix, iy, half, config, footprints)
+    flags = pixel_flags(mask, seg, ids, ix, iy, half, config, footprints)
 
     # ---- sky coordinates
     ra = np.full(n, np.nan)
@@ -551,147 +323,7 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
     return t
 
 
-def _aperture_fluxes(data, var, bad, xc, yc, radii):
-    """sep exact-overlap circular apertures: flux, error, flag arrays of shape (N, n_radii).
-
-    Masked pixels are replaced by the mean of the aperture's other pixels (sep's area correction)
-    and flagged.
-    """
-    n = len(xc)
-    flux = np.zeros((n, len(radii)))
-    err = np.zeros((n, len(radii)))
-    flag = np.zeros((n, len(radii)), bool)
-    if n == 0:
-        return flux, err, flag
-    for k, r in enumerate(radii):
-        f, e, fl = sep.sum_circle(data, xc, yc, r, var=var, mask=bad, subpix=0)
-        flux[:, k], err[:, k] = f, e
-        flag[:, k] = (fl & (sep.APER_TRUNC | sep.APER_HASMASKED)) != 0
-    return flux, err, flag
-
-
-def _footprint_boxes(seg: np.ndarray, footprints: Table | None = None):
-    """Id and half-open box ``(x0, x1, y0, y1)`` of every footprint in ``seg``, as int64 arrays.
-
-    Read from ``footprints`` (``id, x_min, x_max, y_min, y_max``, inclusive) when given, else found
-    by a pass over ``seg``.
-    """
-    if footprints is not None:
-        return (np.asarray(footprints["id"], np.int64),
-                np.asarray(footprints["x_min"], np.int64), np.asarray(footprints["x_max"], np.int64) + 1,
-                np.asarray(footprints["y_min"], np.int64), np.asarray(footprints["y_max"], np.int64) + 1)
-    from scipy import ndimage
-
-    boxes = ndimage.find_objects(seg)
-    present = [i for i, b in enumerate(boxes, start=1) if b is not None]
-    lab = np.array(present, np.int64)
-    x0s = np.array([boxes[i - 1][1].start for i in present], np.int64)
-    x1s = np.array([boxes[i - 1][1].stop for i in present], np.int64)
-    y0s = np.array([boxes[i - 1][0].start for i in present], np.int64)
-    y1s = np.array([boxes[i - 1][0].stop for i in present], np.int64)
-    return lab, x0s, x1s, y0s, y1s
-
-
-def _neighbour_correction(data, bad, seg, ids, xc, yc, radius, psf_flux, grid, *, footprints=None):
-    """For each source, ``F_psf * sum(own model) - sum(data)`` over other sources' footprint pixels
-    inside its circle of ``radius`` (pixel centres inside): adding it replaces the neighbours by the
-    source's own PSF model (LSST replaces them by noise; a model keeps the aperture's total flux).
-
-    Loops over (source, neighbour) pairs whose boxes meet: about one pair per source on an HSC CCD.
-    The footprints' boxes come from :func:`_footprint_boxes`.
-    """
-    from scipy.spatial import cKDTree
-
-    n = len(xc)
-    corr = np.zeros(n)
-    if n == 0:
-        return corr
-    lab, x0s, x1s, y0s, y1s = _footprint_boxes(seg, footprints)
-    if len(lab) == 0:
-        return corr
-    cx = (x0s + x1s - 1) / 2.0
-    cy = (y0s + y1s - 1) / 2.0
-    ext = np.hypot(x1s - x0s, y1s - y0s) / 2.0
-    tree = cKDTree(np.column_stack([cx, cy]))
-    reach = radius + ext.max() + 1
-    ksize = grid.kernels.shape[-1]
-    kc = ksize // 2
-    ix, iy = np.floor(xc + 0.5).astype(int), np.floor(yc + 0.5).astype(int)
-    gj = np.abs(grid.gy[None, :] - yc[:, None]).argmin(axis=1)
-    gi = np.abs(grid.gx[None, :] - xc[:, None]).argmin(axis=1)
-    own = [grid.kernels[a, b] for a, b in zip(gj, gi)]
-    for k in range(n):
-        r = radius[k]
-        for j in tree.query_ball_point((xc[k], yc[k]), reach[k]):
-            if lab[j] == ids[k] or np.hypot(cx[j] - xc[k], cy[j] - yc[k]) > r + ext[j] + 1:
-                continue
-            y0, y1 = max(y0s[j], int(yc[k] - r)), min(y1s[j], int(yc[k] + r) + 2)
-            x0, x1 = max(x0s[j], int(xc[k] - r)), min(x1s[j], int(xc[k] + r) + 2)
-            if y1 <= y0 or x1 <= x0:
-                continue
-            ddy = (np.arange(y0, y1) - yc[k])[:, None]
-            ddx = (np.arange(x0, x1) - xc[k])[None, :]
-            sel = (seg[y0:y1, x0:x1] == lab[j]) & (ddx**2 + ddy**2 < r * r)
-            if not sel.any():
-                continue
-            # own model: the nearest grid kernel, placed at the nearest pixel (a fill needs no sub-pixel shift)
-            sy, sx = np.nonzero(sel)
-            ky = sy + y0 - iy[k] + kc
-            kx = sx + x0 - ix[k] + kc
-            inside = (ky >= 0) & (ky < ksize) & (kx >= 0) & (kx < ksize)
-            model = own[k][ky[inside], kx[inside]].sum()
-            own_data = np.where(bad[y0:y1, x0:x1], np.float32(0.0), data[y0:y1, x0:x1])  # masked count 0
-            corr[k] += psf_flux[k] * model - float(own_data[sel].sum())
-    return np.where(np.isfinite(corr), corr, 0.0)
-
-
-def _kron(data, var, bad, seg, ids, xc, yc, sigma, detections, config):
-    """Kron radius and flux (sep), on the isophotal ellipse or the PSF's circle."""
-    n = len(xc)
-    out = {"radius": np.full(n, np.nan), "flux": np.full(n, np.nan), "err": np.full(n, np.nan),
-           "flag": np.ones(n, bool)}
-    if n == 0:
-        return out
-    if all(c in detections.colnames for c in ("a", "b", "theta")):
-        a = np.asarray(detections["a"], float)
-        b = np.asarray(detections["b"], float)
-        theta = np.asarray(detections["theta"], float)
-        okab = np.isfinite(a) & np.isfinite(b) & np.isfinite(theta) & (a > 0) & (b > 0)
-        a, b, theta = np.where(okab, a, sigma), np.where(okab, b, sigma), np.where(okab, theta, 0.0)
-    else:
-        a, b, theta = sigma.copy(), sigma.copy(), np.zeros(n)
-    theta = np.clip(theta, -np.pi / 2 + 1e-6, np.pi / 2 - 1e-6)
-    extra = {}
-    if seg is not None:
-        extra = {"segmap": seg, "seg_id": ids.astype(np.int32)}
-    kr, kflag = sep.kron_radius(data, xc, yc, a, b, theta, config.kron_radius_limit, mask=bad, **extra)
-    ok = np.isfinite(kr) & (kr > 0)
-    kr = np.where(ok, kr, 1.0)
-    scale = config.kron_factor * kr
-    circle = scale * np.sqrt(a * b) < config.kron_min_radius
-    flux = np.zeros(n)
-    ferr = np.zeros(n)
-    fflag = np.zeros(n, int)
-    el = ~circle
-    if el.any():
-        sub = {k: (v if k == "segmap" else v[el]) for k, v in extra.items()}
-        f, e, fl = sep.sum_ellipse(data, xc[el], yc[el], a[el], b[el], theta[el], scale[el], var=var, mask=bad,
-                                   subpix=1, **sub)
-        flux[el], ferr[el], fflag[el] = f, e, fl
-    if circle.any():
-        sub = {k: (v if k == "segmap" else v[circle]) for k, v in extra.items()}
-        f, e, fl = sep.sum_circle(data, xc[circle], yc[circle], config.kron_min_radius, var=var, mask=bad,
-                                  subpix=1, **sub)
-        flux[circle], ferr[circle], fflag[circle] = f, e, fl
-    radius = np.where(circle, config.kron_min_radius / config.kron_factor, kr * np.sqrt(a * b))
-    out["radius"] = np.where(ok, radius, np.nan)
-    out["flux"] = flux
-    out["err"] = ferr
-    out["flag"] = ~ok | (kflag != 0) | (fflag & (sep.APER_TRUNC | sep.APER_ALLMASKED) != 0)
-    return out
-
-
-def _pixel_flags(mask, seg, ids, ix, iy, half, config, footprints=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def pixel_flags(mask, seg, ids, ix, iy, half, config, footprints=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per flag: (any plane pixel in footprint or 3x3 centre box, any in the 3x3 centre box)."""
     n = len(ix)
     ny, nx = mask.shape
@@ -704,7 +336,7 @@ def _pixel_flags(mask, seg, ids, ix, iy, half, config, footprints=None) -> dict[
             centre |= np.where(inside, mask[np.clip(jy, 0, ny - 1), np.clip(jx, 0, nx - 1)], 0)
     if seg is not None:
         # the footprints' boxes: small cut-outs instead of passes over every footprint pixel
-        lab, x0s, x1s, y0s, y1s = _footprint_boxes(seg, footprints)
+        lab, x0s, x1s, y0s, y1s = footprint_boxes(seg, footprints)
         rows = {int(i): k for k, i in enumerate(lab)}
         foot = centre.copy()
         for k, sid in enumerate(ids):
@@ -716,7 +348,7 @@ def _pixel_flags(mask, seg, ids, ix, iy, half, config, footprints=None) -> dict[
             if values.size:
                 foot[k] |= int(np.bitwise_or.reduce(values))
     else:
-        box = _gather(mask, ix, iy, half, 0).astype(np.int64)
+        box = padded_cutouts(mask, ix, iy, half, 0).astype(np.int64)
         foot = np.bitwise_or.reduce(box.reshape(n, -1), axis=1) if n else np.zeros(0, np.int64)
         foot |= centre
     off_image = (ix - half < 0) | (ix + half >= nx) | (iy - half < 0) | (iy + half >= ny)

@@ -267,7 +267,6 @@ def _card_image(key: str, value, comment: str) -> str:
             if len(image) <= 80:
                 return f"{image:80}"
     return str(fits.Card(key, value, comment))
-    return header, rows
 
 
 def _meta_cards(meta) -> list[tuple[str, object]] | None:
