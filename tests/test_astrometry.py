@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from snakedrp.calib.astrometry import (AstrometryConfig, AstrometryError, angular_separation_mas, match_and_fit,
-                                 world_to_pixel_sip)
+from snakedrp.calib.astrometry import AstrometryConfig, AstrometryError, match_and_fit
+from snakedrp.calib.wcs_fit import angular_separation_mas, world_to_pixel_sip
 from snakedrp.repo.camera import Camera
 
 CAMERAS = Path(__file__).resolve().parents[1] / "config" / "cameras"
