@@ -1,5 +1,8 @@
 """Command line: ``python -m snakedrp show-config [PATTERN] [--configfile F] [--config K=V ...]``.
 
+``compare A B`` compares the data products (FITS pixels and table values, Parquet values; not
+headers) of two directories and exits 1 when they differ.
+
 ``show-config`` prints every option of the config tree with its description, type, default,
 allowed values and the source of its value, like the LSST tasks' ``--show=config``.
 ``write-config`` regenerates ``config/config.yaml`` and ``config/schema.yaml`` from the
@@ -38,7 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("--base", default="config/config.yaml", help="the workflow's config file")
     write = sub.add_parser("write-config", help="regenerate config/config.yaml and config/schema.yaml")
     write.add_argument("--directory", default="config")
+    compare = sub.add_parser("compare", help="compare the data products of two directories (not headers)")
+    compare.add_argument("a")
+    compare.add_argument("b")
     args = parser.parse_args(argv)
+
+    if args.command == "compare":
+        from snakedrp.repo.compare import compare_trees
+
+        result = compare_trees(args.a, args.b)
+        print(result.summary())
+        return 0 if result.ok and result.compared else 1
 
     if args.command == "write-config":
         d = Path(args.directory)
