@@ -9,7 +9,7 @@ from snakemake.utils import validate
 from snakedrp import config as sdconfig
 from snakedrp.repo import dataid
 from snakedrp import simulate
-from snakedrp.repo.butler import Butler
+from snakedrp.repo.butler import Butler, RerunError
 from snakedrp.repo.camera import Camera
 from snakedrp.pexconfig import ConfigError
 from snakedrp.repo.registry import Registry
@@ -35,7 +35,10 @@ except ConfigError as err:
 
 SHOW_PATTERN = workflow.config_settings.config.get("pattern")
 REPO = Path(CFG.repo)
-BUTLER = Butler(REPO, rerun=CFG.rerun)
+try:
+    BUTLER = Butler(REPO, rerun=CFG.rerun)
+except RerunError as err:
+    sys.exit(f"snakedrp: rerun error: {err}")
 RERUN_DIR = REPO / "rerun" / CFG.rerun.split(":")[-1]
 REGISTRY_PATH = REPO / "registry.sqlite3"
 CALIB_FILTER_TYPES = ("flat", "fringe")
@@ -84,8 +87,21 @@ else:
     # Real raw data not yet ingested: only the ingest job can be known before the registry exists.
     REGISTRY = Registry.from_rows([])
 
+# ------------------------------------------------------------------ coadd data IDs (coadd block 1 of 2)
+# An id naming tract or patch selects coadds (coaddDriver's --id); every other id selects
+# exposures. select_id (--selectId) narrows the calexps that may enter the coadds.
+COADD_ID_KEYS = ("tract", "patch", "filter")
 try:
-    SCIENCE = [] if len(REGISTRY) == 0 else dataid.select(REGISTRY.exposures(obstype="science"), dataid.parse_ids(CFG.id),
+    _IDS = dataid.parse_ids(CFG.id)
+    COADD_IDS = [d for d in _IDS if "tract" in d or "patch" in d]
+    EXPOSURE_IDS = [d for d in _IDS if not ("tract" in d or "patch" in d)]
+    SELECT_IDS = dataid.parse_ids(CFG.select_id)
+except dataid.DataIdError as err:
+    sys.exit(f"snakedrp: data ID error: {err}")
+# ------------------------------------------------------------------ end of coadd block 1
+
+try:
+    SCIENCE = [] if len(REGISTRY) == 0 else dataid.select(REGISTRY.exposures(obstype="science"), EXPOSURE_IDS,
                             keys=("visit", "ccd", "filter"))
 except dataid.DataIdError as err:
     sys.exit(f"snakedrp: data ID error: {err}")
@@ -200,3 +216,186 @@ def get_all_targets():
         targets.append(str(RERUN_DIR / "validation" / "single_frame.json"))
     return targets
 
+
+
+# ------------------------------------------------------------------ coadds (coadd block 2 of 2)
+# The sky map, the overlap checkpoint's tables, the coadd inputs and targets (rules/coadd.smk).
+from functools import lru_cache
+
+from astropy.table import Table
+
+from snakedrp.coadd.overlaps import overlap_index
+from snakedrp.coadd.skymap import SkyMapError, make_skymap, parse_patch
+
+try:
+    COADD_INPUTS = dataid.select(SCIENCE, SELECT_IDS, keys=("visit", "ccd", "filter"), what="calexp") if SCIENCE else []
+except dataid.DataIdError as err:
+    sys.exit(f"snakedrp: select_id error: {err}")
+COADD_FILTERS = sorted({e["filter"] for e in COADD_INPUTS})
+RINGS = CFG.coadd.skymap.type == "rings"
+# rings: the map follows from the config alone, so ids are checked before any job runs
+PLANNED_SKYMAP = make_skymap(CFG.coadd.skymap, camera_pixel_scale=CAMERA.pixel_scale) if RINGS else None
+
+
+def check_coadd_ids():
+    """Stop before any job on a coadd id with an unknown key, filter, tract or patch (one line)."""
+    for d in COADD_IDS:
+        unknown = [k for k in d if k not in COADD_ID_KEYS]
+        if unknown:
+            raise dataid.DataIdError(f"unknown key {unknown[0]!r} in coadd id {d.source!r}; a coadd id names "
+                                     f"{', '.join(COADD_ID_KEYS)} (inputs: select_id)")
+        if "filter" in d and SCIENCE_FILTERS and d["filter"] not in SCIENCE_FILTERS:
+            raise dataid.DataIdError(f"filter={d['filter']} (id {d.source!r}) matches no calexp; filters are "
+                                     f"{dataid.format_values(SCIENCE_FILTERS)}")
+        try:
+            if "patch" in d:
+                patch = parse_patch(d["patch"])
+            if "tract" in d and PLANNED_SKYMAP is not None:
+                tract = PLANNED_SKYMAP.check_tract(d["tract"])
+                if "patch" in d:
+                    PLANNED_SKYMAP.tracts[tract].check_patch(patch)
+            elif "tract" in d and d["tract"] != 0:
+                raise SkyMapError(f"the discrete sky map has one tract, 0; got tract={d['tract']}")
+        except SkyMapError as err:
+            raise dataid.DataIdError(f"{err} (id {d.source!r})") from None
+
+
+try:
+    check_coadd_ids()
+except dataid.DataIdError as err:
+    sys.exit(f"snakedrp: data ID error: {err}")
+
+
+def coadd_params(*parts):
+    """{"coadd": {part: ...}} for the coadd parts the calling job reads; a change re-runs only such jobs."""
+    return {"coadd": {part: RESOLVED["coadd"][part] for part in parts}}
+
+
+def wildcard_int(name):
+    """Params function: the wildcard ``name`` as an int."""
+
+    def value(wildcards):
+        return int(wildcards[name])
+
+    return value
+
+
+def warp_output():
+    path = butler_template("deepCoadd_directWarp")
+    return path if CFG.coadd.keep_warps else temp(path)
+
+
+def coadd_output():
+    path = butler_template("deepCoadd")
+    return path if CFG.coadd.write_coadd else temp(path)
+
+
+def coadd_inputs_of(filter_name):
+    return [e for e in COADD_INPUTS if e["filter"] == filter_name]
+
+
+def get_skymap_inputs(wildcards):
+    """rings: the camera only (the map never changes with the data); discrete: every selected calexp too."""
+    calexps = [] if RINGS else expand_exposures("calexp", SCIENCE)
+    return {"camera": str(CAMERA_PATH), "calexps": calexps}
+
+
+def get_overlap_calexps(wildcards):
+    return expand_exposures("calexp", coadd_inputs_of(wildcards.filter))
+
+
+def get_overlap_data_ids(wildcards):
+    return [[e["visit"], e["ccd"]] for e in coadd_inputs_of(wildcards.filter)]
+
+
+@lru_cache(maxsize=None)
+def _read_overlaps(path, mtime_ns):
+    return overlap_index(Table.read(path, format="fits"))
+
+
+def patch_overlaps(filter_name):
+    """(tract, patch) → {visit: [ccd, ...]} of one filter, from the make_overlaps checkpoint.
+
+    Raises Snakemake's IncompleteCheckpointException until the checkpoint has run, which is how
+    Snakemake learns which jobs depend on it.
+    """
+    path = checkpoints.make_overlaps.get(filter=filter_name).output.overlaps
+    return _read_overlaps(path, Path(path).stat().st_mtime_ns)
+
+
+def _patch_visits(wildcards):
+    key = (int(wildcards.tract), wildcards.patch)
+    visits = patch_overlaps(wildcards.filter).get(key)
+    if not visits:
+        raise ValueError(f"no {wildcards.filter} calexp touches tract {wildcards.tract} patch {wildcards.patch}")
+    return visits
+
+
+def get_warp_calexps(wildcards):
+    """The calexps of one visit that touch the patch (only those; a new visit's calexps are not here)."""
+    ccds = _patch_visits(wildcards).get(int(wildcards.visit))
+    if not ccds:
+        raise ValueError(f"visit {wildcards.visit} does not touch tract {wildcards.tract} patch {wildcards.patch}")
+    return [BUTLER.output_path("calexp", visit=int(wildcards.visit), ccd=c, filter=wildcards.filter) for c in ccds]
+
+
+def get_coadd_warps(wildcards):
+    return [BUTLER.output_path("deepCoadd_directWarp", filter=wildcards.filter, tract=int(wildcards.tract),
+                               patch=wildcards.patch, visit=v) for v in _patch_visits(wildcards)]
+
+
+def coadd_patches():
+    """Data IDs (filter, tract, patch) of the coadds to build: the patches the coadd inputs touch,
+    narrowed by the coadd ids. Reads the overlap checkpoints (one per filter)."""
+    wanted = set(COADD_FILTERS)
+    if COADD_IDS and all("filter" in d for d in COADD_IDS):
+        wanted &= {d["filter"] for d in COADD_IDS}  # do not wait for other filters' overlaps
+    rows = [dict(tract=tract, patch=patch, filter=f) for f in sorted(wanted) for tract, patch in patch_overlaps(f)]
+    if COADD_IDS:
+        rows = dataid.select(rows, COADD_IDS, keys=COADD_ID_KEYS, what="patch with coadd inputs")
+    return rows
+
+
+def coadd_products(dataset_type, patches):
+    return [BUTLER.output_path(dataset_type, **p) for p in patches]
+
+
+def get_coadd_targets(wildcards):
+    """Every coadd through detection: snakemake coadd (all patches and bands, or the coadd ids')."""
+    patches = coadd_patches()
+    return coadd_products("deepCoadd_calexp", patches) + coadd_products("deepCoadd_det", patches)
+
+
+def coadd_validation_wanted():
+    return CFG.validation.enabled and not COADD_IDS and (SIMULATING or TRUTH_DIR.exists())
+
+
+def get_coadd_validation_inputs(wildcards):
+    patches = coadd_patches()
+    return {
+        "calexps": coadd_products("deepCoadd_calexp", patches),
+        "dets": coadd_products("deepCoadd_det", patches),
+        "inputs": coadd_products("deepCoadd_inputs", patches),
+        "n_images": coadd_products("deepCoadd_nImage", patches),
+        "skymap": butler_template("deepCoadd_skyMap"),
+        "objects": str(TRUTH_DIR / "objects.fits"),
+        "visits": str(TRUTH_DIR / "visits.fits"),
+        "exposures": str(TRUTH_DIR / "exposures.fits"),
+        "camera": str(CAMERA_PATH),
+    }
+
+
+def get_default_targets():
+    """The default target's non-coadd files; with coadd ids only the rerun config (coadds pull in the rest)."""
+    return [str(RERUN_DIR / "config.yaml")] if COADD_IDS else get_all_targets()
+
+
+def get_all_coadd_targets(wildcards):
+    """The default target's coadds (all, or the coadd ids') and, with truth, their validation."""
+    if not COADD_INPUTS or not (CFG.coadd.enabled or COADD_IDS):
+        return []
+    targets = get_coadd_targets(wildcards)
+    if coadd_validation_wanted():
+        targets.append(str(RERUN_DIR / "validation" / "coadd.json"))
+    return targets
+# ------------------------------------------------------------------ end of coadd block 2

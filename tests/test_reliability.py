@@ -1,0 +1,170 @@
+"""Reliability on a small demo (one CCD, two visits, one band): kill and resume at each stage,
+the same products with --cores 1 and --cores 2, FITS-standard products, Snakemake's lock against a
+second run, and two reruns of one repository side by side.
+
+Every run goes through the whole workflow (simulation to coadd detection). The reference run is
+made once per module; each other test compares its products with it by data (pixels and table
+values, not headers, which hold dates).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from snakedrp.repo.compare import compare_trees, product_files
+
+pytestmark = pytest.mark.workflow
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = "simulate={ccds: [0], n_visits: 2, filters: [HSC-R]}"
+RUN_TIMEOUT = 15 * 60          # s; one small run takes about a minute on 2 cores
+KILL_WAIT = 10 * 60            # s; longest wait for the stage to be killed in
+
+
+def snakemake(repo: Path, *args: str, cores: int = 2) -> subprocess.Popen:
+    """Start snakemake on ``repo`` (small demo config) in its own process group."""
+    cmd = [sys.executable, "-m", "snakemake", "--cores", str(cores), "-q", "--config", f"repo={repo}", SMALL, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"snakemake did not finish within {timeout} s:\n{out[-3000:]}")
+    return out
+
+
+def run(repo: Path, *args: str, cores: int = 2) -> str:
+    out = finish(snakemake(repo, *args, cores=cores))
+    return out
+
+
+def completed_run(repo: Path, *args: str, cores: int = 2) -> Path:
+    proc = snakemake(repo, *args, cores=cores)
+    out = finish(proc)
+    assert proc.returncode == 0, out[-4000:]
+    return repo
+
+
+def assert_same_products(a: Path, b: Path) -> None:
+    result = compare_trees(a, b)
+    assert result.compared > 0 and result.ok, result.summary()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The small demo, uninterrupted, with --cores 2."""
+    return completed_run(tmp_path_factory.mktemp("reference") / "repo")
+
+
+# ------------------------------------------------------------------ kill and resume
+def _wait_for(proc: subprocess.Popen, ready, what: str) -> None:
+    t0 = time.monotonic()
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {what}:\n{proc.stdout.read()[-3000:]}")
+        if time.monotonic() - t0 > KILL_WAIT:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"{what} did not happen within {KILL_WAIT} s")
+        time.sleep(0.2)
+
+
+def _files_with_mtimes(repo: Path, older_than: float) -> dict[str, float]:
+    """Products finished well before ``older_than`` (their jobs completed before the kill)."""
+    out = {}
+    for rel in product_files(repo):
+        mtime = (repo / rel).stat().st_mtime
+        if mtime < older_than - 5.0:
+            out[rel] = mtime
+    return out
+
+
+STAGES = {
+    # stage: (what to wait for, test for it)
+    "simulation": ("some raw frames written, before ingest",
+                   lambda repo: len(list((repo / "raw").rglob("*.fits"))) >= 3
+                   and not (repo / "registry.sqlite3").exists()),
+    "single_frame": ("a process_ccd job started",
+                     lambda repo: any((repo / "rerun" / "ci" / "logs" / "process_ccd").glob("*.log"))),
+    "coadd": ("a warp job started",
+              lambda repo: any((repo / "rerun" / "ci" / "logs").glob("make_warp*/*.log"))
+              or any((repo / "rerun" / "ci" / "logs").glob("make_warp*"))),
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_kill_and_resume(stage, reference, tmp_path):
+    repo = tmp_path / "repo"
+    what, ready = STAGES[stage]
+    proc = snakemake(repo)
+    _wait_for(proc, lambda: ready(repo), what)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    killed_at = time.time()
+    finished = _files_with_mtimes(repo, killed_at)
+
+    out = run(repo, "--unlock")
+    resumed = snakemake(repo)
+    out = finish(resumed)
+    assert resumed.returncode == 0, f"the resumed run failed:\n{out[-4000:]}"
+    redone = [rel for rel, mtime in finished.items() if (repo / rel).stat().st_mtime != mtime]
+    assert redone == [], f"finished products were made again: {redone[:10]}"
+    assert not list(repo.rglob("*.tmp")), "a temporary file was left behind"
+    assert_same_products(reference, repo)
+
+
+# ------------------------------------------------------------------ determinism
+def test_one_core_gives_the_same_products_as_two(reference, tmp_path):
+    repo = completed_run(tmp_path / "repo", cores=1)
+    assert_same_products(reference, repo)
+
+
+# ------------------------------------------------------------------ FITS standard
+def test_every_fits_product_passes_fitsverify(reference):
+    if shutil.which("fitsverify") is None:
+        pytest.skip("fitsverify is not installed (Debian package fitsverify; .ci/run installs it)")
+    files = [reference / rel for rel in product_files(reference) if rel.endswith(".fits")]
+    assert files
+    problems = []
+    for i in range(0, len(files), 50):
+        proc = subprocess.run(["fitsverify", "-q", *map(str, files[i:i + 50])], capture_output=True, text=True)
+        problems += [line for line in proc.stdout.splitlines() if line.strip() and "verification OK" not in line]
+    assert problems == [], "\n".join(problems[:20])
+
+
+# ------------------------------------------------------------------ concurrency
+def test_a_second_run_on_the_same_repository_is_refused_by_the_lock(tmp_path):
+    repo = tmp_path / "repo"
+    first = snakemake(repo)
+    _wait_for(first, lambda: (repo / "raw").exists(), "the first run started writing")
+    second = snakemake(repo)
+    out = finish(second, timeout=5 * 60)
+    still_running = first.poll() is None
+    os.killpg(first.pid, signal.SIGKILL)
+    first.communicate()
+    run(repo, "--unlock")
+    assert still_running, "the first run ended before the second was refused; the test proved nothing"
+    assert second.returncode != 0
+    assert "cannot be locked" in out or "LockException" in out, out[-3000:]
+
+
+def test_two_reruns_of_one_repository_run_side_by_side(reference, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(reference, repo, ignore=shutil.ignore_patterns("rerun"), symlinks=True)
+    runs = [snakemake(repo, f"rerun={name}") for name in ("a", "b")]
+    outs = [finish(p) for p in runs]
+    for p, out in zip(runs, outs):
+        assert p.returncode == 0, out[-4000:]
+    assert_same_products(reference / "rerun" / "ci", repo / "rerun" / "a")
+    assert_same_products(reference / "rerun" / "ci", repo / "rerun" / "b")
