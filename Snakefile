@@ -1,9 +1,11 @@
 # snakedrp: raw CCD frames → calibrated exposures and catalogs, the Snakemake way.
 #
-#   snakemake --cores 2                         # the ci demo: simulate, ingest, calibs, processCcd, validate
+#   snakemake --cores 2                         # the ci demo: simulate, ingest, calibs, processCcd, coadds, validate
 #   snakemake --cores 2 --config id="visit=903334..903338:2 ccd=0^1"
 #   snakemake --cores 2 --config set="isr.do_flat=false" rerun=noflat
 #   snakemake show_config                        # every option, its description and origin
+#   snakemake coadd --cores 2                    # deep coadds of every band and patch, through detection
+#   snakemake --cores 2 --config id="tract=0 patch=0..2,0..2 filter=HSC-R" select_id="visit=903334..903338"
 from snakemake.utils import min_version
 
 min_version("8.0")
@@ -19,6 +21,8 @@ wildcard_constraints:
     visit=r"\d+",
     ccd=r"\d+",
     filter=r"[A-Za-z0-9_\-]+",
+    tract=r"\d+",
+    patch=r"\d+,\d+",
 
 
 include: "rules/simulate.smk"
@@ -26,9 +30,12 @@ include: "rules/ingest.smk"
 include: "rules/calibs.smk"
 include: "rules/single_frame.smk"
 include: "rules/validate.smk"
+include: "rules/coadd.smk"
+include: "rules/qa.smk"
 
 
 rule all:
     input:
-        get_all_targets(),
+        get_default_targets(),
+        get_all_coadd_targets,
     default_target: True

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from snakedrp.coadd.config import AssembleConfig, DetectCoaddConfig, WarpConfig
+from snakedrp.coadd.skymap import SkyMapConfig
 from snakedrp.single_frame.calibrate import CalibrateConfig
 from snakedrp.isr.calibs import CalibsConfig
 from snakedrp.single_frame.characterize import CharacterizeConfig
@@ -22,10 +24,30 @@ from snakedrp.isr.isr import IsrConfig
 from snakedrp.pexconfig import Config, ConfigError, merge_into, option, subconfig
 from snakedrp.repo.ingest import IngestConfig
 from snakedrp.simulate import SimulateConfig
+from snakedrp.validate.metrics import MetricsConfig
 from snakedrp.validate.single_frame import ValidateConfig
 
 #: Packages whose versions every product records.
 KEY_PACKAGES = ("snakedrp", "numpy", "scipy", "astropy", "galsim", "sep", "astroscrappy")
+
+
+@dataclass
+class CoaddConfig(Config):
+    """Deep coadds: sky map, warps, assembly, detection, and which products stay on disk."""
+
+    enabled: bool = option(True, "Build the deep coadds, through detection, in the default target (rule all)?")
+    keep_warps: bool = option(True, "Keep the warps (deepCoadd_directWarp)? false: temporary, deleted once "
+                              "their coadds are built (adding a visit then re-warps the patches it touches)")
+    write_coadd: bool = option(True, "Keep the pre-detection coadd (deepCoadd; assembleCoadd.doWrite)? false: "
+                               "temporary, deleted once detect_coadd has read it")
+    skymap: SkyMapConfig = subconfig(SkyMapConfig, "Sky map: tracts and patches (makeSkyMap, makeDiscreteSkyMap)")
+    warp: WarpConfig = subconfig(WarpConfig, "Warping of calexps onto patches (makeCoaddTempExp)")
+    assemble: AssembleConfig = subconfig(AssembleConfig, "Assembly of the warps with artifact rejection (assembleCoadd)")
+    detect: DetectCoaddConfig = subconfig(DetectCoaddConfig, "Detection on the coadds (detectCoaddSources)")
+
+
+#: Coadd options that change which files stay on disk or are built, not what any product holds.
+COADD_SWITCHES = ("coadd.enabled", "coadd.keep_warps", "coadd.write_coadd")
 
 
 @dataclass
@@ -35,6 +57,8 @@ class PipelineConfig(Config):
     repo: str = option("data/ci_repo", "Data repository root (raw, CALIB, ref_cats, registry, rerun/)")
     rerun: str = option("ci", "Output rerun name, or 'parent:child' to chain a new rerun onto a parent")
     id: list[str] = option([], "Data IDs to process, LSST --id syntax (e.g. 'visit=903334..903338:2 ccd=0^1'); empty = all")
+    select_id: list[str] = option([], "Coadd inputs, LSST --selectId syntax (e.g. 'visit=903334..903338'): the "
+                                  "calexps selected by id that may enter the coadds; empty = all")
     camera: str = option("ci", "Camera YAML (name in config/cameras/ or a path) used when the workflow simulates the repo")
     refcat: str = option("sim_gaia", "Reference catalog name under <repo>/ref_cats/")
     clobber_config: bool = option(False, "Allow running a rerun with a config different from the one it was made with (affected products are rebuilt)")
@@ -44,7 +68,9 @@ class PipelineConfig(Config):
     isr: IsrConfig = subconfig(IsrConfig, "Instrument signature removal")
     characterize: CharacterizeConfig = subconfig(CharacterizeConfig, "Characterize: background, PSF, cosmic rays, aperture correction")
     calibrate: CalibrateConfig = subconfig(CalibrateConfig, "Calibrate: detection, measurement, astrometry, photometry")
+    coadd: CoaddConfig = subconfig(CoaddConfig, "Deep coadds: sky map, warps, assembly, coadd detection")
     validation: ValidateConfig = subconfig(ValidateConfig, "Validation against simulator truth: accuracy goals")
+    metrics: MetricsConfig = subconfig(MetricsConfig, "Survey metrics (LSST SRD: PA1, PF1/PA2, AM1, AF1/AD1) from the src catalogs")
 
 
 # ------------------------------------------------------------------ merging
@@ -119,9 +145,10 @@ def parse_set(values: dict) -> dict:
 
 
 def normalize_ids(values: dict) -> dict:
-    """Accept ``id`` as one string (``--config id="visit=1"``) as well as a list of strings."""
-    if isinstance(values.get("id"), str):
-        values = {**values, "id": [values["id"]]}
+    """Accept ``id`` and ``select_id`` as one string (``--config id="visit=1"``) as well as a list of strings."""
+    for key in ("id", "select_id"):
+        if isinstance(values.get(key), str):
+            values = {**values, key: [values[key]]}
     return values
 
 
@@ -174,8 +201,9 @@ def schema_yaml() -> str:
     """Text of ``config/schema.yaml`` (JSON schema used by ``snakemake.utils.validate``)."""
     schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **PipelineConfig.json_schema()}
     # the workflow accepts a single id string as well as a list
-    schema["properties"]["id"] = {"type": ["string", "array"], "items": {"type": "string"},
-                                  "description": schema["properties"]["id"]["description"], "default": []}
+    for key in ("id", "select_id"):
+        schema["properties"][key] = {"type": ["string", "array"], "items": {"type": "string"},
+                                     "description": schema["properties"][key]["description"], "default": []}
     return yaml.safe_dump(schema, sort_keys=False)
 
 
@@ -217,9 +245,10 @@ def check_rerun_config(path: Path, config: PipelineConfig, *, clobber: bool) -> 
     if not path.exists():
         return []
     old = yaml.safe_load(path.read_text()) or {}
-    # repo: the file lives inside the repo (a moved repo is the same rerun); validation makes no products
-    ignore = {"id", "clobber_config", "rerun", "repo", "validation"}
-    diffs = [d for d in config_differences(old, config.to_dict()) if d.split(".")[0] not in ignore]
+    # repo: the file lives inside the repo (a moved repo is the same rerun); validation, metrics make no products
+    ignore = {"id", "select_id", "clobber_config", "rerun", "repo", "validation", "metrics"}
+    diffs = [d for d in config_differences(old, config.to_dict())
+             if d.split(".")[0] not in ignore and d not in COADD_SWITCHES]
     if diffs and not clobber:
         raise ConfigError(
             f"rerun config {path} differs from the current config in {', '.join(diffs[:8])}"

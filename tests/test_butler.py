@@ -75,7 +75,7 @@ def test_layout_of_the_architecture_document(tmp_path):
     assert b.output_path("bias", ccd=3) == f"{tmp_path}/CALIB/bias/bias-3.fits"
     assert b.output_path("ref_cat", refcat="sim_gaia") == f"{tmp_path}/ref_cats/sim_gaia/index.json"
     assert b.output_path("deepCoadd_calexp", filter="HSC-I", tract=0, patch="1,1").startswith(
-        f"{tmp_path}/rerun/ci/deepCoadd/HSC-I/0/1,1/")
+        f"{tmp_path}/rerun/ci/deepCoadd-results/HSC-I/0/1,1/")
 
 
 def test_relative_root_gives_relative_paths():

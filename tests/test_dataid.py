@@ -159,3 +159,41 @@ def test_literal_typo_is_reported_even_if_other_values_match():
 def test_plain_dict_ids_work_too():
     with pytest.raises(DataIdError, match="visit=7 matches no raw"):
         select(ROWS, [{"visit": 7}], KEYS, what="raw")
+
+
+# ------------------------------------------------------------------ patches and patch blocks
+def test_patch_block_expands_x_slowest_and_counts_as_a_range():
+    ids = parse_id("tract=0 patch=0..2,0..2 filter=HSC-R")
+    assert [d["patch"] for d in ids] == [f"{x},{y}" for x in range(3) for y in range(3)]
+    assert all(d["tract"] == 0 and d["filter"] == "HSC-R" for d in ids)
+    assert all(("patch", d["patch"]) not in d.explicit for d in ids)  # range-made, not literal
+
+
+def test_patch_block_with_a_step_or_one_fixed_side_and_caret_lists():
+    assert [d["patch"] for d in parse_id("patch=0..4:2,1")] == ["0,1", "2,1", "4,1"]
+    assert [d["patch"] for d in parse_id("patch=1,1^3,0..1")] == ["1,1", "3,0", "3,1"]
+    # the seed's long list and the block name the same nine patches
+    seed = parse_id("patch=0,0^0,1^0,2^1,0^1,1^1,2^2,0^2,1^2,2")
+    assert sorted(d["patch"] for d in seed) == sorted(d["patch"] for d in parse_id("patch=0..2,0..2"))
+
+
+@pytest.mark.parametrize("text, words", [
+    ("patch=1", ["x,y pairs", "'1'"]),
+    ("patch=a,b", ["x,y pairs"]),
+    ("patch=0..2", ["malformed range", "x0..x1,y0..y1"]),
+    ("patch=2..0,1", ["runs backwards"]),
+    ("patch=0..1,0..1,0", ["malformed range"]),
+])
+def test_malformed_patches_raise(text, words):
+    with pytest.raises(DataIdError) as err:
+        parse_id(text)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_patch_selection_compares_pairs_as_integers():
+    rows = [{"tract": 0, "patch": p, "filter": "HSC-R"} for p in ("0,1", "1,1", "2,1")]
+    assert select(rows, parse_ids(["patch=01,1"]), what="patch") == [rows[1]]
+    assert select(rows, parse_ids(["tract=0 patch=0..1,1"]), what="patch") == rows[:2]
+    with pytest.raises(DataIdError, match=r"patch=5,5 .* matches no patch; patches are 0,1, 1,1, 2,1"):
+        select(rows, parse_ids(["patch=5,5"]), ("tract", "patch"), what="patch")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from snakedrp.meas.detect import DETECTION_FLAGS, DetectionConfig, detect_sources
+from snakedrp.meas.detect import DETECTION_FLAGS, DetectionConfig, detect_sources, detection_kernel, estimate_psf_sigma
 from snakedrp.repo.exposure import mask_bit
 
 SIGMA_PSF = 1.8
@@ -239,3 +239,26 @@ def test_cosmic_ray_detections_are_dropped_after_repair():
     # without the CR plane nothing is a cosmic ray
     assert len(remove_cosmic_ray_detections(before, repaired, variance, before.mask,
                                             psf_sigma=SIGMA_PSF).sources) == 4
+
+
+@pytest.mark.parametrize("sigma", [1.3, 2.5, 4.0])
+def test_psf_width_estimate_follows_the_seeing(sigma):
+    # bright stars of one size, plus single-pixel hits (cosmic rays) that must not drag it down
+    rng = np.random.default_rng(11)
+    shape = (400, 400)
+    x, y = rng.uniform(30, 370, 40), rng.uniform(30, 370, 40)
+    image, variance = _draw_stars(shape, x, y, 10 ** rng.uniform(4.5, 5.5, 40), rng, sigma=sigma)
+    hits = rng.integers(5, 395, (10, 2))
+    image[hits[:, 0], hits[:, 1]] += 5000.0
+    est = estimate_psf_sigma(image, variance, np.zeros(shape, np.int32), fallback=1.9)
+    assert est.n_locus >= 5
+    assert abs(est.sigma / np.hypot(sigma, 1 / np.sqrt(12)) - 1) < 0.05
+
+
+def test_psf_scaled_filter_side():
+    config = DetectionConfig()
+    assert detection_kernel(1.8, config).shape == (5, 5)
+    assert detection_kernel(4.2, config).shape == (11, 11)
+    assert detection_kernel(40.0, config).shape == (config.filter_size_max,) * 2
+    assert detection_kernel(4.2, DetectionConfig(filter_size=7)).shape == (7, 7)
+    assert detection_kernel(4.2, DetectionConfig(filter_size=0)) is None

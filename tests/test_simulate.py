@@ -1,5 +1,5 @@
-"""The simulator: determinism, detector signatures, WCS offsets, rendering positions and fluxes."""
-import warnings
+"""The simulator: determinism, detector signatures, WCS offsets, rendering positions and fluxes,
+the realistic (untruncated) PSF, the observing conditions."""
 from pathlib import Path
 
 import galsim
@@ -94,7 +94,8 @@ def test_visit_conditions_in_range(sky):
     assert ((off >= 1.0) & (off <= 2.0)).all()
     assert (np.abs(v["rotation"] - v["tel_rotation"]) <= 0.02).all()
     assert ((np.abs(v["rotation"]) >= 0.2) & (np.abs(v["rotation"]) <= 1.0)).all()
-    assert ((v["seeing"] >= 0.5) & (v["seeing"] <= 1.0)).all()
+    p = sim.resolve_config(sim.SimulateConfig())
+    assert ((v["seeing"] >= p.seeing_min) & (v["seeing"] <= p.seeing_max)).all()
     assert (np.abs(v["transparency"]) <= 0.1).all()
     assert v["satellite"].sum() == 1
 
@@ -214,9 +215,9 @@ def test_rendered_star_centroid_is_the_true_position(params, camera, sky, x, y):
     assert abs((img * xx).sum() / flux - x) < 0.01
     assert abs((img * yy).sum() / flux - y) < 0.01
     assert scene.sources["x"][0] == pytest.approx(x, abs=1e-6)
-    # all the flux is drawn (the PSF is truncated at 4 FWHM) and the truth flux is in calexp units
+    # the PSF is not truncated: the stamp holds the light down to the noise, the truth the total
     raw_flux = 10 ** (-0.4 * (one["mag_r"][0] - v["zeropoint"]))
-    assert flux == pytest.approx(raw_flux, rel=1e-4)
+    assert 0.98 * raw_flux < flux <= raw_flux * (1 + 1e-6)
     median = instrument.median_flat_response(instrument.flat_response(params.seed, camera, 0), camera, 0)
     assert scene.sources["flux"][0] == pytest.approx(raw_flux * median, rel=1e-6)
     assert sim.true_psf(v, camera, 0, x, y).flux == pytest.approx(1.0)
@@ -224,16 +225,108 @@ def test_rendered_star_centroid_is_the_true_position(params, camera, sky, x, y):
     psf = sim.true_psf(v, camera, 0, x, y).withFlux(raw_flux)
     ix, iy = int(round(x)), int(round(y))
     ref = galsim.ImageD(galsim.BoundsI(ix - 19, ix + 21, iy - 19, iy + 21), scale=1.0)  # zero-based ix-20..ix+20
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", galsim.GalSimWarning)  # FFT of truncated Moffat x pixel, as rendered
-        psf.drawImage(image=ref, center=galsim.PositionD(x + 1, y + 1), method="fft")
+    psf.drawImage(image=ref, center=galsim.PositionD(x + 1, y + 1), method="auto")
     cut = img[iy - 20:iy + 21, ix - 20:ix + 21]
     assert np.abs(cut - ref.array).max() < 1e-4 * cut.max()
     # and its size is the visit's seeing in pixels (an image without a pixel scale would draw
     # at GalSim's Nyquist scale and shrink every object by ~25 %)
-    seeing = galsim.Moffat(beta=3.5, fwhm=float(v["seeing"]) / camera.pixel_scale).drawImage(nx=41, ny=41, scale=1.0)
+    seeing = galsim.Kolmogorov(fwhm=float(v["seeing"]) / camera.pixel_scale).drawImage(nx=41, ny=41, scale=1.0)
     sigma_image = galsim.hsm.FindAdaptiveMom(galsim.Image(cut)).moments_sigma
     assert sigma_image == pytest.approx(galsim.hsm.FindAdaptiveMom(seeing).moments_sigma, rel=0.1)
+
+
+def _one_star_scene(camera, seeing, x, y, flux, objects):
+    """A one-visit ``ci`` scene at ``seeing`` [arcsec] holding one star of ``flux`` e- at zero-based ``(x, y)``."""
+    p = sim.resolve_config(sim.SimulateConfig(ccds=[0], n_visits=1, filters=["HSC-R"], seeing_min=seeing,
+                                              seeing_max=seeing))
+    v = sim.plan_visits(p, camera)[0]
+    ra, dec = camera.pixel_to_sky(0, x, y, v["ra"], v["dec"], v["rotation"])
+    one = objects[:1].copy()
+    one["ra"], one["dec"], one["type"] = ra, dec, "star"
+    one["mag_r"] = float(v["zeropoint"]) - 2.5 * np.log10(flux)
+    return p, v, sim.render_scene(p, camera, v, 0, one)
+
+
+# tolerance: at 0.5" (3 pixels) the half maximum read off the pixels comes out ~3 % wide
+@pytest.mark.parametrize("seeing, tol", [(0.5, 0.045), (1.0, 0.015), (1.5, 0.015)])
+def test_star_fwhm_is_the_seeing_with_the_optics(camera, sky, seeing, tol):
+    x, y = 400.0, 1200.0
+    _, v, scene = _one_star_scene(camera, seeing, x, y, 1e6, sky.objects)
+    assert float(v["seeing"]) == pytest.approx(seeing)
+    measured = galsim.Image(scene.image.astype(float), scale=1.0).calculateFWHM(center=galsim.PositionD(x + 1, y + 1))
+    scale, _, _ = field.psf_variation(v, camera, 0, x, y)  # the aberration pattern's dilation here
+    jac = field.sky_to_pixel_jacobian(v, camera, 0, x, y)[0]
+    pixel = 1.0 / np.sqrt(abs(np.linalg.det(jac)))  # local pixel scale [arcsec]
+    diffraction = 1.03 * float(v["wavelength"]) * 1e-9 / field.TELESCOPE_DIAMETER * 180 / np.pi * 3600
+    # atmosphere, optics and pixel in quadrature (a 1-pixel box adds sigma^2 = 1/12 pixel^2)
+    expected = np.hypot(np.hypot(seeing * float(scale), diffraction), 2.3548 * pixel / np.sqrt(12))
+    assert measured * pixel == pytest.approx(expected, rel=tol)
+
+
+@pytest.mark.parametrize("seeing", [0.5, 1.5])
+def test_bright_star_wings_are_not_truncated(camera, sky, seeing):
+    """~1 % of the light of the realistic PSF lies beyond 4 FWHM (a truncated PSF has none)."""
+    x, y = 512.0, 1024.0
+    flux = 1e7
+    p, v, scene = _one_star_scene(camera, seeing, x, y, flux, sky.objects)
+    img = scene.image.astype(float)
+    fwhm = seeing / camera.pixel_scale
+    r = np.hypot(*(np.indices(img.shape) - np.array([y, x])[:, None, None]))
+    truth = float(scene.sources["flux"][0]) / instrument.median_flat_response(
+        instrument.flat_response(p.seed, camera, 0), camera, 0)
+    assert truth == pytest.approx(flux, rel=1e-6)  # the truth is the total flux
+    beyond_4 = 1 - img[r <= 4 * fwhm].sum() / truth
+    beyond_10 = 1 - img[r <= 10 * fwhm].sum() / truth
+    assert 0.007 < beyond_4 < 0.015
+    assert 0.0015 < beyond_10 < 0.004
+    assert img.sum() / truth > 0.999  # the stamp holds nearly all of it
+    # the true PSF carries the same wings
+    psf = sim.true_psf(v, camera, 0, x, y).withFlux(flux)
+    half = int(12 * fwhm)
+    ref = psf.drawImage(nx=2 * half + 1, ny=2 * half + 1, scale=1.0, center=galsim.PositionD(half + 1, half + 1))
+    cut = img[int(y) - half:int(y) + half + 1, int(x) - half:int(x) + half + 1]
+    assert np.abs(cut - ref.array).max() < 1e-4 * cut.max()
+
+
+def test_ci_preset_spreads_the_seeing_over_every_filter(camera):
+    p = sim.resolve_config(sim.SimulateConfig())
+    visits = sim.plan_visits(p, camera)
+    seeing = np.asarray(visits["seeing"])
+    assert seeing.min() <= 0.5 + 1e-9 and seeing.max() >= 1.2
+    for f in p.filters:
+        s = np.sort(seeing[visits["filter"] == f])
+        assert s[-1] - s[0] >= 0.5 * (p.seeing_max - p.seeing_min), f
+    assert len(set(np.round(seeing, 6))) == len(seeing)  # no two visits alike
+    # one visit takes the middle of the range
+    one = sim.resolve_config(sim.SimulateConfig(n_visits=1, filters=["HSC-R"], seeing_min=0.6, seeing_max=1.0))
+    assert float(sim.plan_visits(one, camera)["seeing"][0]) == pytest.approx(0.8)
+
+
+def test_conditions_overrides_resolve(camera):
+    for name, override in sim.CONDITIONS.items():
+        p = sim.resolve_config(sim.SimulateConfig.from_dict(dict(override, ccds=[0], n_visits=2)))
+        visits = sim.plan_visits(p, camera)
+        assert ((visits["seeing"] >= p.seeing_min) & (visits["seeing"] <= p.seeing_max)).all(), name
+    good = sim.resolve_config(sim.SimulateConfig.from_dict(sim.CONDITIONS["good_seeing"]))
+    bad = sim.resolve_config(sim.SimulateConfig.from_dict(sim.CONDITIONS["bad_seeing"]))
+    assert good.seeing_max <= 0.6 and bad.seeing_min >= 1.4
+    sparse = sim.resolve_config(sim.SimulateConfig.from_dict(sim.CONDITIONS["sparse"]))
+    dense = sim.resolve_config(sim.SimulateConfig.from_dict(sim.CONDITIONS["dense"]))
+    assert sparse.star_density < 0.1 * sim.PRESETS["ci"]["star_density"] < dense.star_density
+    with pytest.raises(ConfigError, match="seeing_min"):
+        sim.SimulateConfig.from_dict({"seeing_min": 0.3})
+    with pytest.raises(ConfigError, match="sky_offset_min"):
+        sim.SimulateConfig.from_dict({"sky_offset_min": -1.0, "sky_offset_max": -2.0})
+
+
+def test_sky_offset_brightens_the_sky(camera):
+    dark = sim.plan_visits(sim.resolve_config(sim.SimulateConfig(ccds=[0])), camera)
+    bright = sim.plan_visits(sim.resolve_config(sim.SimulateConfig.from_dict(sim.CONDITIONS["bright_sky"])), camera)
+    ratio = np.asarray(bright["sky"]) / np.asarray(dark["sky"])
+    # -1.5 to -2 mag/arcsec^2, times the +-20 % per-visit variation of each
+    assert (ratio > 10 ** 0.6 * 0.8 / 1.2).all() and (ratio < 10 ** 0.8 * 1.2 / 0.8).all()
+    offset = np.asarray(bright["sky_brightness"] - dark["sky_brightness"])
+    assert ((offset >= -2.0) & (offset <= -1.5)).all()
 
 
 def test_truth_positions_land_on_detected_flux(camera, science):

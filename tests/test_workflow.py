@@ -146,7 +146,7 @@ def ci_repo(tmp_path_factory) -> Path:
     repo = Path(given).resolve() if given else tmp_path_factory.mktemp("workflow") / "repo"
     reuse = ("clobber_config=true",) if given else ()
     t0 = time.monotonic()
-    proc = run_snakemake("--cores", "2", "-q", "--config", f"repo={repo}", "rerun=ci", *reuse,
+    proc = run_snakemake("--cores", "2", "-q", "--config", f"repo={repo}", "rerun=ci", "validation={strict: true}", *reuse,
                          timeout=FULL_RUN_TIMEOUT)
     _timings["full ci run [s]"] = time.monotonic() - t0
     assert proc.returncode == 0, f"the ci demo failed (exit {proc.returncode}):\n{output_of(proc)[-6000:]}"

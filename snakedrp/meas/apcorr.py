@@ -1,14 +1,20 @@
-"""Aperture correction: the ratio of calibration-aperture to PSF flux over the CCD.
+"""Aperture correction and aperture loss: PSF fluxes onto the calibration aperture, then onto total flux.
 
 PSF fluxes measure the flux inside the PSF model's kernel box with the model's shape; the
 photometric calibration is tied to a large circular aperture. The correction
 ``apcorr(x, y) = calib_flux / psf_flux`` is fitted on bright PSF stars as a low-order 2-D
 polynomial in (x, y) with clipping, and applied as ``psf_flux * apcorr(x, y)``.
 
-The calibration aperture has radius ``measure.calib_aperture_fwhm * FWHM`` (default 4 FWHM). The
-simulated PSF (a Moffat truncated at 4 FWHM) carries no flux beyond that radius, so there the
-calibration aperture holds the whole flux of a star; on real data 4 FWHM holds all but a few
-mmag of it, and the remainder is absorbed by the zeropoint.
+The calibration aperture has radius ``measure.calib_aperture_fwhm * FWHM`` (default 4 FWHM). A
+real PSF (atmosphere convolved with the diffraction of an obscured pupil, plus scattered light)
+does not end there: about 1 % of a star's light lies beyond 4 FWHM, by an amount that changes
+with the seeing. As in the LSST stack, that residual *aperture loss* is measured on the bright
+stars of each CCD by a curve of growth (:func:`measure_aperture_loss`): annuli out to
+``radius_max`` calibration radii, less the mean light of the sky pixels (undetected sources and
+wings, which a mode-type background leaves in), normalised by each star's calibration flux,
+combined by a clipped weighted mean over stars and extrapolated beyond the last
+annulus by a power-law tail. ``psf_flux * apcorr(x, y) * aperture_loss`` is then the star's
+total flux, and the zeropoint fitted from those fluxes is that of total fluxes.
 """
 from __future__ import annotations
 
@@ -35,8 +41,210 @@ class ApCorrConfig(Config):
     median_center: bool = option(True, "Shift the fit onto the weighted median of the residuals: faint neighbours only ever add light to the large aperture")
 
 
+
+
+@dataclass
+class ApertureLossConfig(Config):
+    """Light beyond the calibration aperture, measured by the curve of growth of bright unresolved stars."""
+
+    enabled: bool = option(True, "Measure the light beyond the calibration aperture and add it to the PSF fluxes (so that they are total fluxes)?")
+    radius_max: float = option(2.5, "The curve of growth reaches out to this many calibration-aperture radii (2.5 x 4 FWHM = 10 FWHM)", min=1.1, max=10.0)
+    radius_max_pixels: float = option(150.0, "... and at most this radius [pixel]", min=5.0)
+    n_annuli: int = option(8, "Annuli of the curve of growth between the calibration aperture and its outer radius (logarithmic steps)", min=1, max=50)
+    snr_min: float = option(200.0, "Fewest S/N of the calibration-aperture flux of a curve-of-growth star", min=1.0)
+    clip_sigma: float = option(3.0, "A star's annulus this many of its own noise sigmas (robustly rescaled) off the mean is left out (neighbours)", min=1.0)
+    max_stars: int = option(60, "Use at most this many of the brightest stars for the curve of growth", min=1)
+    min_stars: int = option(3, "Fewest stars for a curve of growth; with fewer the aperture loss is 1 (and flagged)", min=1)
+    tail_index: float = option(1.5, "Index g of the power-law tail of the curve of growth, C(inf) - C(r) ~ r**-g, for the light beyond its last radius; 0: none. Kolmogorov seeing alone gives 5/3, an Airy pattern alone 1; their convolution ~1.5 from 4 to 40 FWHM", min=0.0, max=5.0)
+    loss_max: float = option(0.2, "An aperture loss above this fraction (or below 0) is rejected as a failed curve of growth", min=0.0)
+
+
 class ApCorrError(RuntimeError):
     """The aperture correction could not be fitted (no usable star); the message says why."""
+
+
+@dataclass(frozen=True)
+class ApertureLoss:
+    """The light of a star beyond the calibration aperture, from the curve of growth of bright stars.
+
+    Attributes
+    ----------
+    factor : float
+        Total flux / calibration-aperture flux (1 when not measured).
+    error : float
+        1-sigma error of ``factor`` (scatter of the stars over sqrt(n), the tail's error included).
+    measured : float
+        Light between the calibration radius and the curve's last radius, as a fraction of the
+        calibration-aperture flux.
+    tail : float
+        Extrapolated light beyond the last radius (same units).
+    radius_max : float
+        Median last radius of the curve [pixel].
+    radii : ndarray
+        Outer radii of the annuli in calibration-aperture radii.
+    curve : ndarray
+        Cumulative flux at ``radii`` / calibration-aperture flux (median curve of growth).
+    n_stars : int
+        Stars in the curve of growth (0: not measured, ``factor`` 1).
+    """
+
+    factor: float
+    error: float
+    measured: float
+    tail: float
+    radius_max: float
+    radii: np.ndarray
+    curve: np.ndarray
+    n_stars: int
+
+    @classmethod
+    def none(cls) -> "ApertureLoss":
+        return cls(1.0, 0.0, 0.0, 0.0, 0.0, np.zeros(0), np.zeros(0), 0)
+
+    def cards(self) -> list[tuple[str, object, str]]:
+        """FITS header cards (key, value, comment) for the calexp and the src metadata."""
+        return [("APLOSS", float(self.factor), "total / calib-aperture flux of stars (curve of growth)"),
+                ("APLOSSER", float(self.error), "1-sigma error of APLOSS"),
+                ("APLOSSMS", float(self.measured), "light measured beyond the calib aperture [fraction]"),
+                ("APLOSSTL", float(self.tail), "extrapolated light beyond the curve's last radius"),
+                ("APLOSSRM", float(self.radius_max), "last radius of the curve of growth [pixel]"),
+                ("APLOSSN", int(self.n_stars), "stars in the curve of growth (0: not measured)")]
+
+
+def _annulus_fluxes(data, var, bad, seg, ids, x, y, rin, rout):
+    """Annulus fluxes and errors with other sources' footprints and bad pixels replaced by the annulus mean.
+
+    sep masks by ``segmap``/``seg_id`` without correcting the area; the unmasked area comes from
+    the same sums over an image of ones. NaN where less than 30 % of the annulus is usable.
+    """
+    import sep
+
+    kw = dict(mask=bad, subpix=1)
+    if seg is not None:
+        kw.update(segmap=seg, seg_id=ids.astype(np.int32))
+    flux, err, _ = sep.sum_circann(data, x, y, rin, rout, var=var, **kw)
+    area, _, _ = sep.sum_circann(np.ones_like(data), x, y, rin, rout, **kw)
+    full = np.pi * (rout**2 - rin**2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scale = np.where(area > 0.3 * full, full / area, np.nan)
+    return flux * scale, err * scale
+
+
+def measure_aperture_loss(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, segmentation, ids, x, y,
+                          calib_radius, calib_flux, calib_flux_err, config: ApertureLossConfig | None = None
+                          ) -> ApertureLoss:
+    """The residual aperture loss beyond the calibration aperture, by a curve of growth of bright stars.
+
+    For the brightest ``max_stars`` stars with calibration-aperture S/N above ``snr_min``,
+    the fluxes of ``n_annuli`` logarithmically spaced annuli from each star's calibration
+    radius ``R`` out to ``radius_max R`` (at most ``radius_max_pixels``) are divided by its
+    calibration flux; other sources' footprint pixels and bad pixels are replaced by the
+    annulus mean, and the mean level of the pixels outside every footprint is subtracted. The
+    clipped, inverse-variance weighted mean over stars of each annulus gives the curve of growth ``C(r)``
+    (``C(R) = 1``); the light beyond the last radius comes from a weighted fit of
+    ``C(r) = C_inf - A (r / R)**-g`` with ``g = tail_index``. No radius is assumed to hold all
+    the light.
+
+    Parameters
+    ----------
+    image, variance : ndarray, shape (ny, nx)
+        Background-subtracted image [electrons] and variance [electrons^2].
+    bad : ndarray of bool, shape (ny, nx)
+        Unusable pixels.
+    segmentation : ndarray of int, shape (ny, nx), or None
+        Footprints (value = source id).
+    ids, x, y, calib_radius, calib_flux, calib_flux_err : array_like
+        The candidate stars: footprint ids, zero-based centroids [pixel], calibration radii
+        [pixel], calibration-aperture fluxes and errors [electrons].
+    config : ApCorrConfig
+
+    Returns
+    -------
+    ApertureLoss
+        ``ApertureLoss.none()`` (factor 1, n_stars 0) with fewer than ``min_stars`` stars or a
+        loss outside ``[0, loss_max]``.
+    """
+    config = config or ApertureLossConfig()
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    r0 = np.asarray(calib_radius, float)
+    f0, e0 = np.asarray(calib_flux, float), np.asarray(calib_flux_err, float)
+    ids = np.asarray(ids, np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ok = np.isfinite(x + y + r0 + f0 + e0) & (f0 > 0) & (f0 / e0 >= config.snr_min) & (r0 > 0)
+    rows = np.flatnonzero(ok)
+    rows = rows[np.argsort(-f0[rows], kind="stable")][: config.max_stars]
+    if len(rows) < config.min_stars:
+        return ApertureLoss.none()
+    data = np.ascontiguousarray(image, dtype=np.float32)
+    var = np.ascontiguousarray(variance, dtype=np.float32)
+    seg = None if segmentation is None else np.ascontiguousarray(segmentation, dtype=np.int32)
+    r_out_max = np.minimum(config.radius_max * r0[rows], config.radius_max_pixels)
+    steps = np.linspace(0.0, 1.0, config.n_annuli + 1)
+    # logarithmic radii between R and the star's last radius
+    edges = r0[rows, None] * (r_out_max / r0[rows])[:, None] ** steps[None, :]
+    # the mean of the sky pixels (outside every footprint) after background subtraction: the light of
+    # undetected sources and of every source's wings, which the background (a mode) leaves in; it
+    # lies in every annulus, so it is no star's own light
+    # (without a segmentation the sky pixels are unknown: no such level is subtracted)
+    excess = 0.0
+    if seg is not None:
+        sky = (seg == 0) & ~bad
+        excess = float(np.mean(data[sky], dtype=np.float64)) if sky.any() else 0.0
+    fractions = np.empty((len(rows), config.n_annuli))
+    errors = np.empty((len(rows), config.n_annuli))
+    for k in range(config.n_annuli):
+        f, e = _annulus_fluxes(data, var, bad, seg, ids[rows], x[rows], y[rows], edges[:, k], edges[:, k + 1])
+        f = f - excess * np.pi * (edges[:, k + 1] ** 2 - edges[:, k] ** 2)
+        fractions[:, k], errors[:, k] = f / f0[rows], e / f0[rows]
+    good = np.isfinite(fractions).all(axis=1) & np.isfinite(errors).all(axis=1) & (errors > 0).all(axis=1)
+    fractions, errors = fractions[good], errors[good]
+    n = len(fractions)
+    if n < config.min_stars:
+        return ApertureLoss.none()
+    # per annulus: inverse-variance weighted mean over stars, clipped about the median (a neighbour's
+    # light outside its footprint only ever adds); the errors are each star's own sky and photon noise
+    mean = np.empty(config.n_annuli)
+    annulus_err = np.empty(config.n_annuli)
+    for k in range(config.n_annuli):
+        a, e = fractions[:, k], errors[:, k]
+        centre = float(np.median(a))
+        use = np.ones(n, bool)
+        for _ in range(5):
+            z = (a - centre) / e
+            spread = max(1.4826 * float(np.median(np.abs(z[use]))), 1.0)
+            new = np.abs(z) < config.clip_sigma * spread
+            if new.sum() < config.min_stars:
+                break
+            w = 1.0 / e[new] ** 2
+            centre = float(np.sum(w * a[new]) / np.sum(w))
+            if np.array_equal(new, use):
+                break
+            use = new
+        w = 1.0 / e[use] ** 2
+        mean[k] = centre
+        annulus_err[k] = float(np.sqrt(1.0 / np.sum(w))) * spread
+    curve = 1.0 + np.cumsum(mean)
+    curve_err = np.sqrt(np.cumsum(annulus_err**2))
+    radii = (edges[good] / r0[rows][good, None]).mean(axis=0)[1:]
+    measured = float(curve[-1] - 1.0)
+    tail, tail_err = 0.0, 0.0
+    g = config.tail_index
+    if g > 0:
+        # C(r) = C_inf - A r**-g through (1, 1) and the measured points, weighted by their errors
+        t = np.concatenate([[1.0], radii ** -g])
+        c = np.concatenate([[1.0], curve])
+        w = 1.0 / np.concatenate([[max(float(curve_err.min()), 1e-4)], np.maximum(curve_err, 1e-4)]) ** 2
+        basis = np.column_stack([np.ones_like(t), -t])
+        cov = np.linalg.inv(basis.T @ (basis * w[:, None]))
+        c_inf, amp = cov @ (basis.T @ (w * c))
+        tail = float(max(amp, 0.0) * radii[-1] ** -g)
+        tail_err = float(np.sqrt(cov[1, 1]) * radii[-1] ** -g)
+    loss = measured + tail
+    if not (0.0 <= loss <= config.loss_max) or not np.isfinite(loss):
+        return ApertureLoss.none()
+    error = float(np.hypot(curve_err[-1], tail_err))
+    return ApertureLoss(factor=1.0 + loss, error=error, measured=measured, tail=tail,
+                        radius_max=float(np.median(r_out_max[good])), radii=radii, curve=curve, n_stars=n)
 
 
 

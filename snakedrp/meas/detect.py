@@ -1,15 +1,21 @@
 """Source detection and deblending (sep, i.e. SExtractor's extraction and multi-threshold deblender).
 
 The background-subtracted image is filtered with a Gaussian of the PSF's width (the matched
-filter for point sources, truncated to ``filter_size`` pixels) and thresholded at
+filter for point sources; by default its side scales with the PSF, ``filter_half_width`` sigmas
+each side, see :func:`detection_kernel`) and thresholded at
 ``threshold`` times the noise of the *filtered* image, so ``threshold`` is a point-source S/N.
 Connected pixels above threshold form a parent footprint; sep's deblender splits it into
 children, and those children are the rows of the output. Positions are windowed centroids
 (SExtractor's XWIN/YWIN, Gaussian weight of the PSF's sigma), which for bright stars scatter
 several times less than isophotal barycentres.
+
+The PSF width the filter needs comes from the exposure itself: :func:`estimate_psf_sigma` takes
+the adaptive moments of the brightest unsaturated peaks (a pass over the pixels above a high
+threshold, no filtering and no extraction) and returns the size of the stellar locus among them.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +42,9 @@ class DetectionConfig(Config):
 
     threshold: float = option(5.0, "Detection threshold: S/N of a pixel of the PSF-filtered image [sigma]", min=0.5)
     min_area: int = option(5, "Minimum number of connected pixels above threshold in the filtered image [pixel]", min=1)
-    filter_size: int = option(5, "Side of the Gaussian matched-filter kernel, odd; 0 for no filtering [pixel]", min=0, max=31)
+    filter_size: int = option(-1, "Side of the Gaussian matched-filter kernel [pixel]: odd for a fixed side, 0 for no filtering, -1 to scale it with the PSF (2 ceil(filter_half_width x sigma) + 1, at most filter_size_max)", min=-1, max=61)
+    filter_half_width: float = option(1.0, "Half-side of the PSF-scaled filter in PSF sigmas: 1 keeps 90 % of the matched filter's S/N and lets the deblender split pairs ~4 sigma apart (1.5: 99 %, but such pairs merge; sep's cost grows with the side squared)", min=0.5, max=5.0)
+    filter_size_max: int = option(31, "Largest side of the PSF-scaled filter [pixel, odd]", min=3, max=61)
     psf_sigma: float = option(2.0, "Filter (and centroid window) Gaussian sigma when the caller gives no PSF sigma [pixel]", min=0.3)
     deblend_nthresh: int = option(16, "Number of deblending sub-thresholds (SExtractor DEBLEND_NTHRESH)", min=1)
     deblend_cont: float = option(0.005, "Minimum flux fraction of a deblended child (DEBLEND_MINCONT); 1 disables deblending", min=0.0, max=1.0)
@@ -50,8 +58,10 @@ class DetectionConfig(Config):
 
     def validate(self) -> None:
         super().validate()
-        if self.filter_size and self.filter_size % 2 == 0:
-            raise ValueError(f"detection.filter_size must be odd or 0, got {self.filter_size}")
+        if self.filter_size > 0 and self.filter_size % 2 == 0:
+            raise ValueError(f"detection.filter_size must be odd, 0 or -1, got {self.filter_size}")
+        if self.filter_size_max % 2 == 0:
+            raise ValueError(f"detection.filter_size_max must be odd, got {self.filter_size_max}")
         from snakedrp.repo.exposure import MASK_PLANES
 
         unknown = [p for p in self.bad_mask_planes if p not in MASK_PLANES]
@@ -99,6 +109,110 @@ def gaussian_kernel(sigma: float, size: int) -> np.ndarray:
     r = np.arange(size) - size // 2
     k = np.exp(-0.5 * (r[:, None] ** 2 + r[None, :] ** 2) / sigma**2)
     return (k / k.sum()).astype(np.float32)
+
+
+def detection_kernel(sigma: float, config: "DetectionConfig") -> np.ndarray | None:
+    """The matched filter of a detection: a Gaussian of ``sigma`` pixels, or None without filtering.
+
+    Its side is ``config.filter_size`` when positive, else (``-1``) ``2 ceil(filter_half_width sigma) + 1``
+    capped at ``filter_size_max`` (and at least 3), so the filter follows the seeing.
+    """
+    if config.filter_size == 0:
+        return None
+    if config.filter_size > 0:
+        size = int(config.filter_size)
+    else:
+        size = min(2 * int(math.ceil(config.filter_half_width * float(sigma))) + 1, int(config.filter_size_max))
+        size = max(size, 3)
+    return gaussian_kernel(float(sigma), size)
+
+
+@dataclass(frozen=True)
+class PsfSizeEstimate:
+    """The PSF width :func:`estimate_psf_sigma` found.
+
+    Attributes
+    ----------
+    sigma : float
+        Adaptive-moment (Gaussian-equivalent) sigma of the stellar locus [pixel]; the fallback
+        when too few stars were measured.
+    n_peaks : int
+        Unsaturated peaks whose moments were measured.
+    n_locus : int
+        Of them, those in the densest size interval (the stars); 0 when the fallback was used.
+    """
+
+    sigma: float
+    n_peaks: int
+    n_locus: int
+
+
+def estimate_psf_sigma(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, *, fallback: float,
+                       peak_snr: float = 30.0, n_peaks: int = 60, stamp_size: int = 41, sigma_min: float = 0.6,
+                       min_stars: int = 5,
+                       bad_mask_planes=("BAD", "SAT", "NO_DATA", "EDGE", "SUSPECT")) -> PsfSizeEstimate:
+    """Quick PSF width of an exposure from the adaptive moments of its brightest unsaturated peaks.
+
+    Local maxima among the pixels above ``peak_snr`` times their noise (no filtering: one pass
+    over the pixels) with no masked pixel in their 5x5 box are taken brightest first, up to
+    ``n_peaks``; GalSim adaptive moments on ``stamp_size`` stamps (other peaks of the stamp not
+    masked, so blends come out large) give a size each. Bright stars share one size, galaxies
+    and blends are larger, cosmic rays smaller: the size is the median of the densest third of
+    the sizes above ``sigma_min`` (the shortest interval of ln size holding a third of them).
+
+    Parameters
+    ----------
+    image, variance : ndarray, shape (ny, nx)
+        Background-subtracted image [electrons] and its variance [electrons^2].
+    mask : ndarray of int, shape (ny, nx)
+    fallback : float
+        Returned sigma [pixel] when fewer than ``min_stars`` sizes are measured.
+
+    Returns
+    -------
+    PsfSizeEstimate
+    """
+    import galsim
+
+    data = np.asarray(image)
+    ny, nx = data.shape
+    bad = (np.asarray(mask) & mask_bits(*bad_mask_planes)) != 0
+    with np.errstate(invalid="ignore"):
+        above = np.flatnonzero(data > peak_snr * np.sqrt(np.maximum(variance, 0)))
+    iy, ix = np.divmod(above, nx)
+    inner = (ix >= 2) & (ix < nx - 2) & (iy >= 2) & (iy < ny - 2)
+    iy, ix = iy[inner], ix[inner]
+    value = data[iy, ix]
+    peak = np.ones(iy.size, bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                peak &= value >= data[iy + dy, ix + dx]
+    iy, ix, value = iy[peak], ix[peak], value[peak]
+    order = np.argsort(-value, kind="stable")
+    half = stamp_size // 2
+    sizes = []
+    n_tried = 0
+    for k in order:
+        if len(sizes) >= n_peaks or n_tried >= 4 * n_peaks:
+            break
+        y, x = int(iy[k]), int(ix[k])
+        if bad[y - 2:y + 3, x - 2:x + 3].any():
+            continue
+        n_tried += 1
+        y0, y1, x0, x1 = max(y - half, 0), min(y + half + 1, ny), max(x - half, 0), min(x + half + 1, nx)
+        stamp = np.where(bad[y0:y1, x0:x1], 0.0, data[y0:y1, x0:x1]).astype(np.float64)
+        res = galsim.hsm.FindAdaptiveMom(galsim.Image(stamp), guess_sig=max(float(fallback), 1.0),
+                                         guess_centroid=galsim.PositionD(x - x0 + 1, y - y0 + 1), strict=False)
+        if res.moments_status == 0 and res.moments_sigma > sigma_min:
+            sizes.append(float(res.moments_sigma))
+    if len(sizes) < min_stars:
+        return PsfSizeEstimate(float(fallback), len(sizes), 0)
+    s = np.sort(np.log(sizes))
+    k = max(min_stars // 2 + 1, len(s) // 3)
+    widths = s[k - 1:] - s[:len(s) - k + 1]
+    i = int(np.argmin(widths))
+    return PsfSizeEstimate(float(np.exp(np.median(s[i:i + k]))), len(sizes), k)
 
 
 def grow_mask(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -263,7 +377,7 @@ def remove_cosmic_ray_detections(detections: DetectionResult, image: np.ndarray,
     suspects = np.nonzero(on_cr)[0]
     if len(suspects) == 0:
         return detections
-    kernel = gaussian_kernel(sigma, config.filter_size) if config.filter_size else None
+    kernel = detection_kernel(sigma, config)
     image, variance = np.asarray(image), np.asarray(variance)
     bad = unusable_pixels(image, variance, np.asarray(mask), config.bad_mask_planes)
     snr = _filtered_snr(image, variance, bad, xpk[suspects], ypk[suspects], kernel)
@@ -326,7 +440,7 @@ def detect_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray,
     if bad.any():
         # the filter sees masked pixels' values (zeroed here); their variance sep ignores
         data = np.where(bad, np.float32(0.0), data)
-    kernel = gaussian_kernel(sigma, config.filter_size) if config.filter_size else None
+    kernel = detection_kernel(sigma, config)
 
     objects, segmentation = _extract(data, var, bad, config.threshold, config, kernel)
     segmentation = segmentation.astype(np.int32, copy=False)
@@ -395,4 +509,5 @@ def detect_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray,
         table[name].description = description
     table.meta["THRESH"] = (config.threshold, "detection threshold [filtered S/N]")
     table.meta["PSFSIG"] = (sigma, "filter and window Gaussian sigma [pixel]")
+    table.meta["FILTSIZE"] = (0 if kernel is None else int(kernel.shape[0]), "matched-filter side [pixel]")
     return DetectionResult(sources=table, segmentation=segmentation, mask=out_mask, n_negative=n_negative)

@@ -19,9 +19,10 @@ aperture (about one neighbour per bright source). Conventions:
 - PSF fluxes are unweighted least-squares amplitudes of the unit-flux PSF model (normalised over the
   whole kernel), as LSST's PsfFlux: per-pixel variance weights would bias bright stars low.
 - The calibration aperture has radius ``calib_aperture_fwhm`` x the local PSF FWHM (default 4; the
-  Gaussian-equivalent FWHM of :meth:`PsfModel.fwhm`, which for the simulator's Moffat is ~1.1 x its
-  true FWHM). The simulated PSF (a Moffat truncated at 4 FWHM) carries no flux beyond that, so this
-  aperture is the total flux of a star, and the aperture correction maps PSF fluxes onto it.
+  Gaussian-equivalent FWHM of the PSF model's adaptive moments). The aperture correction maps PSF
+  fluxes onto it; a real PSF has light beyond any radius (about 1 % beyond 4 FWHM), which the
+  aperture loss of :func:`snakedrp.meas.apcorr.measure_aperture_loss` (a curve of growth of bright
+  stars) adds back, so no radius is assumed to hold a star's total flux.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ class MeasureConfig(Config):
     """Source measurement: centroids, PSF/aperture/Kron fluxes, adaptive moments, pixel flags."""
 
     aperture_radii: list[float] = option([3.0, 4.5, 6.0, 9.0, 12.0], "Circular aperture radii [pixel]; each costs ~(r / 12)^2 x 0.06 s per 5000 sources (the calibration aperture, ~4 FWHM, is extra)")
-    calib_aperture_fwhm: float = option(4.0, "Calibration aperture radius in units of the local PSF FWHM (the simulated PSF has no flux beyond 4 FWHM)", min=0.5, max=20.0)
+    calib_aperture_fwhm: float = option(4.0, "Calibration aperture radius in units of the local PSF FWHM (the light beyond it is measured by the curve of growth, apcorr.cog_*)", min=0.5, max=20.0)
     psf_fit_radius: float = option(3.0, "Half-side of the PSF-fit box in PSF sigmas (the box also gives centroid errors)", min=1.0, max=10.0)
     psf_evaluation: str = option("auto", "PSF models: 'grid' = kernels on a grid over the CCD, bilinearly interpolated and Lanczos-3 shifted (vectorised, what PsfModel.draw does by default); 'draw' = psf.draw per source; 'auto' = 'draw' for models that override draw, else 'grid'", choices=("auto", "grid", "draw"))
     psf_grid_spacing: float = option(512.0, "Spacing of the grid on which the PSF kernel is evaluated for 'grid' [pixel]", min=16.0)
@@ -301,7 +302,7 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
         col(f"{stem}_flux_err", ap["err"][:, k], "electron", f"1-sigma error of {stem}_flux")
         col(f"{stem}_flag", ap["flag"][:, k], "", f"Aperture of radius {r:g} leaves the image or holds masked pixels (replaced by the aperture mean)")
     col("calib_flux", ap["flux"][:, -1], "electron",
-        f"Calibration-aperture flux: circle of radius {config.calib_aperture_fwhm:g} x PSF FWHM (total flux of a star)")
+        f"Calibration-aperture flux: circle of radius {config.calib_aperture_fwhm:g} x PSF FWHM (no neighbours; the light beyond is the APLOSS header card)")
     col("calib_flux_err", ap["err"][:, -1], "electron", "1-sigma error of calib_flux")
     col("calib_radius", calib_radius, "pix", "Radius of the calibration aperture")
     col("calib_flag", ap["flag"][:, -1], "", "Calibration aperture leaves the image or holds masked pixels")

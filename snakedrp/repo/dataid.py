@@ -12,8 +12,14 @@ terms; several id strings (``--id`` given several times) stand for the union::
     >>> parse_id("tract=0 patch=1,1^0,2 filter=HSC-I")
     [{'tract': 0, 'patch': '1,1', 'filter': 'HSC-I'}, {'tract': 0, 'patch': '0,2', 'filter': 'HSC-I'}]
 
-A comma belongs to the value (patch names); there are no comma-separated ranges. Items made
-only of digits become ``int``; everything else stays a string. :func:`select` matches parsed
+A comma belongs to the value (patch names ``x,y``). A patch block is written with a range on
+either side of the comma, ``patch=0..2,0..2`` (the nine patches ``0,0`` ... ``2,2``, x slowest;
+steps allowed, ``0..4:2,1``); the values it makes count as range-made, like ``a..b``::
+
+    >>> [d["patch"] for d in parse_id("patch=0..1,1..2")]
+    ['0,1', '0,2', '1,1', '1,2']
+
+Items made only of digits become ``int``; everything else stays a string. :func:`select` matches parsed
 ids against the data IDs that exist (the registry's rows), comparing :data:`INT_KEYS` as
 integers and every other key as text.
 """
@@ -26,12 +32,16 @@ from collections.abc import Iterable, Sequence
 #: Keys whose values are integers: compared as ints, and a non-integer value is an error.
 INT_KEYS = frozenset({"visit", "ccd", "tract"})
 
+#: Keys whose values are ``x,y`` pairs of non-negative integers (patches); compared as such.
+PAIR_KEYS = frozenset({"patch"})
+
 #: Largest number of values one range may expand to (guards against ``visit=0..999999999``).
 MAX_RANGE = 1_000_000
 
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _INT = re.compile(r"-?\d+\Z")
 _RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)(?::(\d+))?\Z")
+_PAIR = re.compile(r"(\d+),(\d+)\Z")
 
 
 class DataIdError(ValueError):
@@ -64,26 +74,56 @@ def format_id(data_id: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in data_id.items())
 
 
+def _expand_range(m: re.Match, item: str, source: str) -> range:
+    start, stop, step = int(m[1]), int(m[2]), int(m[3] or 1)
+    if step <= 0:
+        raise DataIdError(f"range {item!r} in id {source!r} needs a positive step")
+    if stop < start:
+        raise DataIdError(f"range {item!r} in id {source!r} runs backwards; write {stop}..{start}")
+    if (stop - start) // step + 1 > MAX_RANGE:
+        raise DataIdError(f"range {item!r} in id {source!r} has more than {MAX_RANGE} values")
+    return range(start, stop + 1, step)
+
+
+def _pair_block(item: str, source: str) -> list[str] | None:
+    """``"0..2,1"`` → ``["0,1", "1,1", "2,1"]``; None if ``item`` is not a block with a range."""
+    sides = item.split(",")
+    if len(sides) != 2 or ".." not in item:
+        return None
+    axes = []
+    for side in sides:
+        m = _RANGE.match(side)
+        if m:
+            axes.append(_expand_range(m, side, source))
+        elif side.isdigit():
+            axes.append([int(side)])
+        else:
+            return None
+    if len(axes[0]) * len(axes[1]) > MAX_RANGE:
+        raise DataIdError(f"block {item!r} in id {source!r} has more than {MAX_RANGE} values")
+    return [f"{x},{y}" for x in axes[0] for y in axes[1]]
+
+
 def _parse_value(key: str, text: str, source: str) -> tuple[list, list]:
     """Items of one ``key=value`` term → (all values in order, literal values)."""
     values, literal = [], []
     for item in text.split("^"):
         if item == "":
             raise DataIdError(f"empty value in {key}={text!r} (id {source!r}); join values with a single ^")
-        m = _RANGE.match(item)
+        m = None if key in PAIR_KEYS else _RANGE.match(item)  # a patch range has both sides
+        block = _pair_block(item, source) if "," in item else None
         if m:
-            start, stop, step = int(m[1]), int(m[2]), int(m[3] or 1)
-            if step <= 0:
-                raise DataIdError(f"range {item!r} in id {source!r} needs a positive step")
-            if stop < start:
-                raise DataIdError(f"range {item!r} in id {source!r} runs backwards; write {stop}..{start}")
-            if (stop - start) // step + 1 > MAX_RANGE:
-                raise DataIdError(f"range {item!r} in id {source!r} has more than {MAX_RANGE} values")
-            values.extend(range(start, stop + 1, step))
+            values.extend(_expand_range(m, item, source))
+        elif block is not None:
+            values.extend(block)
         elif ".." in item or (":" in item and key in INT_KEYS):
             raise DataIdError(
                 f"malformed range {item!r} in id {source!r}; ranges are integers a..b or a..b:step"
+                + (" (patch blocks: x0..x1,y0..y1)" if key in PAIR_KEYS else "")
             )
+        elif key in PAIR_KEYS and not _PAIR.match(item):
+            raise DataIdError(f"{key} takes x,y pairs of integers (e.g. 1,1 or 0..2,0..2), got {item!r} "
+                              f"in id {source!r}")
         elif _INT.match(item):
             values.append(int(item))
             literal.append(int(item))
@@ -163,6 +203,11 @@ def _rows_as_dicts(rows) -> list[dict]:
 
 
 def _normalize(key: str, value, source: str):
+    if key in PAIR_KEYS:
+        m = _PAIR.match(str(value).replace(" ", ""))
+        if m:
+            return f"{int(m[1])},{int(m[2])}"  # "01,1" is patch 1,1
+        return str(value)
     if key in INT_KEYS:
         try:
             return int(value)

@@ -36,6 +36,7 @@ MASK_PLANES: dict[str, int] = {
     "DETECTED_NEGATIVE": 6,
     "SUSPECT": 7,
     "NO_DATA": 8,
+    "CLIPPED": 9,   # coadd artifact rejection: a warp pixel excluded as an outlier
 }
 
 

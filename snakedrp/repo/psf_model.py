@@ -30,6 +30,11 @@ def register(cls):
 def psf_from_hdu(hdu: fits.BinTableHDU | fits.ImageHDU) -> "PsfModel":
     """Rebuild a PSF model written by :meth:`PsfModel.to_hdu`."""
     name = hdu.header["PSFTYPE"]
+    if name not in _REGISTRY and "PSFMOD" in hdu.header:
+        # a model defined by a later stage (e.g. the coadd PSF) names its module: importing it registers it
+        import importlib
+
+        importlib.import_module(str(hdu.header["PSFMOD"]))
     try:
         cls = _REGISTRY[name]
     except KeyError:

@@ -8,14 +8,22 @@ Sky and telescope
   Sersic profiles, ``n`` quantized in steps of 0.5, truncated at 4.5 half-light radii), with
   stellar-locus-like colours; uniform on the sphere about the field centre (RA 0/360 and the
   poles are fine).
-- **PSF**: a Moffat with beta = 3.5 and FWHM = the visit's seeing (0.5"-1.0"), **truncated at
-  4 x FWHM: there is no flux beyond 4 FWHM** (the pipeline's calibration aperture relies on
-  it). In pixel units it is mapped by the local Jacobian of the true sky-to-pixel mapping,
-  dilated by a smooth per-visit quadratic pattern in focal-plane position (+-5-8 %) and sheared
-  by another (|g| <= ~0.04), so the truncation becomes an ellipse a few per cent larger than 4
-  FWHM along its major axis. :func:`true_psf` returns this profile *without* the pixel; the
-  images hold it convolved with the pixel.
-- Per visit: transparency (zeropoint offset up to +-0.1 mag), sky (+-20 %), dither of a third of
+- **PSF** (:func:`true_psf`): the atmosphere, a Kolmogorov profile of FWHM = the visit's seeing,
+  convolved with the optics, the Airy pattern of an 8.2 m pupil with a 0.28 central
+  obstruction at the filter's effective wavelength; **not truncated** (about 4 % of the light
+  lies beyond 2 FWHM, 1 % beyond 4 FWHM, 0.2 % beyond 10 FWHM). In pixel units it is mapped by
+  the local Jacobian of the true sky-to-pixel mapping and, standing for optical aberrations
+  that vary smoothly over the focal plane, dilated by a per-visit quadratic pattern in
+  focal-plane position (+-5-8 %) and sheared by another (|g| <= ~0.04). :func:`true_psf`
+  returns this profile *without* the pixel; the images hold it convolved with the pixel,
+  each object on a stamp that reaches the radius where the light left out falls below the
+  noise of the object's flux within it (up to 401 x 401 pixels for the brightest stars; see
+  :func:`snakedrp.simulate.render.stamp_half_width`). Truth fluxes are total fluxes.
+- Seeing: the visits of each filter are spread evenly over ``[seeing_min, seeing_max]``
+  (``ci``: 0.5"-1.3"); :data:`CONDITIONS` holds named overrides (good/bad seeing, sparse/dense
+  field, bright sky) for a conditions matrix.
+- Per visit: transparency (zeropoint offset up to +-0.1 mag), sky (the filter's dark sky plus
+  ``[sky_offset_min, sky_offset_max]`` mag/arcsec^2, times +-20 %), dither of a third of
   a CCD, rotation offset of 0.2-1 deg, airmass. The header pointing is off from the true one
   by 1-2 arcsec and the header rotation by <= 0.02 deg; the header WCS is
   ``Camera.nominal_wcs`` at the header pointing (no distortion). The true mapping is
@@ -51,16 +59,16 @@ from pathlib import Path
 from snakedrp.repo.io import write_table
 from snakedrp.repo.refcat import write_refcat
 from .field import (FieldResult, make_field, make_objects, make_refcat, plan_exposures, plan_visits,
-                    sky_to_pixel_jacobian, true_psf)
-from .presets import PRESETS, SimParams, SimulateConfig, resolve_config
+                    sky_to_pixel_jacobian, true_psf, visit_seeings)
+from .presets import CONDITIONS, PRESETS, SimParams, SimulateConfig, resolve_config
 from .render import (RenderResult, Scene, render_exposure, render_scene, write_cr_mask, write_raw,
                      write_sources)
 
 __all__ = [
-    "PRESETS", "FieldResult", "RenderResult", "Scene", "SimParams", "SimulateConfig", "make_field",
+    "CONDITIONS", "PRESETS", "FieldResult", "RenderResult", "Scene", "SimParams", "SimulateConfig", "make_field",
     "make_objects", "make_refcat", "plan_exposures", "plan_visits", "render_exposure", "render_scene",
-    "resolve_config", "sky_to_pixel_jacobian", "true_psf", "write_cr_mask", "write_field", "write_raw",
-    "write_sources",
+    "resolve_config", "sky_to_pixel_jacobian", "true_psf", "visit_seeings", "write_cr_mask", "write_field",
+    "write_raw", "write_sources",
 ]
 
 

@@ -18,9 +18,16 @@ from . import instrument
 from .instrument import STREAM_EXPOSURE, STREAM_OBJECTS, STREAM_REFCAT, STREAM_VISIT, rng_for
 from .presets import SimParams
 
-#: Moffat index of the PSF; the profile is truncated at ``PSF_TRUNCATION`` x FWHM.
-PSF_BETA = 3.5
-PSF_TRUNCATION = 4.0
+#: Telescope optics of the PSF: a diffraction-limited 8.2 m primary (Subaru-like) with a central
+#: obstruction of 0.28 of its diameter, at the effective wavelength of the filter's band [nm]
+#: (HSC filter curves; ``DEFAULT_WAVELENGTH`` for other bands).
+TELESCOPE_DIAMETER = 8.2  # m
+OBSCURATION = 0.28
+EFFECTIVE_WAVELENGTH = {"g": 475.0, "r": 618.0, "i": 771.0, "z": 890.0, "y": 976.0}
+DEFAULT_WAVELENGTH = 700.0
+#: GalSim's default smallest FFT (128) is 4x the area most stamps need; GalSim still sizes the FFT
+#: from the profile (folding_threshold) and the stamp, so only the needless padding goes.
+GSPARAMS = galsim.GSParams(minimum_fft_size=32)
 #: First science visit number of each filter (HSC-like even numbers); others get 905000 + 1000 k.
 FIRST_VISIT = {"HSC-R": 903334, "HSC-I": 903986, "HSC-G": 904400}
 #: Calibration visit numbers: bias 100+, dark 200+, flat 1000 + 100 j + i, fringe 2000 + 100 j + i
@@ -100,19 +107,41 @@ def _random_quadratic(rng, amplitude: float, n: int = 41) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ visits and plan
+def visit_seeings(params: SimParams, camera: Camera) -> list[float]:
+    """Seeing [arcsec] of every science visit, in the order of ``plan_visits``.
+
+    The visits of all filters take the values ``linspace(seeing_min, seeing_max, n)`` (the
+    midpoint for one visit), dealt out in turn to the filters so that each filter covers the
+    range, then shuffled in time within each filter: a uniform draw could cluster, and the demo
+    must exercise the whole range.
+    """
+    filters = _filters(params, camera)
+    n = len(filters) * params.n_visits
+    grid = (np.linspace(params.seeing_min, params.seeing_max, n) if n > 1
+            else np.array([0.5 * (params.seeing_min + params.seeing_max)]))
+    rng = rng_for(params.seed, STREAM_VISIT, 0)  # visit numbers are >= 903334: key 0 is free
+    out = []
+    for k in range(len(filters)):
+        out += [float(grid[j]) for j in rng.permutation(np.arange(k, n, len(filters)))]
+    return out
+
+
 def plan_visits(params: SimParams, camera: Camera) -> Table:
     """The science visits with their true observing conditions (see docs "Simulator truth").
 
     Columns: visit, filter, band, exptime [s], mjd, date_obs, airmass, ra/dec/rotation (true
-    pointing, deg), tel_ra/tel_dec/tel_rotation (header pointing, deg), seeing (Moffat FWHM,
-    arcsec), psf_norm_mm and psf_size/psf_g1/psf_g2 (quadratic coefficients in focal-plane
+    pointing, deg), tel_ra/tel_dec/tel_rotation (header pointing, deg), seeing (FWHM of the
+    Kolmogorov atmosphere, arcsec; spread evenly over [seeing_min, seeing_max] within each
+    filter, see :func:`visit_seeings`), wavelength (effective wavelength of the optics' Airy
+    pattern, nm), psf_norm_mm and psf_size/psf_g1/psf_g2 (quadratic coefficients in focal-plane
     ``(u, v) = (x_mm, y_mm) / psf_norm_mm``, terms 1, u, v, u^2, uv, v^2; the PSF is dilated by
     ``1 + size`` and sheared by ``(g1, g2)`` in pixel coordinates), transparency [mag],
-    zeropoint (AB mag of 1 e- in the raw exposure), sky [e-/pixel at unit flat response],
-    fringe_scale, and the satellite trail (satellite, sat_angle [deg], sat_offset_mm, sat_peak
-    [e-/pixel]).
+    zeropoint (AB mag of 1 e- in the raw exposure), sky_brightness [AB mag/arcsec^2], sky
+    [e-/pixel at unit flat response], fringe_scale, and the satellite trail (satellite,
+    sat_angle [deg], sat_offset_mm, sat_peak [e-/pixel]).
     """
     numbers = _science_visit_numbers(params, camera)
+    seeings = visit_seeings(params, camera)
     ny, nx = camera.ccd_shape
     ccd_width = nx * camera.pixel_scale / 3600.0
     r_fp = instrument.focal_plane_radius(camera)
@@ -133,7 +162,7 @@ def plan_visits(params: SimParams, camera: Camera) -> Table:
         pa = rng.uniform(0, 2 * np.pi)
         tel_ra, tel_dec = (float(v[0]) for v in tangent_offset(ra, dec, err * np.cos(pa), err * np.sin(pa)))
         tel_rotation = rotation + rng.uniform(-ROTATION_ERROR, ROTATION_ERROR)
-        seeing = rng.uniform(params.seeing_min, params.seeing_max)
+        seeing = seeings[k]
         psf_size = _random_quadratic(rng, rng.uniform(*PSF_SIZE_VARIATION))
         shear_max = rng.uniform(*PSF_SHEAR_MAX)
         # the two components share the budget so |g| stays below shear_max
@@ -141,7 +170,8 @@ def plan_visits(params: SimParams, camera: Camera) -> Table:
         psf_g2 = _random_quadratic(rng, shear_max / np.sqrt(2))
         transparency = rng.uniform(-TRANSPARENCY, TRANSPARENCY)
         zeropoint = filt.zeropoint + 2.5 * np.log10(params.exptime) + transparency
-        sky_mag_pixel = filt.sky_brightness - 5.0 * np.log10(camera.pixel_scale)
+        sky_brightness = filt.sky_brightness + rng.uniform(params.sky_offset_min, params.sky_offset_max)
+        sky_mag_pixel = sky_brightness - 5.0 * np.log10(camera.pixel_scale)
         sky = 10 ** (-0.4 * (sky_mag_pixel - zeropoint)) * (1 + rng.uniform(-SKY_VARIATION, SKY_VARIATION))
         fringe_scale = rng.uniform(0.7, 1.3) if filt.fringe else 0.0
         satellite = bool(params.satellite and k == 1)
@@ -150,16 +180,18 @@ def plan_visits(params: SimParams, camera: Camera) -> Table:
             visit=visit, filter=f, band=filt.band, exptime=params.exptime, mjd=mjd,
             date_obs=Time(mjd, format="mjd", scale="utc").isot, airmass=rng.uniform(1.0, 1.5),
             ra=ra, dec=dec, rotation=rotation, tel_ra=tel_ra, tel_dec=tel_dec, tel_rotation=tel_rotation,
-            seeing=seeing, psf_norm_mm=r_fp, psf_size=psf_size, psf_g1=psf_g1, psf_g2=psf_g2,
-            transparency=transparency, zeropoint=zeropoint, sky=sky, fringe_scale=fringe_scale,
+            seeing=seeing, wavelength=EFFECTIVE_WAVELENGTH.get(filt.band, DEFAULT_WAVELENGTH), psf_norm_mm=r_fp,
+            psf_size=psf_size, psf_g1=psf_g1, psf_g2=psf_g2, transparency=transparency, zeropoint=zeropoint,
+            sky_brightness=sky_brightness, sky=sky, fringe_scale=fringe_scale,
             satellite=satellite, sat_angle=rng.uniform(0, 180.0) if satellite else 0.0,
             sat_offset_mm=rng.uniform(-0.3, 0.3) * r_fp if satellite else 0.0,
             sat_peak=SATELLITE_PEAK if satellite else 0.0,
         ))
     t = Table(rows=rows)
     units = dict(exptime="s", mjd="d", ra="deg", dec="deg", rotation="deg", tel_ra="deg", tel_dec="deg",
-                 tel_rotation="deg", seeing="arcsec", psf_norm_mm="mm", transparency="mag", zeropoint="mag",
-                 sky="electron", sat_angle="deg", sat_offset_mm="mm", sat_peak="electron")
+                 tel_rotation="deg", seeing="arcsec", wavelength="nm", psf_norm_mm="mm", transparency="mag",
+                 zeropoint="mag", sky_brightness="mag / arcsec2", sky="electron", sat_angle="deg", sat_offset_mm="mm",
+                 sat_peak="electron")
     for name, unit in units.items():
         t[name].unit = unit
     t.meta["comments"] = ["snakedrp.simulate truth: one row per science visit"]
@@ -361,17 +393,28 @@ def sky_to_pixel_jacobian(visit_row, camera: Camera, ccd: int, x, y) -> np.ndarr
 
 
 def atmospheric_psf(visit_row) -> galsim.GSObject:
-    """The per-visit Moffat (beta 3.5, FWHM = seeing, truncated at 4 FWHM) on the sky, in arcsec."""
-    fwhm = float(visit_row["seeing"])
-    return galsim.Moffat(beta=PSF_BETA, fwhm=fwhm, trunc=PSF_TRUNCATION * fwhm)
+    """The visit's atmosphere: a Kolmogorov profile of FWHM = seeing, on the sky in arcsec, unit flux."""
+    return galsim.Kolmogorov(fwhm=float(visit_row["seeing"]), gsparams=GSPARAMS)
 
 
-def pixel_psf(atmosphere: galsim.GSObject, jacobian: np.ndarray, scale: float, g1: float, g2: float):
+def optics_psf(visit_row) -> galsim.GSObject:
+    """The telescope's diffraction pattern: an Airy of the 8.2 m obscured pupil at the visit's wavelength (arcsec)."""
+    return galsim.Airy(lam=float(visit_row["wavelength"]), diam=TELESCOPE_DIAMETER, obscuration=OBSCURATION,
+                       scale_unit=galsim.arcsec, gsparams=GSPARAMS)
+
+
+def sky_psf(visit_row) -> galsim.GSObject:
+    """The visit's PSF on the sky before the focal-plane variation: atmosphere (x) optics, arcsec, unit
+    flux, not truncated (about 1 % of the light lies beyond 4 FWHM)."""
+    return galsim.Convolve(atmospheric_psf(visit_row), optics_psf(visit_row))
+
+
+def pixel_psf(sky: galsim.GSObject, jacobian: np.ndarray, scale: float, g1: float, g2: float):
     """The PSF in pixel units: the sky PSF mapped by ``jacobian``, dilated by ``scale``, sheared by ``(g1, g2)``."""
     j = jacobian
     # transform() keeps the surface brightness, so its flux changes by |det j|: restore it
-    flux = atmosphere.flux
-    return atmosphere.transform(j[0, 0], j[0, 1], j[1, 0], j[1, 1]).dilate(scale).shear(g1=g1, g2=g2).withFlux(flux)
+    flux = sky.flux
+    return sky.transform(j[0, 0], j[0, 1], j[1, 0], j[1, 1]).dilate(scale).shear(g1=g1, g2=g2).withFlux(flux)
 
 
 def true_psf(visit_row, camera: Camera, ccd: int, x: float, y: float) -> galsim.GSObject:
@@ -380,9 +423,14 @@ def true_psf(visit_row, camera: Camera, ccd: int, x: float, y: float) -> galsim.
     The profile is *before* convolution with the pixel: draw it with GalSim's default
     ``method='auto'`` (which convolves with the pixel) and ``scale=1`` to get the PSF as it
     appears in the image; ``method='no_pixel'`` gives the optical+atmospheric PSF. It is a
-    Moffat (beta 3.5, FWHM = the visit's seeing, truncated at 4 FWHM) mapped to pixels by the
-    local Jacobian of the true sky-to-pixel mapping (distortion included), dilated by the
-    visit's size pattern and sheared by its (g1, g2) pattern at this focal-plane position.
+    Kolmogorov atmosphere (FWHM = the visit's seeing) convolved with the Airy pattern of an
+    8.2 m pupil with a 0.28 central obstruction at the filter's effective wavelength, not
+    truncated; mapped to pixels by the local Jacobian of the true sky-to-pixel mapping
+    (distortion included); and, standing for the optical aberrations (focus, astigmatism) that
+    vary smoothly over the focal plane, dilated by the visit's size pattern and sheared by its
+    (g1, g2) pattern at this focal-plane position. The images hold exactly this profile
+    (convolved with the pixel), each object drawn on a stamp that holds its wings until the
+    light left out is below the noise of its flux (:func:`snakedrp.simulate.render.stamp_half_width`).
 
     Parameters
     ----------
@@ -394,7 +442,7 @@ def true_psf(visit_row, camera: Camera, ccd: int, x: float, y: float) -> galsim.
     """
     scale, g1, g2 = psf_variation(visit_row, camera, ccd, x, y)
     jac = sky_to_pixel_jacobian(visit_row, camera, ccd, x, y)[0]
-    return pixel_psf(atmospheric_psf(visit_row), jac, float(np.ravel(scale)[0]), float(np.ravel(g1)[0]),
+    return pixel_psf(sky_psf(visit_row), jac, float(np.ravel(scale)[0]), float(np.ravel(g1)[0]),
                      float(np.ravel(g2)[0]))
 
 

@@ -11,8 +11,8 @@ from typing import Optional
 
 from snakedrp.pexconfig import Config, ConfigError, option
 
-#: Preset values. ``ci``: the small 4-CCD camera, a dense field for fast end-to-end tests;
-#: ``hsc``: the 8-CCD 2048x4176 camera for benchmarks.
+#: Preset values. ``ci``: the small 4-CCD camera, a dense field for fast end-to-end tests, seeing
+#: spread over 0.5"-1.3" in each filter; ``hsc``: the 8-CCD 2048x4176 camera for benchmarks.
 PRESETS: dict[str, dict] = {
     "ci": dict(
         seed=1, ra=150.0, dec=2.0, rotation=0.0, filters=("HSC-R", "HSC-I"), n_visits=3, ccds=(),
@@ -20,7 +20,7 @@ PRESETS: dict[str, dict] = {
         star_density=150000.0, star_mag_min=16.5, star_mag_max=24.0, star_slope=0.12,
         bright_star_density=1000.0, bright_star_mag_min=13.0,
         galaxy_density=50000.0, galaxy_mag_min=18.0, galaxy_mag_max=24.5, galaxy_slope=0.3,
-        seeing_min=0.5, seeing_max=1.0,
+        seeing_min=0.5, seeing_max=1.3, sky_offset_min=0.0, sky_offset_max=0.0,
         refcat_mag_limit=21.0, refcat_band="r", refcat_nside=64, refcat_pos_err=10.0, refcat_mag_err=0.01,
         n_bias=5, n_dark=5, dark_exptime=300.0, n_flat=5, flat_exptime=5.0, flat_level=20000.0, n_fringe=4,
         cr_rate=1.0, satellite=True,
@@ -31,11 +31,25 @@ PRESETS: dict[str, dict] = {
         star_density=60000.0, star_mag_min=16.5, star_mag_max=24.0, star_slope=0.12,
         bright_star_density=300.0, bright_star_mag_min=13.0,
         galaxy_density=60000.0, galaxy_mag_min=18.0, galaxy_mag_max=24.5, galaxy_slope=0.3,
-        seeing_min=0.5, seeing_max=1.0,
+        seeing_min=0.5, seeing_max=1.0, sky_offset_min=0.0, sky_offset_max=0.0,
         refcat_mag_limit=21.0, refcat_band="r", refcat_nside=64, refcat_pos_err=10.0, refcat_mag_err=0.01,
         n_bias=5, n_dark=5, dark_exptime=300.0, n_flat=5, flat_exptime=5.0, flat_level=20000.0, n_fringe=4,
         cr_rate=1.0, satellite=True,
     ),
+}
+
+#: Named observing conditions for a conditions matrix: ``simulate`` overrides to merge over a
+#: preset (``--config simulate='{seeing_min: 0.45, seeing_max: 0.55}'`` is ``good_seeing``).
+#: Reference stars (r < 21) per ``ci`` CCD (0.0046 deg^2): ~255 by default, ~20 in ``sparse`` (what
+#: a full HSC CCD gets at high Galactic latitude), ~660 in ``dense``.
+CONDITIONS: dict[str, dict] = {
+    "good_seeing": dict(seeing_min=0.45, seeing_max=0.55),
+    "bad_seeing": dict(seeing_min=1.4, seeing_max=1.6),
+    # high Galactic latitude: ~1e4 stars per deg^2 to r = 24
+    "sparse": dict(star_density=12000.0, bright_star_density=50.0),
+    # low latitude: a few 1e5 per deg^2
+    "dense": dict(star_density=400000.0, bright_star_density=3000.0),
+    "bright_sky": dict(sky_offset_min=-2.0, sky_offset_max=-1.5),
 }
 
 
@@ -52,14 +66,27 @@ class SimulateConfig(Config):
     filters: list[str] = option([], "Filters observed (camera filter names); [] = the preset's")
     n_visits: Optional[int] = option(None, "Science visits per filter", min=1, max=40)
     ccds: list[int] = option([], "CCD ids to simulate; [] = every CCD of the camera")
-    exptime: Optional[float] = option(None, "Science exposure time [s]", min=0.1)
-    star_density: Optional[float] = option(None, "Stars per deg^2 between star_mag_min and star_mag_max (r band)", min=0.0)
+    exptime: Optional[float] = option(None, "Science exposure time [s]; survey visits take 15-300 s", min=0.1, max=3600.0)
+    star_density: Optional[float] = option(
+        None, "Stars per deg^2 between star_mag_min and star_mag_max (r band): ~1e4 at high Galactic latitude, "
+        "~1e5-5e5 at low latitude (the cap: ~1.5 ms a star to render, ~2300 per ci CCD)", min=0.0, max=5.0e5)
     star_mag_max: Optional[float] = option(None, "Faint limit of the simulated stars [AB mag, r]", min=10.0, max=30.0)
-    bright_star_density: Optional[float] = option(None, "Extra bright (mostly saturated) stars per deg^2, r in [13, star_mag_min)", min=0.0)
-    galaxy_density: Optional[float] = option(None, "Galaxies per deg^2 down to galaxy_mag_max (r band)", min=0.0)
+    bright_star_density: Optional[float] = option(
+        None, "Extra bright (mostly saturated) stars per deg^2, r in [13, star_mag_min): tens at high latitude, "
+        "thousands at low latitude", min=0.0, max=2.0e4)
+    galaxy_density: Optional[float] = option(
+        None, "Galaxies per deg^2 down to galaxy_mag_max (r band); ~1e5 to r = 24.5", min=0.0, max=1.0e6)
     galaxy_mag_max: Optional[float] = option(None, "Faint limit of the simulated galaxies [AB mag, r]", min=10.0, max=30.0)
-    seeing_min: Optional[float] = option(None, "Smallest per-visit seeing FWHM [arcsec]", min=0.2, max=3.0)
-    seeing_max: Optional[float] = option(None, "Largest per-visit seeing FWHM [arcsec]", min=0.2, max=3.0)
+    seeing_min: Optional[float] = option(
+        None, "Smallest per-visit seeing (Kolmogorov FWHM) [arcsec]; 0.4 (excellent site) to 2.0 (poor night); the "
+        "visits of each filter are spread evenly between seeing_min and seeing_max", min=0.4, max=2.0)
+    seeing_max: Optional[float] = option(None, "Largest per-visit seeing (Kolmogorov FWHM) [arcsec], 0.4-2.0",
+                                         min=0.4, max=2.0)
+    sky_offset_min: Optional[float] = option(
+        None, "Sky brightness of a visit relative to the filter's dark sky [mag/arcsec^2]: 0 dark, ~-1 grey, -2 to -3 "
+        "bright (moon); each visit draws uniformly in [sky_offset_min, sky_offset_max]", min=-4.0, max=1.0)
+    sky_offset_max: Optional[float] = option(None, "Upper end of the per-visit sky offset [mag/arcsec^2], -4 to 1",
+                                             min=-4.0, max=1.0)
     refcat_mag_limit: Optional[float] = option(None, "Reference catalog faint limit [AB mag in refcat_band]", min=5.0, max=30.0)
     refcat_nside: Optional[int] = option(None, "HEALPix nside of the reference-catalog shards (power of 2)", min=1, max=8192)
     n_bias: Optional[int] = option(None, "Raw bias exposures per CCD", min=0, max=99)
@@ -73,6 +100,10 @@ class SimulateConfig(Config):
         super().validate()
         if self.seeing_min is not None and self.seeing_max is not None and self.seeing_min > self.seeing_max:
             raise ConfigError(f"simulate.seeing_min ({self.seeing_min}) exceeds seeing_max ({self.seeing_max})")
+        if (self.sky_offset_min is not None and self.sky_offset_max is not None
+                and self.sky_offset_min > self.sky_offset_max):
+            raise ConfigError(f"simulate.sky_offset_min ({self.sky_offset_min}) exceeds sky_offset_max "
+                              f"({self.sky_offset_max})")
         if self.refcat_nside is not None and self.refcat_nside & (self.refcat_nside - 1):
             raise ConfigError(f"simulate.refcat_nside = {self.refcat_nside} is not a power of 2")
 
@@ -81,9 +112,9 @@ class SimulateConfig(Config):
 class SimParams:
     """Effective simulator parameters (preset + overrides); hashable and picklable.
 
-    Units: angles in degrees, ``refcat_pos_err`` in mas, densities per deg^2, magnitudes AB in
-    the r band, times in seconds, ``flat_level`` in electrons per pixel, ``cr_rate`` in hits per
-    megapixel per second.
+    Units: angles in degrees (seeing in arcsec), sky offsets in mag/arcsec^2, ``refcat_pos_err``
+    in mas, densities per deg^2, magnitudes AB in the r band, times in seconds, ``flat_level`` in
+    electrons per pixel, ``cr_rate`` in hits per megapixel per second.
     """
 
     preset: str
@@ -107,6 +138,8 @@ class SimParams:
     galaxy_slope: float
     seeing_min: float
     seeing_max: float
+    sky_offset_min: float
+    sky_offset_max: float
     refcat_mag_limit: float
     refcat_band: str
     refcat_nside: int
@@ -140,4 +173,7 @@ def resolve_config(config: SimulateConfig | None = None) -> SimParams:
     values["ra"] = float(values["ra"]) % 360.0
     if values["seeing_min"] > values["seeing_max"]:
         raise ConfigError(f"simulate: seeing_min {values['seeing_min']} exceeds seeing_max {values['seeing_max']}")
+    if values["sky_offset_min"] > values["sky_offset_max"]:
+        raise ConfigError(f"simulate: sky_offset_min {values['sky_offset_min']} exceeds sky_offset_max "
+                          f"{values['sky_offset_max']}")
     return SimParams(preset=config.preset, **values)

@@ -17,13 +17,16 @@ from astropy.table import Table
 from snakedrp.repo.camera import Camera
 from snakedrp.repo.io import atomic_path, write_table
 from . import instrument
-from .field import (GALAXY_TRUNCATION, PSF_TRUNCATION, SATELLITE_SIGMA, atmospheric_psf, exposure_rngs,
-                    objects_on_ccd, pixel_psf, psf_variation, sky_to_pixel_jacobian)
+from .field import (GALAXY_TRUNCATION, GSPARAMS, SATELLITE_SIGMA, exposure_rngs, objects_on_ccd, pixel_psf,
+                    psf_variation, sky_psf, sky_to_pixel_jacobian)
 from .presets import SimParams
 
 CR_CHARGE = (500.0, 5000.0)  # e- per pixel along a cosmic-ray track (log-uniform per hit)
 CR_LENGTH = (1.0, 15.0)  # track length [pixel]
 FIXED_CHECKSUM_COMMENT = "snakedrp.simulate"  # astropy stamps the time otherwise
+MAX_STAMP_HALF = 200  # largest stamp half-width [pixel]: a 401 x 401 stamp, ~15-20 ms a star
+PSF_MIN_STAMP_FWHM = 4.0  # smallest stamp half-width [FWHM] (~1 % of the light beyond); the FFT is about as large
+SOURCE_MARGIN = 30.0  # objects within this many pixels of the CCD are in the truth table [pixel]
 
 
 @dataclass(frozen=True)
@@ -78,52 +81,103 @@ def _draw(profile: galsim.GSObject, image: galsim.Image, x: float, y: float, hal
                       method=method)
 
 
+def light_outside(sky: galsim.GSObject, pixel_scale: float, n: int = MAX_STAMP_HALF) -> np.ndarray:
+    """Fraction of a sky PSF's light (pixel included) outside radius ``r`` = 0, 1, ..., ``n`` pixels.
+
+    Measured on one drawing of ``sky`` (arcsec) at the nominal ``pixel_scale`` [arcsec/pixel],
+    on a grid of 4 n + 1 pixels so that the light folded back by the FFT lies beyond ``n``.
+    """
+    m = 2 * n
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", galsim.GalSimWarning)  # the grid is large on purpose
+        img = sky.drawImage(nx=2 * m + 1, ny=2 * m + 1, scale=pixel_scale, method="auto").array
+    yy, xx = np.indices(img.shape)
+    r = np.ceil(np.hypot(xx - m, yy - m)).astype(int).ravel()
+    inside = np.cumsum(np.bincount(r, weights=img.ravel().astype(float), minlength=n + 1))[: n + 1]
+    return np.clip(1.0 - inside / float(sky.flux), 0.0, 1.0)
+
+
+def stamp_half_width(flux, outside: np.ndarray, fwhm_pix: float, stretch, sky_variance: float) -> np.ndarray:
+    """Stamp half-widths [pixel] of objects of total ``flux`` [e-] drawn with a PSF whose light
+    outside radius r is ``outside[r]`` (:func:`light_outside`), stretched by ``stretch`` (>= 1).
+
+    The stamp reaches the smallest radius r at which the light left out, ``flux * outside[r]``,
+    is below the noise of the object's flux summed within r, ``sqrt(flux + pi r^2 sky_variance)``
+    (``sky_variance`` in e-^2 per pixel), so no measurement out to the stamp's edge can see the
+    missing light; at least ``PSF_MIN_STAMP_FWHM`` FWHM, at most ``MAX_STAMP_HALF``.
+    """
+    flux = np.maximum(np.asarray(flux, float), 1.0)[:, None]
+    r = np.arange(outside.size, dtype=float)[None, :]
+    below = flux * outside[None, :] <= np.sqrt(flux * (1 - outside[None, :]) + np.pi * r**2 * sky_variance)
+    # outside[] decreases with r: the first r that qualifies, the largest if none does
+    first = np.where(below.any(axis=1), below.argmax(axis=1), outside.size - 1)
+    half = np.maximum(first, PSF_MIN_STAMP_FWHM * fwhm_pix) * np.asarray(stretch, float)
+    return np.minimum(np.ceil(half).astype(int) + 2, MAX_STAMP_HALF)
+
+
 def render_scene(params: SimParams, camera: Camera, visit_row, ccd: int, objects: Table,
                  *, median_flat: float | None = None) -> Scene:
     """Draw every object of ``objects`` that falls on ``ccd`` in a visit (no sky, noise or flat).
 
-    Stars are the true PSF (:func:`snakedrp.simulate.true_psf`) convolved with the pixel;
-    galaxies are truncated Sersic profiles on the sky mapped to pixels by the local Jacobian
-    and convolved with the same PSF. Each object is drawn with FFTs into a stamp of the
-    full-CCD GalSim image (bounds 1..nx, 1..ny) large enough to hold all of its flux.
+    Stars are the true PSF (:func:`snakedrp.simulate.true_psf`: Kolmogorov (x) obscured Airy,
+    not truncated) convolved with the pixel; galaxies are truncated Sersic profiles on the sky
+    mapped to pixels by the local Jacobian and convolved with the same PSF. Each object is drawn
+    with FFTs into a stamp of the full-CCD GalSim image (bounds 1..nx, 1..ny) sized by
+    :func:`stamp_half_width` (the light left out is below the noise of the flux within the
+    stamp), so bright stars carry their wings far out (up to ``MAX_STAMP_HALF`` pixels) and stars
+    up to that far off the CCD add their wings to it. The truth
+    (``sources``: objects within ``SOURCE_MARGIN`` pixels of the CCD) holds total fluxes.
     """
     ny, nx = camera.ccd_shape
     if median_flat is None:
         median_flat = instrument.median_flat_response(instrument.flat_response(params.seed, camera, ccd), camera, ccd)
     image = galsim.ImageF(nx, ny, scale=1.0)  # bounds (1, nx, 1, ny); profiles are in pixel units
-    idx, x, y = objects_on_ccd(visit_row, camera, ccd, objects)
+    idx, x, y = objects_on_ccd(visit_row, camera, ccd, objects, margin=float(MAX_STAMP_HALF))
     band = camera.filters[str(visit_row["filter"])].band
     mags = np.asarray(objects[f"mag_{band}"])[idx]
     flux_e = 10 ** (-0.4 * (mags - float(visit_row["zeropoint"])))
     types = np.asarray(objects["type"]).astype(str)[idx]
-    if idx.size:
-        jac = sky_to_pixel_jacobian(visit_row, camera, ccd, x, y)
-        scale, g1, g2 = psf_variation(visit_row, camera, ccd, x, y)
-    atmosphere = atmospheric_psf(visit_row)
+    sky = sky_psf(visit_row)
     fwhm_pix = float(visit_row["seeing"]) / camera.pixel_scale
     sersic_n = np.asarray(objects["sersic_n"])[idx]
     hlr = np.asarray(objects["half_light_radius"])[idx]
     e1, e2 = np.asarray(objects["e1"])[idx], np.asarray(objects["e2"])[idx]
+    if idx.size:
+        jac = sky_to_pixel_jacobian(visit_row, camera, ccd, x, y)
+        scale, g1, g2 = psf_variation(visit_row, camera, ccd, x, y)
+        # largest stretch of the nominal-scale PSF: local pixel scale, dilation, major axis of the shear
+        stretch = (np.linalg.svd(jac, compute_uv=False)[:, 0] * camera.pixel_scale * np.maximum(scale, 1.0)
+                   * (1.0 + 1.1 * np.hypot(g1, g2)))
+        psf_half = stamp_half_width(flux_e, light_outside(sky, camera.pixel_scale), fwhm_pix, stretch,
+                                    float(visit_row["sky"]))
+        # how far each object lies off the CCD [pixel]; it is drawn when its stamp reaches the CCD
+        off = np.maximum(np.maximum(-x, x - (nx - 1)), np.maximum(-y, y - (ny - 1)))
     with warnings.catch_warnings():
-        # truncated Moffat (x) truncated Sersic: GalSim suggests real-space convolution, FFT is ~10x faster
+        # truncated Sersic: GalSim suggests real-space convolution, FFT is ~10x faster
         warnings.simplefilter("ignore", galsim.GalSimWarning)
         for k in range(idx.size):
-            psf = pixel_psf(atmosphere, jac[k], float(scale[k]), float(g1[k]), float(g2[k]))
-            # 1.02: distortion and shear stretch the truncation radius by up to a few per cent
-            psf_half = PSF_TRUNCATION * fwhm_pix * float(scale[k]) * 1.02 * (1 + 1.1 * np.hypot(g1[k], g2[k]))
             if types[k] == "star":
-                half = int(np.ceil(psf_half)) + 2
+                half = int(psf_half[k])
+                if off[k] >= half:
+                    continue
+                psf = pixel_psf(sky, jac[k], float(scale[k]), float(g1[k]), float(g2[k]))
                 _draw(psf.withFlux(float(flux_e[k])), image, x[k], y[k], half, "fft")
             else:
-                j = jac[k]
-                gal = galsim.Sersic(n=float(sersic_n[k]), half_light_radius=float(hlr[k]),
-                                    trunc=GALAXY_TRUNCATION * float(hlr[k]), flux_untruncated=False)
-                gal = gal.shear(e1=float(e1[k]), e2=float(e2[k])).transform(j[0, 0], j[0, 1], j[1, 0], j[1, 1])
                 e = min(np.hypot(e1[k], e2[k]), 0.7)
                 gal_half = GALAXY_TRUNCATION * hlr[k] / camera.pixel_scale * 1.02 * np.sqrt((1 + e) / (1 - e))
-                half = min(int(np.ceil(gal_half + psf_half)) + 2, 200)
+                half = min(int(np.ceil(gal_half)) + int(psf_half[k]), MAX_STAMP_HALF)
+                if off[k] >= half:
+                    continue
+                j = jac[k]
+                psf = pixel_psf(sky, j, float(scale[k]), float(g1[k]), float(g2[k]))
+                gal = galsim.Sersic(n=float(sersic_n[k]), half_light_radius=float(hlr[k]),
+                                    trunc=GALAXY_TRUNCATION * float(hlr[k]), flux_untruncated=False,
+                                    gsparams=GSPARAMS)
+                gal = gal.shear(e1=float(e1[k]), e2=float(e2[k])).transform(j[0, 0], j[0, 1], j[1, 0], j[1, 1])
                 prof = galsim.Convolve(gal, psf).withFlux(float(flux_e[k]))
                 _draw(prof, image, x[k], y[k], half, "fft")
+    keep = np.flatnonzero((off < SOURCE_MARGIN) if idx.size else np.zeros(0, bool))
+    idx, x, y, mags, flux_e, types = idx[keep], x[keep], y[keep], mags[keep], flux_e[keep], types[keep]
     sources = Table()
     sources["id"] = np.asarray(objects["id"])[idx]
     sources["x"], sources["y"] = x, y

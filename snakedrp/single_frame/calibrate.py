@@ -3,7 +3,8 @@
 As in the LSST CalibrateTask: take the sources characterization detected (or detect at 5 sigma
 on the characterized exposure and deblend, when run on its own or with ``redetect``),
 measure (centroids, apertures, PSF and Kron fluxes, shapes, flags), apply the aperture
-correction, match to the reference catalog and fit a TAN-SIP WCS, then fit the zeropoint from
+correction and the aperture loss measured by the curve of growth of the bright unresolved stars
+(:func:`snakedrp.meas.apcorr.measure_aperture_loss`; PSF fluxes of stars are then total fluxes), match to the reference catalog and fit a TAN-SIP WCS, then fit the zeropoint from
 matched unresolved stars and add calibrated magnitudes and sky coordinates to the catalog.
 """
 from __future__ import annotations
@@ -13,9 +14,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 from astropy.table import Table
 
-from snakedrp.meas.apcorr import ApCorrMap
+from snakedrp.meas.apcorr import ApCorrMap, ApertureLoss, ApertureLossConfig, measure_aperture_loss
+from snakedrp.meas.columns import flagged
 from snakedrp.calib.astrometry import AstrometryConfig, AstrometryError, match_and_fit
-from snakedrp.meas.detect import DetectionConfig, DetectionResult, detect_sources
+from snakedrp.meas.detect import DetectionConfig, DetectionResult, detect_sources, unusable_pixels
 from snakedrp.repo.exposure import Exposure
 from snakedrp.meas.measure import MeasureConfig, calibrate_fluxes, measure_sources
 from snakedrp.pexconfig import Config, option, subconfig
@@ -38,6 +40,7 @@ class CalibrateConfig(Config):
     redetect: bool = option(False, "Detect again on the characterized exposure (with calibrate.detection and the PSF model's width) instead of measuring characterization's detections?")
     detection: DetectionConfig = subconfig(DetectionConfig, "Detection when calibrate detects: with redetect, or when CalibrateTask runs without detections")
     measure: MeasureConfig = subconfig(MeasureConfig, "Source measurement")
+    aperture_loss: ApertureLossConfig = subconfig(ApertureLossConfig, "Light beyond the calibration aperture (curve of growth of bright stars)")
     astrometry: AstrometryConfig = subconfig(AstrometryConfig, "Reference matching and TAN-SIP fit")
     photometry: PhotometryConfig = subconfig(PhotometryConfig, "Zeropoint fit")
 
@@ -61,7 +64,8 @@ class CalibrateTask:
         self.config.validate()
 
     def run(self, exposure: Exposure, refcat: Table | None, *, apcorr: ApCorrMap | None = None,
-            band: str | None = None, detections: DetectionResult | None = None) -> CalibrateResult:
+            band: str | None = None, detections: DetectionResult | None = None,
+            aperture_loss: ApertureLoss | None = None) -> CalibrateResult:
         """Detect, measure and calibrate ``exposure`` (background-subtracted, with a PSF).
 
         Parameters
@@ -72,6 +76,11 @@ class CalibrateTask:
             Reference stars around the CCD (``ra, dec, ra_err, dec_err, mag_<band>, ...``).
         apcorr : ApCorrMap, optional
             Applied to ``psf_flux`` (and its error); the factor is kept as ``psf_apcorr``.
+        aperture_loss : ApertureLoss, optional
+            Total / calibration-aperture flux of stars, applied to ``psf_flux`` with the aperture
+            correction (and included in ``psf_apcorr``); measured here on the bright unresolved
+            stars when not given (and ``config.aperture_loss.enabled``). Its cards go to the calexp
+            header and the src metadata.
         band : str, optional
             Reference-catalog band of the exposure's filter (``mag_<band>``).
         detections : DetectionResult, optional
@@ -97,13 +106,24 @@ class CalibrateTask:
                                   exposure.psf, cfg.measure, wcs=exposure.wcs,
                                   segmentation=detections.segmentation, footprints=detections.sources)
         x, y = np.asarray(sources["x_centroid"]), np.asarray(sources["y_centroid"])
+        size_ratio = np.asarray(sources["shape_sigma"]) / np.asarray(sources["psf_sigma"])
+        loss = aperture_loss
+        if loss is None and cfg.aperture_loss.enabled:
+            star = (size_ratio < cfg.star_size_max) & ~flagged(sources, also=("centroid_flag", "calib_flag"))
+            star &= ~np.asarray(sources["is_blended"], bool)
+            t = sources[star]
+            bad = unusable_pixels(exposure.image, exposure.variance, exposure.mask, cfg.measure.bad_mask_planes)
+            loss = measure_aperture_loss(exposure.image, exposure.variance, bad, detections.segmentation, t["id"],
+                                         t["x_centroid"], t["y_centroid"], t["calib_radius"], t["calib_flux"],
+                                         t["calib_flux_err"], cfg.aperture_loss)
+        loss = loss if loss is not None else ApertureLoss.none()
         factor = apcorr.evaluate(x, y) if apcorr is not None else np.ones(len(sources))
+        factor = factor * loss.factor
         sources["psf_flux"] *= factor
         sources["psf_flux_err"] *= factor
         sources["psf_apcorr"] = factor
         sources["psf_apcorr"].unit = ""
-        sources["psf_apcorr"].description = "aperture correction applied to psf_flux (calib aperture / PSF flux)"
-        size_ratio = np.asarray(sources["shape_sigma"]) / np.asarray(sources["psf_sigma"])
+        sources["psf_apcorr"].description = "factor applied to psf_flux: aperture correction (calib aperture / PSF flux) x aperture loss (total / calib aperture)"
         extendedness = np.where(np.isfinite(size_ratio), (size_ratio > cfg.star_size_max).astype(float), np.nan)
         sources["extendedness"] = extendedness
         sources["extendedness"].unit = ""
@@ -111,6 +131,9 @@ class CalibrateTask:
                                                f"{cfg.star_size_max}), 0 if not, NaN without a shape")
         wcs, matches, zeropoint, zeropoint_err = exposure.wcs, None, None, None
         metadata = exposure.metadata.copy()
+        for key, value, comment in loss.cards():
+            metadata[key] = (value, comment)
+            sources.meta[key] = value
         if cfg.do_astrometry:
             if refcat is None or len(refcat) == 0:
                 raise CalibrateError(f"{where}: the reference catalog does not cover this CCD")

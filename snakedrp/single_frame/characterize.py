@@ -1,10 +1,14 @@
 """CharacterizeTask: background, detection, PSF, cosmic rays, aperture correction.
 
-The order follows the LSST CharacterizeImageTask: subtract a first background, detect sources,
-measure them with a Gaussian first-guess PSF, select PSF stars on the size–flux locus
+The order follows the LSST CharacterizeImageTask: subtract a first background, estimate the PSF
+width from the brightest unsaturated peaks (:func:`snakedrp.meas.detect.estimate_psf_sigma`, so
+the matched filter and the first-guess PSF follow the seeing; ``psf_fwhm_guess`` only seeds it),
+detect sources, re-estimate the background with their footprints masked, measure them with a
+Gaussian first-guess PSF of that width, select PSF stars on the size–flux locus
 (reserving a fraction for validation), build the spatially varying PSF model, find and repair
 cosmic rays with that PSF, re-measure the PSF stars with the model and fit the aperture
-correction from PSF flux to the calibration aperture. Unlike the LSST stack, the detection runs
+correction from PSF flux to the calibration aperture (the light beyond it, the aperture loss,
+is measured by calibration on every bright star). Unlike the LSST stack, the detection runs
 once, at the science threshold: the detections that turn out to be cosmic rays are dropped after
 the repair (:func:`snakedrp.meas.detect.remove_cosmic_ray_detections`) and calibration measures the
 rest, which saves a second pass over the image.
@@ -19,8 +23,8 @@ from astropy.table import Table
 from snakedrp.meas.apcorr import ApCorrConfig, ApCorrMap, fit_aperture_correction
 from snakedrp.meas.background import Background, BackgroundConfig, estimate_background
 from snakedrp.meas.cosmicray import CosmicRayConfig, find_cosmic_rays, repair_cosmic_rays
-from snakedrp.meas.detect import (DetectionConfig, DetectionResult, detect_sources, remove_cosmic_ray_detections,
-                     unusable_pixels)
+from snakedrp.meas.detect import (DetectionConfig, DetectionResult, detect_sources, estimate_psf_sigma,
+                                  remove_cosmic_ray_detections, unusable_pixels)
 from snakedrp.repo.exposure import Exposure
 from snakedrp.meas.measure import MeasureConfig, measure_sources
 from snakedrp.pexconfig import Config, option, subconfig
@@ -37,7 +41,11 @@ class CharacterizeError(RuntimeError):
 class CharacterizeConfig(Config):
     """Characterize a science exposure: background, detection, PSF, cosmic rays, apcorr."""
 
-    psf_fwhm_guess: float = option(4.5, "First-guess PSF FWHM before the model is built [pixel]", min=1.0, max=30.0)
+    psf_fwhm_guess: float = option(4.5, "Starting PSF FWHM of the width estimate, and the first guess when it finds too few stars [pixel]", min=1.0, max=30.0)
+    estimate_psf_width: bool = option(True, "Estimate the PSF width from the brightest unsaturated peaks before detection (matched filter, first-guess PSF)? Otherwise psf_fwhm_guess is used")
+    psf_width_peak_snr: float = option(30.0, "Peaks of the PSF-width estimate: pixels above this S/N", min=3.0)
+    psf_width_n_peaks: int = option(60, "Peaks measured for the PSF-width estimate (brightest first)", min=5, max=1000)
+    refine_background: bool = option(True, "Estimate the background again once the sources are detected, with their footprints masked, and subtract the difference?")
     do_cosmic_ray: bool = option(True, "Find and repair cosmic rays (uses the PSF model)?")
     do_apcorr: bool = option(True, "Fit the aperture correction from PSF flux to the calibration aperture?")
     background: BackgroundConfig = subconfig(BackgroundConfig, "Background model (sep)")
@@ -63,6 +71,8 @@ class CharacterizeResult:
     apcorr : ApCorrMap or None
         Ratio of calibration-aperture to PSF flux over the CCD.
     n_cosmic_rays : int
+    psf_sigma_estimate : float
+        PSF sigma [pixel] the detection filter used (from the bright peaks, or the guess).
     detections : DetectionResult
         The sources detected, without those that were cosmic rays (segmentation and DETECTED mask
         plane included), for :class:`snakedrp.single_frame.calibrate.CalibrateTask` to measure.
@@ -74,6 +84,7 @@ class CharacterizeResult:
     apcorr: ApCorrMap | None
     n_cosmic_rays: int
     detections: DetectionResult
+    psf_sigma_estimate: float = float("nan")
 
 
 class CharacterizeTask:
@@ -101,11 +112,24 @@ class CharacterizeTask:
         background = estimate_background(image, exposure.mask, cfg.background)
         image -= background.evaluate()
 
-        guess = GaussianPsf(cfg.psf_fwhm_guess / 2.3548)
+        sigma0 = cfg.psf_fwhm_guess / 2.3548
+        if cfg.estimate_psf_width:
+            sigma0 = estimate_psf_sigma(image, variance, exposure.mask, fallback=sigma0,
+                                        peak_snr=cfg.psf_width_peak_snr, n_peaks=cfg.psf_width_n_peaks).sigma
+        guess = GaussianPsf(sigma0)
         detections = detect_sources(image, variance, exposure.mask, cfg.detection, psf_sigma=guess.sigma)
         if len(detections.sources) == 0:
             raise CharacterizeError(f"{where}: no source above {cfg.detection.threshold} sigma "
                                     "(empty field, or every pixel masked)")
+        if cfg.refine_background:
+            # the first background saw every source: with the detections masked, the light of the
+            # sources no longer raises it (in a crowded field by a few e- a pixel, which in a large
+            # aperture is a few per cent of a bright star)
+            refined = estimate_background(image, detections.mask, cfg.background)
+            image -= refined.evaluate()
+            background = replace(background, mesh=background.mesh + refined.mesh, mesh_rms=refined.mesh_rms,
+                                 global_background=background.global_background + refined.global_background,
+                                 global_rms=refined.global_rms)
         # only what star selection uses (centroids, PSF fluxes, pixel flags): the PSF stars are
         # measured in full below, with the model
         # measured twice: before and after the cosmic-ray repair, which changes only CR pixels
@@ -144,6 +168,9 @@ class CharacterizeTask:
                 np.asarray(t["psf_flux"]), np.asarray(t["psf_flux_err"]),
                 np.asarray(t["calib_flux"]), np.asarray(t["calib_flux_err"]),
                 shape=image.shape, config=cfg.apcorr)
-        out = replace(exposure, image=image, mask=mask, psf=psf)
+        metadata = exposure.metadata.copy()
+        metadata["PSFSIG0"] = (float(sigma0), "PSF sigma of the detection filter (bright-peak estimate) [pixel]")
+        out = replace(exposure, image=image, mask=mask, psf=psf, metadata=metadata)
         return CharacterizeResult(exposure=out, background=background, psf_sources=psf_sources,
-                                  apcorr=apcorr, n_cosmic_rays=n_cr, detections=replace(detections, mask=mask))
+                                  apcorr=apcorr, n_cosmic_rays=n_cr, detections=replace(detections, mask=mask),
+                                  psf_sigma_estimate=float(sigma0))

@@ -3,6 +3,14 @@
 Each metric compares a pipeline product with what the simulator rendered, and carries its
 goal; :func:`check_goals` lists the failures. Matching between measured and true sources is by
 nearest neighbour in pixel coordinates of the same exposure.
+
+Calibration is told apart from noise: the WCS error is the distance between the fitted and the
+true pixel-to-sky mapping on a grid over each CCD (no centroid noise in it), shown next to the
+centroid scatter of bright stars and the scatter their S/N predicts; the photometric
+calibration error is the median per CCD of calibrated PSF magnitudes of bright isolated stars
+minus their true total magnitudes; completeness is counted at an expected matched-filter S/N
+computed with the true PSF. A missed goal is reported; only ``strict`` makes it fail the job
+(:func:`finish`).
 """
 from __future__ import annotations
 
@@ -24,11 +32,13 @@ class ValidateConfig(Config):
     """Accuracy goals of single-frame processing, checked against the simulator's truth."""
 
     enabled: bool = option(True, "Run validation when the repository has simulator truth")
-    fail_on_goal: bool = option(True, "Fail the validation job when a figure falls past its goal")
+    strict: bool = option(False, "Fail the validation job when a figure misses its goal (tests and CI); otherwise the report marks it and the run goes on")
     match_radius: float = option(1.5, "Radius for matching measured to true sources [pixel]", min=0.1)
-    astrometry_snr_min: float = option(50.0, "S/N above which stars enter the astrometric RMS", min=1.0)
-    astrometry_rms_goal: float = option(10.0, "Goal: astrometric RMS of bright stars vs truth [mas]", min=0.0)
-    zeropoint_goal: float = option(5.0, "Goal: max |fitted - true| calexp zeropoint per CCD [mmag]", min=0.0)
+    astrometry_snr_min: float = option(50.0, "S/N above which stars enter the centroid scatter (reported with its expectation from their S/N)", min=1.0)
+    wcs_grid: list[int] = option([8, 16], "Grid (nx, ny) of points over each CCD where the fitted WCS is compared with the true mapping")
+    astrometry_rms_goal: float = option(10.0, "Goal: RMS distance between the fitted and the true pixel-to-sky mapping on the grid, over all CCDs [mas]", min=0.0)
+    photometry_snr_min: float = option(100.0, "PSF S/N above which isolated stars enter the photometric calibration error", min=1.0)
+    photometry_goal: float = option(5.0, "Goal: max over CCDs of |median(calibrated psf_mag - true total mag)| of bright isolated stars [mmag]", min=0.0)
     psf_fwhm_goal: float = option(1.0, "Goal: RMS relative PSF FWHM error at reserved stars [%]", min=0.0)
     psf_e_goal: float = option(0.005, "Goal: RMS PSF ellipticity (e1, e2) error at reserved stars", min=0.0)
     cr_recovery_goal: float = option(95.0, "Goal: fraction of true cosmic-ray pixels flagged CR [%]", min=0.0, max=100.0)
@@ -112,6 +122,50 @@ def astrometric_errors_mas(src: Table, truth: Table, objects: Table, config: Val
     return np.hypot(dra, dec_m - dec_t) * 3.6e6
 
 
+def wcs_errors_mas(calexp: Exposure, true_pixel_to_sky, grid=(8, 16)) -> np.ndarray:
+    """Distances [mas] between the fitted WCS and the true pixel-to-sky mapping on a grid over the CCD.
+
+    ``true_pixel_to_sky(x, y)`` (zero-based pixels) returns the true ``(ra, dec)`` [deg].
+    """
+    ny, nx = calexp.shape
+    gx, gy = np.meshgrid(np.linspace(0, nx - 1, int(grid[0])), np.linspace(0, ny - 1, int(grid[1])))
+    gx, gy = gx.ravel(), gy.ravel()
+    ra_f, dec_f = calexp.wcs.all_pix2world(gx, gy, 0)
+    ra_t, dec_t = (np.asarray(v, float) for v in true_pixel_to_sky(gx, gy))
+    dra = ((ra_f - ra_t + 180.0) % 360.0 - 180.0) * np.cos(np.deg2rad(dec_t))
+    return np.hypot(dra, dec_f - dec_t) * 3.6e6
+
+
+def expected_centroid_scatter_mas(src: Table, truth: Table, config: "ValidateConfig", pixel_scale: float,
+                                  psf_sigma: float) -> np.ndarray:
+    """Expected 2-D centroid error [mas] of the stars of :func:`astrometric_errors_mas`: ``2 sigma / (S/N)``.
+
+    For a Gaussian PSF of ``sigma`` pixels and background-limited optimal centroiding each axis
+    scatters by ``sqrt(2) sigma / (S/N)``; the 2-D RMS is ``sqrt(2)`` times that.
+    """
+    im, it = match_sources(src["x_centroid"], src["y_centroid"], truth["x"], truth["y"], config.match_radius)
+    snr = np.asarray(src["psf_flux"])[im] / np.asarray(src["psf_flux_err"])[im]
+    keep = _is_star(truth)[it] & (snr > config.astrometry_snr_min) & _isolated(truth, config)[it]
+    keep &= ~flagged(src, also=("centroid_flag",))[im] & ~np.asarray(truth["saturated"], bool)[it]
+    return 2.0 * psf_sigma / snr[keep] * pixel_scale * 1000.0
+
+
+def photometric_errors_mmag(src: Table, truth: Table, true_mag, config: "ValidateConfig") -> np.ndarray:
+    """Calibrated ``psf_mag`` minus the true total magnitude [mmag] of bright, isolated, unflagged stars.
+
+    ``true_mag(ids)`` returns the true total AB magnitudes of truth ids in the exposure's band.
+    """
+    if "psf_mag" not in src.colnames:
+        return np.array([])
+    iso = _isolated(truth, config)
+    im, it = match_sources(src["x_centroid"], src["y_centroid"], truth["x"], truth["y"], config.match_radius)
+    snr = np.asarray(src["psf_flux"])[im] / np.asarray(src["psf_flux_err"])[im]
+    keep = _is_star(truth)[it] & iso[it] & (snr > config.photometry_snr_min)
+    keep &= ~flagged(src, also=("centroid_flag",))[im] & ~np.asarray(truth["saturated"], bool)[it]
+    mags = np.asarray(true_mag(np.asarray(truth["id"])[it[keep]]), float)
+    return (np.asarray(src["psf_mag"], float)[im[keep]] - mags) * 1000.0
+
+
 def _is_star(truth: Table) -> np.ndarray:
     # FITS string columns come back as bytes
     return np.char.strip(np.asarray(truth["type"]).astype(str)) == "star"
@@ -127,12 +181,13 @@ def psf_flux_ratios(src: Table, truth: Table, config: ValidateConfig) -> np.ndar
     return np.asarray(src["psf_flux"])[im[keep]] / np.asarray(truth["flux"])[it[keep]]
 
 
-def completeness(src: Table, truth: Table, calexp: Exposure, config: ValidateConfig):
+def completeness(src: Table, truth: Table, calexp: Exposure, config: ValidateConfig, true_neff=None):
     """(n_detected, n_total) of isolated true stars whose expected PSF S/N is within 20 % of the target.
 
-    The expected S/N is that of optimal PSF photometry of a background-limited point source:
+    The expected S/N is that of optimal PSF photometry (the matched filter) of a point source:
     ``F / sqrt(F + n_eff var_sky)`` with the true flux ``F``, the calexp variance at the star and
-    the PSF model's effective area ``n_eff = 1 / sum(psf**2)`` there.
+    the effective area ``n_eff = 1 / sum(psf**2)`` of the *true* PSF there (``true_neff(x, y)``;
+    without it, of the PSF model).
     """
     x, y, flux = (np.asarray(truth[c], float) for c in ("x", "y", "flux"))
     ny, nx = calexp.shape
@@ -141,7 +196,10 @@ def completeness(src: Table, truth: Table, calexp: Exposure, config: ValidateCon
     bad = mask_bit("BAD") | mask_bit("SAT") | mask_bit("NO_DATA") | mask_bit("EDGE")
     clean = (calexp.mask[iy, ix] & bad) == 0
     sky_var = np.asarray(calexp.variance[iy, ix], float)
-    neff = np.array([1.0 / np.sum(calexp.psf.kernel(float(xi), float(yi)) ** 2) for xi, yi in zip(x, y)])
+    if true_neff is not None:
+        neff = np.asarray(true_neff(x, y), float)
+    else:
+        neff = np.array([1.0 / np.sum(calexp.psf.kernel(float(xi), float(yi)) ** 2) for xi, yi in zip(x, y)])
     snr = flux / np.sqrt(np.maximum(flux, 0) + neff * sky_var)
     target = config.completeness_snr
     sel = _is_star(truth) & inside & clean & _isolated(truth, config) & (np.abs(snr / target - 1) < 0.2)
@@ -223,6 +281,9 @@ class ExposureFigures:
     ccd: int
     astrometry_mas: np.ndarray
     astrometry_all_mas: np.ndarray
+    astrometry_expected_mas: np.ndarray
+    wcs_mas: np.ndarray
+    photometry_mmag: np.ndarray
     zeropoint_error_mmag: float
     psf_size_errors: np.ndarray
     psf_e_errors: np.ndarray
@@ -236,43 +297,62 @@ class ExposureFigures:
 
 
 def validate_exposure(calexp: Exposure, src: Table, psf_sources: Table, truth: Table, objects: Table,
-                      cr_truth: np.ndarray, true_zeropoint: float, true_psf_image, config: ValidateConfig
+                      cr_truth: np.ndarray, true_zeropoint: float, true_psf_image, config: ValidateConfig, *,
+                      true_pixel_to_sky=None, true_mag=None, true_neff=None, pixel_scale: float = float("nan")
                       ) -> ExposureFigures:
     """Every figure of one processed CCD against the simulator's truth.
 
-    ``true_psf_image(x, y, shape)`` draws the true PSF (with the pixel) centred on a stamp.
+    ``true_psf_image(x, y, shape)`` draws the true PSF (with the pixel) centred on a stamp;
+    ``true_pixel_to_sky(x, y)`` gives the true (ra, dec) [deg] of zero-based pixels;
+    ``true_mag(ids)`` the true total magnitudes of truth ids; ``true_neff(x, y)`` the effective
+    area of the true PSF [pixel]; ``pixel_scale`` [arcsec/pixel] converts the expected centroid
+    scatter. Figures whose truth function is not given are empty.
     """
     ny, nx = calexp.shape
     psf_sigma = float(np.nan_to_num(kernel_moments(calexp.psf.kernel(nx / 2.0, ny / 2.0))[0], nan=2.0))
     dsize, de = psf_shape_errors(calexp, psf_sources, true_psf_image)
     cr_rec, cr_tot, cores_hit, cores = cosmic_ray_recovery(calexp, cr_truth, truth, psf_sigma, config)
-    found, total = completeness(src, truth, calexp, config)
+    found, total = completeness(src, truth, calexp, config, true_neff)
     zp_err = (float(calexp.zeropoint) - true_zeropoint) * 1000.0 if calexp.zeropoint is not None else float("nan")
+    wcs = (wcs_errors_mas(calexp, true_pixel_to_sky, config.wcs_grid) if true_pixel_to_sky is not None
+           else np.array([]))
+    phot = photometric_errors_mmag(src, truth, true_mag, config) if true_mag is not None else np.array([])
     return ExposureFigures(
         visit=int(calexp.metadata.get("VISIT", -1)), ccd=int(calexp.metadata.get("CCD", -1)),
         astrometry_mas=astrometric_errors_mas(src, truth, objects, config),
         astrometry_all_mas=astrometric_errors_mas(src, truth, objects, config, isolated_only=False),
+        astrometry_expected_mas=expected_centroid_scatter_mas(src, truth, config, pixel_scale, psf_sigma),
+        wcs_mas=wcs, photometry_mmag=phot,
         zeropoint_error_mmag=zp_err, psf_size_errors=dsize, psf_e_errors=de,
         cr_recovered=cr_rec, cr_total=cr_tot, star_cores_flagged=cores_hit, star_cores=cores,
         completeness_found=found, completeness_total=total,
         psf_flux_ratios=psf_flux_ratios(src, truth, config))
 
 
+def _concat(arrays) -> np.ndarray:
+    arrays = [np.asarray(a, float).ravel() for a in arrays]
+    return np.concatenate(arrays) if arrays else np.array([])
+
+
 def summarize(figures: list[ExposureFigures], config: ValidateConfig) -> list[Metric]:
     """The validation metrics over all exposures, each with its goal."""
-    astro = np.concatenate([f.astrometry_mas for f in figures]) if figures else np.array([])
-    zp = np.array([f.zeropoint_error_mmag for f in figures])
-    dsize = np.concatenate([f.psf_size_errors for f in figures]) if figures else np.array([])
+    wcs = _concat(f.wcs_mas for f in figures)
+    phot = np.array([np.median(f.photometry_mmag) if len(f.photometry_mmag) else np.nan for f in figures])
+    n_phot = sum(len(f.photometry_mmag) for f in figures)
+    dsize = _concat(f.psf_size_errors for f in figures)
     de = np.concatenate([f.psf_e_errors for f in figures]) if figures else np.zeros((0, 2))
-    ratios = np.concatenate([f.psf_flux_ratios for f in figures]) if figures else np.array([])
+    ratios = _concat(f.psf_flux_ratios for f in figures)
     cr_rec, cr_tot = sum(f.cr_recovered for f in figures), sum(f.cr_total for f in figures)
     found, total = sum(f.completeness_found for f in figures), sum(f.completeness_total for f in figures)
     cores_hit = sum(f.star_cores_flagged for f in figures)
     bias = -2.5 * np.log10(np.median(ratios)) * 1000.0 if ratios.size else float("nan")
+    # a CCD without a single bright isolated star has no figure and is left out; none at all is a miss
+    phot_max = float(np.nanmax(np.abs(phot))) if np.isfinite(phot).any() else float("nan")
     return [
-        Metric("astrometric RMS of bright stars vs truth", rms(astro), config.astrometry_rms_goal, "mas", astro.size),
-        Metric("max |zeropoint error| per CCD", float(np.max(np.abs(zp))) if zp.size else float("nan"),
-               config.zeropoint_goal, "mmag", zp.size),
+        Metric("WCS error RMS vs the true pixel-to-sky mapping (grid over each CCD)", rms(wcs),
+               config.astrometry_rms_goal, "mas", wcs.size),
+        Metric("max per-CCD photometric calibration error (median psf_mag - true total mag, bright isolated stars)",
+               phot_max, config.photometry_goal, "mmag", n_phot),
         Metric("PSF FWHM RMS error at reserved stars", rms(dsize) * 100.0, config.psf_fwhm_goal, "%", dsize.size),
         Metric("PSF e1 RMS error at reserved stars", rms(de[:, 0]), config.psf_e_goal, "", len(de)),
         Metric("PSF e2 RMS error at reserved stars", rms(de[:, 1]), config.psf_e_goal, "", len(de)),
@@ -284,3 +364,47 @@ def summarize(figures: list[ExposureFigures], config: ValidateConfig) -> list[Me
                100.0 * found / max(total, 1), config.completeness_goal, "%", total, higher_is_better=True),
         Metric("|median PSF-flux bias| of bright stars", abs(bias), config.psf_flux_bias_goal, "mmag", ratios.size),
     ]
+
+
+def information(figures: list[ExposureFigures]) -> dict:
+    """Figures without a goal: centroid scatter and its expectation, zeropoints vs truth, per-CCD values."""
+    astro = _concat(f.astrometry_mas for f in figures)
+    expected = _concat(f.astrometry_expected_mas for f in figures)
+    all_stars = _concat(f.astrometry_all_mas for f in figures)
+    return {
+        "centroid_scatter_rms_mas": rms(astro),
+        "centroid_scatter_expected_rms_mas": rms(expected),
+        "centroid_scatter_n": int(astro.size),
+        "astrometric_rms_all_bright_stars_mas": rms(all_stars),
+        "wcs_error_max_mas": float(np.max(_concat(f.wcs_mas for f in figures))) if figures else float("nan"),
+        "wcs_error_rms_mas_per_ccd": {f"{f.visit}-{f.ccd}": rms(f.wcs_mas) for f in figures},
+        "photometric_error_mmag_per_ccd": {
+            f"{f.visit}-{f.ccd}": float(np.median(f.photometry_mmag)) if len(f.photometry_mmag) else float("nan")
+            for f in figures},
+        "zeropoint_errors_mmag": {f"{f.visit}-{f.ccd}": float(f.zeropoint_error_mmag) for f in figures},
+    }
+
+
+class ValidationFailed(RuntimeError):
+    """A figure missed its goal and ``validation.strict`` is set; the message lists the misses."""
+
+
+def finish(metrics: list[Metric], config: ValidateConfig, info: dict | None = None) -> dict:
+    """The validation report (metrics with ``passed``, the misses, the information figures).
+
+    A missed goal is marked in the report (``missed``) and does not stop a user's run; with
+    ``config.strict`` (tests, CI) it raises.
+
+    Raises
+    ------
+    ValidationFailed
+        ``config.strict`` and at least one metric missed its goal.
+    """
+    failed = check_goals(metrics)
+    report = {"metrics": [dict(name=m.name, value=float(m.value), goal=float(m.goal), unit=m.unit, n=int(m.n),
+                               passed=bool(m.passed)) for m in metrics],
+              "missed": [m.line() for m in failed], "strict": bool(config.strict)}
+    report.update(info or {})
+    if failed and config.strict:
+        raise ValidationFailed("validation: goal(s) missed: " + "; ".join(m.line() for m in failed))
+    return report

@@ -1,0 +1,87 @@
+"""Configs of the coadd stage's pixel algorithms: warping, assembly, coadd detection.
+
+The skymap's own config (``SkyMapConfig``) lives in :mod:`snakedrp.coadd.skymap`; the stage's
+config section (``CoaddConfig``) gathers these classes with it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from snakedrp.meas.background import BackgroundConfig
+from snakedrp.meas.detect import DetectionConfig
+from snakedrp.pexconfig import Config, option, subconfig
+
+
+def _check_planes(section: str, planes) -> None:
+    from snakedrp.repo.exposure import MASK_PLANES
+
+    unknown = [p for p in planes if p not in MASK_PLANES]
+    if unknown:
+        raise ValueError(f"{section}: unknown mask plane(s) {unknown}; known: {list(MASK_PLANES)}")
+
+
+@dataclass
+class WarpConfig(Config):
+    """Resampling of calexps onto a patch grid (makeCoaddTempExp / makeDirectWarp)."""
+
+    kernel: str = option("lanczos3", "Resampling kernel of image and variance", choices=("lanczos3", "lanczos4", "lanczos5"))
+    grid_spacing: int = option(16, "The exact pixel mapping is computed every this many output pixels and bilinearly interpolated in between [pixel]", min=1, max=128)
+    edge_width: int = option(3, "Output pixels whose input position lies within this many pixels of the CCD border (but whose kernel is still inside) are marked EDGE [pixel]", min=0, max=50)
+    conserve_flux: bool = option(True, "Multiply by the pixel-area ratio (Jacobian of the mapping), so that point-source fluxes are kept (the calexp zeropoint is for total flux)?")
+    zeropoint: float = option(27.0, "Photometric zeropoint of the warps and coadds (AB mag of a source of total flux 1)", min=0.0, max=40.0)
+    rows_per_block: int = option(128, "Output rows resampled at once (memory ~ rows x patch width x 100 bytes)", min=8)
+
+
+@dataclass
+class AssembleConfig(Config):
+    """Inverse-variance weighted mean of the warps with artifact rejection (assembleCoadd, CompareWarp)."""
+
+    bad_mask_planes: list[str] = option(["NO_DATA", "BAD", "SAT", "EDGE", "SUSPECT", "CR"],
+                                        "Warp pixels in these mask planes do not enter the coadd")
+    weight_clip_sigma: float = option(3.0, "Sigma clip of the warp's variance plane for its weight (weight = 1 / clipped-mean variance)", min=1.0)
+    weight_clip_iter: int = option(3, "Clipping iterations of the weight's clipped mean", min=1, max=10)
+    weight_subsample: int = option(4, "The weight's clipped mean uses every this many-th row and column of the warp", min=1, max=64)
+    do_clip: bool = option(True, "Reject artifacts (CompareWarp): outlier footprints in warp - reference absent from the reference?")
+    clip_threshold: float = option(5.0, "An outlier footprint needs a pixel of warp - reference above this S/N [sigma]", min=1.0)
+    clip_grow_threshold: float = option(2.5, "An outlier footprint includes the connected pixels above this S/N [sigma]", min=0.5)
+    clip_grow: int = option(2, "Grow each outlier footprint by this many pixels (square) [pixel]", min=0, max=20)
+    clip_max_epochs: int = option(2, "A pixel that is an outlier in more than this many warps is real (a variable or moving source region) and not clipped", min=1)
+    clip_min_warps: int = option(2, "Reject artifacts only where at least this many warps have data (with 2, the brighter one of a positive outlier pair is the artifact)", min=2)
+    protect_threshold: float = option(5.0, "Reference sources: pixels where the reference, smoothed by a Gaussian of sigma 1.5 pixel, exceeds this S/N are never clipped [sigma]", min=0.5)
+    protect_grow: int = option(4, "Grow the protected reference sources by this many pixels (covers seeing differences) [pixel]", min=0, max=50)
+    clip_elongation: float = option(4.0, "An outlier footprint whose second-moment axis ratio exceeds this is an artifact (a trail) wherever it lies", min=1.0)
+    clip_min_length: float = option(15.0, "... if it is at least this long (a uniform bar's length from its major-axis moment) [pixel]", min=1.0)
+    protect_ratio: float = option(10.0, "Inside an artifact footprint, reference-source pixels are clipped only where the excess exceeds this x the local (5x5) reference maximum: star cores differ by < (seeing ratio)^2 - 1, ~6 for 0.5\" vs 1.3\", a trail over a faint source by far more", min=0.0)
+    mask_propagation_threshold: float = option(0.5, "Set a mask plane in the coadd where the inputs having it carry more than this fraction of the weight", min=0.0, max=1.0)
+    propagate_mask_planes: list[str] = option(["BAD", "SAT", "INTRP", "CR", "EDGE", "SUSPECT"],
+                                              "Mask planes propagated from the warps to the coadd")
+    block_memory_mb: float = option(256.0, "Pixel memory for one block of rows of all warps [MB]; the block height shrinks with the number of warps", min=16.0)
+    block_overlap: int = option(16, "Rows shared by neighbouring blocks in the artifact search, so footprints cut by a block edge are still seen whole enough [pixel]", min=0, max=256)
+
+    def validate(self) -> None:
+        super().validate()
+        _check_planes("assemble.bad_mask_planes", self.bad_mask_planes)
+        _check_planes("assemble.propagate_mask_planes", self.propagate_mask_planes)
+        if self.clip_grow_threshold > self.clip_threshold:
+            raise ValueError("assemble.clip_grow_threshold must not exceed assemble.clip_threshold")
+
+
+def _coadd_detection() -> DetectionConfig:
+    # on a coadd the noise of a 5x5 matched filter is fine, but the PSF is wider: 9 px filter
+    return DetectionConfig(filter_size=9)
+
+
+@dataclass
+class DetectCoaddConfig(Config):
+    """Coadd detection (detectCoaddSources): background, variance rescaling, 5-sigma detection with the coadd PSF."""
+
+    do_background: bool = option(True, "Subtract a background before detection?")
+    background: BackgroundConfig = subconfig(BackgroundConfig, "Coadd background model (sep)")
+    do_scale_variance: bool = option(True, "Rescale the variance plane to the noise measured in empty (undetected, unmasked) pixels?")
+    scale_variance_bad_mask_planes: list[str] = option(["DETECTED", "NO_DATA", "BAD", "SAT", "EDGE", "CLIPPED", "INTRP"],
+                                                       "Pixels in these planes do not enter the noise measurement")
+    detection: DetectionConfig = subconfig(DetectionConfig, "Detection on the coadd (matched filter: the coadd PSF's width)", default=_coadd_detection)
+
+    def validate(self) -> None:
+        super().validate()
+        _check_planes("detect_coadd.scale_variance_bad_mask_planes", self.scale_variance_bad_mask_planes)

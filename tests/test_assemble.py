@@ -1,0 +1,232 @@
+"""Coadd assembly: one weight per warp, propagated variance, artifact rejection that spares star cores."""
+import numpy as np
+import pytest
+
+from test_warp import aperture_sums, make_calexp, make_sky, patch_grid
+
+from snakedrp.coadd.assemble import assemble_coadd, clipped_mean, open_warp, warp_variance
+from snakedrp.coadd.config import AssembleConfig, WarpConfig
+from snakedrp.coadd.warp import warp_exposures
+from snakedrp.repo.exposure import mask_bit
+
+SEEING = [1.2, 1.6, 2.2, 2.8, 3.4]          # PSF sigma [pixel] per visit: FWHM 2.8-8 pixels (a factor 2.8)
+SKY_VAR = [20.0, 30.0, 25.0, 40.0, 35.0]
+
+
+def _warps(sky, *, seeings=SEEING, sky_vars=SKY_VAR, artifact_visit=None, artifact=None, noise=True, shape=(240, 240)):
+    wcs, shape = patch_grid(shape=shape)
+    out = []
+    for k, (sigma, sv) in enumerate(zip(seeings, sky_vars)):
+        calexp = make_calexp(sky, sigma=sigma, sky_var=sv, seed=10 + k, visit=k + 1, noise=noise,
+                             rotation=2.0 + k, zeropoint=27.5 + 0.1 * k,
+                             artifact=artifact if k == artifact_visit else None)
+        out.append(warp_exposures([calexp], [{"visit": k + 1, "ccd": 0}], wcs, shape,
+                                  config=WarpConfig()).exposure)
+    return out, wcs, shape
+
+
+def _trail(image):
+    """A satellite-like trail: a Gaussian line (sigma 1 pixel, 300 e- peak) across the calexp."""
+    ny, nx = image.shape
+    yy, xx = np.mgrid[:ny, :nx]
+    d = np.abs(0.6 * xx - 0.8 * yy + 100.0)
+    image += 300.0 * np.exp(-0.5 * d**2)
+
+
+def test_one_weight_per_warp_and_unbiased_star_fluxes():
+    sky = make_sky(16, seed=2, margin=0.005)
+    warps, wcs, shape = _warps(sky)
+    result = assemble_coadd(warps, config=AssembleConfig())
+    # one weight per warp = 1 / its clipped-mean variance
+    expected = [1 / warp_variance(w, AssembleConfig()) for w in warps]
+    np.testing.assert_allclose(result.inputs["weight"], expected)
+    assert len(set(np.round(result.inputs["weight"], 12))) == len(warps)
+    ra, dec, flux = sky
+    x, y = wcs.all_world2pix(ra, dec, 0)
+    inside = (x > 30) & (x < shape[1] - 30) & (y > 30) & (y < shape[0] - 30)
+    # 25-pixel apertures hold 1 - 1e-11 of the widest (sigma 3.4) star
+    sums = aperture_sums(result.coadd.image, x[inside], y[inside], 25.0)
+    noise = np.sqrt(aperture_sums(result.coadd.variance, x[inside], y[inside], 25.0))
+    ratio = sums / flux[inside]
+    # per-pixel weights would bias bright stars low by ~1-2 % here; one weight per warp leaves noise only
+    assert abs(np.average(ratio - 1, weights=(flux[inside] / noise) ** 2)) < 3 * np.sqrt(1 / np.sum((flux[inside] / noise) ** 2))
+    # the bright stars' cores are never clipped, whatever the seeing differences
+    assert (result.coadd.mask & mask_bit("CLIPPED")).sum() == 0
+    assert result.coadd.psf is not None and len(result.coadd.psf.inputs) == len(warps)
+
+
+def test_coadd_variance_predicts_noise_of_pure_noise_warps():
+    warps, wcs, shape = _warps(make_sky(0), shape=(260, 260))
+    result = assemble_coadd(warps)
+    full = result.n_image == len(warps)
+    assert full.sum() > 20000
+    measured = np.var(result.coadd.image[full])
+    predicted = np.mean(result.coadd.variance[full])
+    # ~30000 correlated pixels: the ratio is known to ~2 %
+    assert abs(measured / predicted - 1) < 0.05
+    # and the weighted mean is better than the best warp alone
+    assert predicted < min(np.nanmean(w.variance[full]) for w in warps)
+
+
+def test_artifact_in_one_warp_is_clipped_not_star_cores():
+    sky = make_sky(16, seed=2, margin=0.005)
+    warps, wcs, shape = _warps(sky, artifact_visit=2, artifact=_trail)
+    result = assemble_coadd(warps)
+    clipped = (result.coadd.mask & mask_bit("CLIPPED")) != 0
+    # the trail's pixels (on the patch grid: map the calexp's line through the WCSs)
+    clean, _, _ = _warps(sky)
+    excess = warps[2].image - clean[2].image                    # the trail as resampled (same noise)
+    trail = np.nan_to_num(excess) > 30.0
+    ra, dec, flux = sky
+    x, y = wcs.all_world2pix(ra, dec, 0)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    near_star = np.zeros(shape, bool)
+    for xc, yc in zip(x, y):
+        near_star |= np.hypot(xx - xc, yy - yc) < 2 * 2.3548 * max(SEEING)
+    assert trail.sum() > 300
+    # away from the stars the trail is clipped, and only in the warp that has it
+    away = trail & ~near_star & (result.n_image >= 4)
+    assert clipped[away].mean() > 0.97
+    row = result.inputs[result.inputs["visit"] == 3]
+    assert row["n_clipped"][0] > 0.9 * away.sum()
+    assert result.inputs["n_clipped"][result.inputs["visit"] != 3].sum() == 0
+    # no star core has a clipped pixel within 2 FWHM of the best seeing
+    for xc, yc in zip(x, y):
+        core = np.hypot(xx - xc, yy - yc) < 2 * 2.3548 * min(SEEING)
+        assert not (clipped & core & ~trail).any()
+    # the coadd on the trail (off stars) is consistent with zero: the trail is gone
+    values = result.coadd.image[away]
+    sigma = np.sqrt(np.mean(result.coadd.variance[away]) / len(values)) * 2   # x2: correlated noise
+    assert abs(values.mean()) < 3 * sigma
+
+
+def test_variable_star_is_not_eaten():
+    # one star 3 mag brighter in two of five visits (a flare): present in the reference region -> kept
+    sky = make_sky(9, seed=6, margin=0.004)
+    wcs, shape = patch_grid(shape=(240, 240))
+    ra, dec, flux = sky
+    warps = []
+    for k in range(5):
+        f = flux.copy()
+        if k in (1, 3):
+            f[0] *= 16.0
+        calexp = make_calexp((ra, dec, f), sigma=SEEING[k], sky_var=25.0, seed=30 + k, visit=k + 1, rotation=2 + k)
+        warps.append(warp_exposures([calexp], [{"visit": k + 1, "ccd": 0}], wcs, shape).exposure)
+    result = assemble_coadd(warps)
+    x, y = wcs.all_world2pix(ra[:1], dec[:1], 0)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    core = np.hypot(xx - x[0], yy - y[0]) < 2 * 2.3548 * min(SEEING)
+    assert not ((result.coadd.mask & mask_bit("CLIPPED")) != 0)[core].any()
+
+
+def test_memory_is_streamed_from_files(tmp_path):
+    warps, wcs, shape = _warps(make_sky(6, seed=1), shape=(200, 200))
+    paths = []
+    for k, w in enumerate(warps):
+        paths.append(tmp_path / f"warp-{k}.fits")
+        w.write(paths[-1])
+    in_memory = assemble_coadd(warps, config=AssembleConfig(block_memory_mb=16))
+    lazy = [open_warp(p) for p in paths]
+    # the smallest block: a few rows of every warp at a time
+    from_files = assemble_coadd(lazy, config=AssembleConfig(block_memory_mb=16))
+    np.testing.assert_allclose(from_files.coadd.image, in_memory.coadd.image, equal_nan=True, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(from_files.n_image, in_memory.n_image)
+
+
+def test_no_data_where_no_warp_and_mask_planes():
+    warps, wcs, shape = _warps(make_sky(4), shape=(420, 420))
+    result = assemble_coadd(warps)
+    nod = (result.coadd.mask & mask_bit("NO_DATA")) != 0
+    np.testing.assert_array_equal(nod, result.n_image == 0)
+    assert np.isnan(result.coadd.image[nod]).all() and np.isfinite(result.coadd.image[~nod]).all()
+
+
+def test_clipped_mean_ignores_outliers():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(10, 1, 10000), np.full(50, 1000.0)])
+    assert clipped_mean(values, 3.0, 5) == pytest.approx(10.0, abs=0.05)
+
+
+def _faint_and_bright_sky():
+    """Bright stars (18-20 mag) on a 32-pixel grid and faint ones (21.5-23.5 mag) on a 14-pixel grid."""
+    bright = make_sky(16, seed=2, margin=0.005)
+    ra, dec, _ = make_sky(150, seed=5, margin=0.0056, spacing=0.0008)
+    mag = np.random.default_rng(5).uniform(21.5, 23.5, len(ra))
+    faint = (ra, dec, 10 ** (-0.4 * (mag - 27.0)))
+    return bright, faint, tuple(np.concatenate([b, f]) for b, f in zip(bright, faint))
+
+
+def test_trail_over_faint_sources_is_removed_whole():
+    # seeing 0.5"-1.3" at 0.2"/pixel: FWHM 2.5-6.5 pixels
+    seeings = [1.06, 1.6, 2.2, 2.2, 2.76]
+    bright, faint, sky = _faint_and_bright_sky()
+    warps, wcs, shape = _warps(sky, seeings=seeings, artifact_visit=2, artifact=_trail)
+    clean, _, _ = _warps(sky, seeings=seeings)
+    result, reference = assemble_coadd(warps), assemble_coadd(clean)
+    clipped = (result.coadd.mask & mask_bit("CLIPPED")) != 0
+    trail = np.nan_to_num(warps[2].image - clean[2].image) > 30.0
+    x, y = wcs.all_world2pix(bright[0], bright[1], 0)
+    xf, yf = wcs.all_world2pix(faint[0], faint[1], 0)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    near_bright = np.zeros(shape, bool)
+    for xc, yc in zip(x, y):
+        near_bright |= np.hypot(xx - xc, yy - yc) < 2 * 2.3548 * max(seeings)
+    near_faint = np.zeros(shape, bool)
+    for xc, yc in zip(xf, yf):
+        near_faint |= np.hypot(xx - xc, yy - yc) < 2 * 2.3548 * max(seeings)
+    on = trail & ~near_bright & (result.n_image + clipped >= 4)
+    assert (on & near_faint).sum() > 0.5 * on.sum() > 100       # the trail crosses many faint sources
+    # the whole trail is clipped, over the faint sources too
+    assert clipped[on].mean() > 0.98
+    # and the coadd there equals the trail-free coadd within the noise
+    delta = (result.coadd.image - reference.coadd.image)[on]
+    sigma = np.sqrt(np.mean(result.coadd.variance[on]) / on.sum()) * 3    # x3: correlated noise
+    assert abs(delta.mean()) < 3 * sigma
+    # no bright-star core clipped; the trail-free coadd clips nothing at all
+    for xc, yc in zip(x, y):
+        core = np.hypot(xx - xc, yy - yc) < 2 * 2.3548 * min(seeings)
+        assert not (clipped & core & ~trail).any()
+    assert reference.inputs["n_clipped"].sum() == 0
+
+
+@pytest.mark.parametrize("bright_visits", [(0,), (4,), (1, 3)])
+def test_variable_star_is_kept_whatever_the_seeing_of_its_bright_epochs(bright_visits):
+    # one star 2.5 mag brighter in the best-seeing, the worst-seeing or two visits (a flare)
+    seeings = [1.06, 1.6, 2.2, 2.2, 2.76]
+    sky = make_sky(9, seed=6, margin=0.004)
+    wcs, shape = patch_grid(shape=(240, 240))
+    ra, dec, flux = sky
+    warps = []
+    for k in range(5):
+        f = flux.copy()
+        if k in bright_visits:
+            f[0] *= 10.0
+        calexp = make_calexp((ra, dec, f), sigma=seeings[k], sky_var=25.0, seed=30 + k, visit=k + 1, rotation=2 + k)
+        warps.append(warp_exposures([calexp], [{"visit": k + 1, "ccd": 0}], wcs, shape).exposure)
+    result = assemble_coadd(warps)
+    x, y = wcs.all_world2pix(ra[:1], dec[:1], 0)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    near = np.hypot(xx - x[0], yy - y[0]) < 4 * 2.3548 * max(seeings)
+    assert not ((result.coadd.mask & mask_bit("CLIPPED")) != 0)[near].any()
+    # its coadd flux is the weighted mean of the epochs' fluxes
+    weights = np.asarray(result.inputs["weight"])
+    expected = flux[0] * np.sum(weights * np.where(np.isin(np.arange(5), bright_visits), 10.0, 1.0)) / weights.sum()
+    measured = aperture_sums(result.coadd.image, x, y, 25.0)[0]
+    noise = np.sqrt(aperture_sums(result.coadd.variance, x, y, 25.0)[0])
+    assert abs(measured - expected) < 5 * noise
+
+
+def test_compact_outlier_off_sources_is_clipped():
+    # a ghost / missed cosmic ray: a compact blob in one warp, far from any source
+    def ghost(image):
+        ny, nx = image.shape
+        yy, xx = np.mgrid[:ny, :nx]
+        image += 200.0 * np.exp(-0.5 * ((xx - 60.5) ** 2 + (yy - 47.3) ** 2) / 1.5**2)
+
+    sky = make_sky(4, seed=8, margin=0.002)
+    warps, wcs, shape = _warps(sky, artifact_visit=1, artifact=ghost)
+    clean, _, _ = _warps(sky)
+    blob = np.nan_to_num(warps[1].image - clean[1].image) > 40.0
+    result = assemble_coadd(warps)
+    assert blob.sum() > 5
+    assert ((result.coadd.mask & mask_bit("CLIPPED")) != 0)[blob].all()
