@@ -331,6 +331,9 @@ def match_and_fit(sources: Table, refcat: Table, wcs_guess: WCS, config: Astrome
                               f"(max {cfg.max_rms:g} mas)")
 
     matches = _matches_table(sources, refcat, src, ref, si, ri, sep, used)
+    if "coord_ra" in matches.colnames:
+        # the sources' sky positions came from the guess WCS: give the matches the fitted ones
+        matches["coord_ra"], matches["coord_dec"] = np.mod(ra_s, 360.0), dec_s
     ra_g, dec_g = wcs_guess.all_pix2world([centre[0]], [centre[1]], 0)
     ra_f, dec_f = wcs.all_pix2world([centre[0]], [centre[1]], 0)
     offset = float(angular_separation_mas(ra_g, dec_g, ra_f, dec_f)[0]) / 1e3
