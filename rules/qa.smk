@@ -46,7 +46,7 @@ def qa_coadd_data_ids(wildcards):
 
 def get_validate_targets(wildcards):
     """What `validate` needs: the metrics, the plots, and the truth validations where truth exists."""
-    targets = [METRICS_JSON, *rules.qa_plots.output]
+    targets = [*([METRICS_JSON] if CFG.metrics.enabled else []), *rules.qa_plots.output]
     targets += expand(rules.qa_psf_map.output.psf_map, visit=QA_VISITS)
     if CFG.validation.enabled and QA_HAS_TRUTH:
         targets.append(str(RERUN_DIR / "validation" / "single_frame.json"))

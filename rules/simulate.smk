@@ -18,9 +18,10 @@ rule simulate_field:
         str(REPO / "logs" / "simulate_field.log"),
     benchmark:
         str(REPO / "benchmarks" / "simulate_field.tsv")
+    threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=500,
+        runtime=5,
     conda:
         "../envs/snakedrp.yaml"
     script:
@@ -42,9 +43,10 @@ rule simulate_raw:
         str(REPO / "logs" / "simulate_raw" / "{visit}-{ccd}.log"),
     benchmark:
         str(REPO / "benchmarks" / "simulate_raw" / "{visit}-{ccd}.tsv")
+    threads: 1
     resources:
-        mem_mb=1500,
-        runtime=10,
+        mem_mb=500,
+        runtime=5,
     conda:
         "../envs/snakedrp.yaml"
     script:

@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,15 +36,11 @@ pytestmark = pytest.mark.workflow
 
 ROOT = Path(__file__).resolve().parents[1]  # the Snakefile's directory
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-FULL_RUN_TIMEOUT = 25 * 60  # s; the run takes 3-4 min on 2 cores, CI allows 30 min for everything
 SHORT_TIMEOUT = 5 * 60  # s; dry runs, lint, show_config, two process_ccd jobs
 CALIB_RULES = ("master_bias", "master_dark", "master_flat", "master_fringe")
 UPSTREAM_RULES = ("simulate_field", "simulate_raw", "ingest", *CALIB_RULES)
 PRODUCTS = ("calexp", "src", "icSrc", "calexpBackground", "srcMatch")
 LINKED = ("raw", "CALIB", "truth", "ref_cats")  # repository inputs hard-linked by copy_repo
-
-_timings: dict[str, float] = {}
-
 
 # ------------------------------------------------------------------ helpers
 def run_snakemake(*args, timeout: float = SHORT_TIMEOUT) -> subprocess.CompletedProcess:
@@ -136,23 +131,7 @@ def copy_repo(src: Path, dest: Path) -> Path:
 
 
 # ------------------------------------------------------------------ the full ci run (session)
-@pytest.fixture(scope="session")
-def ci_repo(tmp_path_factory) -> Path:
-    """The default ci demo run once, end to end, with validation, into a temporary repository."""
-    # SNAKEDRP_TEST_CI_REPO=<dir> runs into that directory instead, rebuilding what a config change
-    # affects (local iteration: a finished repo is up to date and the run takes seconds); CI leaves it
-    # unset and gets a fresh run.
-    given = os.environ.get("SNAKEDRP_TEST_CI_REPO")
-    repo = Path(given).resolve() if given else tmp_path_factory.mktemp("workflow") / "repo"
-    reuse = ("clobber_config=true",) if given else ()
-    t0 = time.monotonic()
-    proc = run_snakemake("--cores", "2", "-q", "--config", f"repo={repo}", "rerun=ci", "validation={strict: true}", *reuse,
-                         timeout=FULL_RUN_TIMEOUT)
-    _timings["full ci run [s]"] = time.monotonic() - t0
-    assert proc.returncode == 0, f"the ci demo failed (exit {proc.returncode}):\n{output_of(proc)[-6000:]}"
-    return repo
-
-
+# ci_repo (the demo run once) and ci_timings are session fixtures in conftest.py, shared with test_slurm.py.
 @pytest.fixture(scope="session")
 def ci_science(ci_repo) -> list[dict]:
     rows = science_exposures(ci_repo)
@@ -204,14 +183,14 @@ def test_bad_data_id_stops_before_any_job(tmp_path, data_id, words):
 
 
 # ------------------------------------------------------------------ 3: the full run's products
-def test_validation_passes_every_goal(ci_repo, capsys):
+def test_validation_passes_every_goal(ci_repo, ci_timings, capsys):
     report = json.loads((ci_repo / "rerun/ci/validation/single_frame.json").read_text())
     metrics = report["metrics"]
     lines = [f"{'PASS' if m['passed'] else 'FAIL'} {m['name']}: {m['value']:.4g} {m['unit']} "
              f"(goal {m['goal']}, n={m['n']})" for m in metrics]
     with capsys.disabled():  # every CI log shows the figures, passed or not
         print("\n[ci validation: rerun/ci/validation/single_frame.json]", *lines,
-              *(f"[{name}: {value:.0f}]" for name, value in _timings.items()), sep="\n")
+              *(f"[{name}: {value:.0f}]" for name, value in ci_timings.items()), sep="\n")
     assert len(metrics) >= 5
     failed = [line for line, m in zip(lines, metrics) if not m["passed"]]
     assert failed == [], "validation goals missed:\n" + "\n".join(failed)

@@ -187,19 +187,30 @@ def classify_footprints(labels: np.ndarray, index: np.ndarray, z: np.ndarray, pr
     """
     if len(index) == 0:
         return np.zeros(0, bool)
-    yy, xx = np.indices(labels.shape, dtype=np.float64)
-    count = ndimage.sum_labels(np.ones(labels.shape), labels, index)
-    mx = ndimage.sum_labels(xx, labels, index) / count
-    my = ndimage.sum_labels(yy, labels, index) / count
-    cxx = ndimage.sum_labels(xx * xx, labels, index) / count - mx**2 + 1 / 12
-    cyy = ndimage.sum_labels(yy * yy, labels, index) / count - my**2 + 1 / 12
-    cxy = ndimage.sum_labels(xx * yy, labels, index) / count - mx * my
+    # moments by bincount over the labelled pixels only (ndimage.sum_labels scans the whole block)
+    yy, xx = np.nonzero(labels)
+    lab = labels[yy, xx]
+    n_labels = int(labels.max()) + 1
+    count = np.bincount(lab, minlength=n_labels)[index].astype(np.float64)
+
+    def mean(values):
+        return np.bincount(lab, weights=values, minlength=n_labels)[index] / count
+
+    xf, yf = xx.astype(np.float64), yy.astype(np.float64)
+    mx, my = mean(xf), mean(yf)
+    cxx = mean(xf * xf) - mx**2 + 1 / 12
+    cyy = mean(yf * yf) - my**2 + 1 / 12
+    cxy = mean(xf * yf) - mx * my
     half_trace, root = 0.5 * (cxx + cyy), np.sqrt(0.25 * (cxx - cyy) ** 2 + cxy**2)
     major, minor = half_trace + root, np.maximum(half_trace - root, 1 / 12)
     length = np.sqrt(12 * major)                                  # a uniform bar's length [pixel]
     elongated = (np.sqrt(major / minor) > config.clip_elongation) & (length >= config.clip_min_length)
-    peaks = ndimage.maximum_position(z, labels, index)
-    peak_on_source = np.array([protect[p] for p in peaks], bool)
+    # each footprint's peak: the last pixel of its label in (label, z) order
+    order = np.lexsort((z[yy, xx], lab))
+    last = np.flatnonzero(np.r_[lab[order][1:] != lab[order][:-1], True])
+    peak = np.zeros(n_labels, bool)
+    peak[lab[order][last]] = protect[yy[order][last], xx[order][last]]
+    peak_on_source = peak[index]
     return elongated | ~peak_on_source
 
 
@@ -267,7 +278,8 @@ def find_artifacts(image: np.ndarray, variance: np.ndarray, good: np.ndarray, co
             footprint = grow_mask(footprint, int(config.clip_grow))
         # inside an artifact footprint, a reference source keeps the pixels where the excess could be
         # its own seeing residual (a star core under a trail); a faint source under a trail does not
-        local_max = ndimage.maximum_filter(ref, size=5, mode="nearest")
+        # (the reference less 3 sigma of its noise: a noise peak is no source's core)
+        local_max = ndimage.maximum_filter(ref - 3 * np.sqrt(var_ref), size=5, mode="nearest")
         allowed = ~protect | (diff > config.protect_ratio * np.maximum(local_max, 0))
         clipped[k] = footprint & allowed & use
     # outliers in many epochs are real (variable or moving sources' regions), not artifacts

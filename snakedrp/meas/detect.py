@@ -511,3 +511,158 @@ def detect_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray,
     table.meta["PSFSIG"] = (sigma, "filter and window Gaussian sigma [pixel]")
     table.meta["FILTSIZE"] = (0 if kernel is None else int(kernel.shape[0]), "matched-filter side [pixel]")
     return DetectionResult(sources=table, segmentation=segmentation, mask=out_mask, n_negative=n_negative)
+
+
+@dataclass
+class ResidualDetectionConfig(Config):
+    """Second detection pass on the image with the PSF models of the measured point sources subtracted."""
+
+    enabled: bool = option(True, "Look for sources hidden in the footprints of bright point sources, on the image with their PSF models subtracted (DAOPHOT-style)?")
+    subtract_snr_min: float = option(30.0, "Subtract the PSF models of unresolved, unflagged sources above this PSF-flux S/N", min=1.0)
+    model_error: float = option(0.1, "Relative error of a subtracted PSF model: (model_error x model)^2 is added to the variance of the residual, so that model mismatch in bright cores is not detected", min=0.0, max=1.0)
+    n_passes: int = option(1, "Passes of subtraction and detection (a pass subtracts the sources the previous one found, and their refitted neighbours)", min=1, max=5)
+    min_separation_fwhm: float = option(1.0, "A residual peak closer than this many PSF FWHM to an existing source is that source, not a new one", min=0.1, max=10.0)
+
+
+def detect_in_residual(residual: np.ndarray, variance: np.ndarray, mask: np.ndarray, model: np.ndarray,
+                       detections: DetectionResult, subtracted_ids, config: DetectionConfig | None = None,
+                       residual_config: ResidualDetectionConfig | None = None, *,
+                       psf_sigma: float) -> tuple[DetectionResult, np.ndarray]:
+    """Sources hidden in the footprints of brighter point sources, found on a PSF-subtracted image.
+
+    sep's deblender splits a footprint only into children holding a fraction ``deblend_cont``
+    of its flux, so a faint star in the wings of a bright one (1-4 FWHM away) stays part of
+    it. With the bright point sources' PSF models subtracted (``residual = image - model``) it is
+    a peak of its own: the residual is detected with the same filter and threshold, its variance
+    raised by ``(model_error x model)^2`` so that the models' mismatch in bright cores does not
+    count; a residual detection is kept when its peak lies in the footprint of a subtracted
+    source (``subtracted_ids``) and it is at least ``min_separation_fwhm`` PSF FWHM from every
+    existing source. Each kept detection takes the pixels of its residual footprint that belonged
+    to that footprint (or to the sky) and becomes a child of the footprint's parent.
+
+    Parameters
+    ----------
+    residual, variance : ndarray, shape (ny, nx)
+        Background- and model-subtracted image [electrons], variance of the image [electrons^2].
+    mask : ndarray of int, shape (ny, nx)
+    model : ndarray, shape (ny, nx)
+        The subtracted PSF models [electrons].
+    detections : DetectionResult
+        The first pass (ids 1..n in row order).
+    subtracted_ids : array_like of int
+        Ids of the sources whose models were subtracted.
+    config, residual_config : DetectionConfig, ResidualDetectionConfig
+    psf_sigma : float
+        PSF Gaussian sigma of the filter and the centroid window [pixel].
+
+    Returns
+    -------
+    (DetectionResult, ndarray of int)
+        The detections with the new sources appended (ids ``n + 1, ...``; parent ids renumbered
+        after the new ids, ``flags`` of the new rows with ``merged``) and the rows of the new sources.
+    """
+    from scipy.spatial import cKDTree
+
+    config = config or DetectionConfig()
+    rcfg = residual_config or ResidualDetectionConfig()
+    old = detections.sources
+    n = len(old)
+    none = (detections, np.zeros(0, np.int64))
+    if n == 0:
+        return none
+    sigma = float(psf_sigma)
+    data = np.ascontiguousarray(residual, dtype=np.float32)
+    var = np.ascontiguousarray(variance, dtype=np.float32)
+    model = np.asarray(model, np.float32)
+    var_eff = var + (np.float32(rcfg.model_error) * model) ** 2
+    # saturated cores and bleed trails are no model's light
+    bad = unusable_pixels(data, var, np.asarray(mask), list(config.bad_mask_planes) + ["SAT"])
+    if bad.any():
+        data = np.where(bad, np.float32(0.0), data)
+    kernel = detection_kernel(sigma, config)
+    objects, rseg = _extract(data, var_eff, bad, config.threshold, config, kernel)
+    if len(objects) == 0:
+        return none
+    seg = detections.segmentation
+    ny, nx = seg.shape
+    xpk = objects["xcpeak"].astype(np.int64)
+    ypk = objects["ycpeak"].astype(np.int64)
+    owner = seg[ypk, xpk]
+    keep = np.isin(owner, np.asarray(subtracted_ids, np.int64)) & (owner > 0)
+    xb, yb = objects["x"].astype(float), objects["y"].astype(float)
+    xw, yw, wflag = sep.winpos(data, xb, yb, sigma, mask=bad, subpix=1)
+    ok = (wflag == 0) & np.isfinite(xw) & np.isfinite(yw) & (np.hypot(xw - xb, yw - yb) < config.max_window_shift * sigma)
+    x, y = np.where(ok, xw, xb), np.where(ok, yw, yb)
+    dist, _ = cKDTree(np.column_stack([np.asarray(old["x"], float), np.asarray(old["y"], float)])).query(
+        np.column_stack([x, y]))
+    keep &= dist >= rcfg.min_separation_fwhm * 2.3548 * sigma
+    snr = _filtered_snr(data, var_eff, bad, xpk, ypk, kernel)
+    keep &= snr >= config.threshold
+    rows = np.flatnonzero(keep)
+    if len(rows) == 0:
+        return none
+    segmentation = seg.copy()
+    old_ids = np.asarray(old["id"], np.int64)
+    old_parent = np.asarray(old["parent"], np.int64)
+    # new ids after every id and parent id in use (cosmic-ray removal leaves gaps in the ids)
+    new_ids = max(int(old_ids.max()), int(old_parent.max())) + 1 + np.arange(len(rows))
+    x_min, x_max = objects["xmin"][rows].astype(np.int32), objects["xmax"][rows].astype(np.int32)
+    y_min, y_max = objects["ymin"][rows].astype(np.int32), objects["ymax"][rows].astype(np.int32)
+    for k, r in enumerate(rows):
+        box = (slice(int(y_min[k]), int(y_max[k]) + 1), slice(int(x_min[k]), int(x_max[k]) + 1))
+        cut = segmentation[box]
+        take = (rseg[box] == r + 1) & ((cut == owner[r]) | (cut == 0))
+        cut[take] = new_ids[k]
+        cut[ypk[r] - box[0].start, xpk[r] - box[1].start] = new_ids[k]   # the peak is always its own
+
+    # parents: a new source joins its owner's parent, or forms one with the owner
+    parent = np.concatenate([old_parent, np.zeros(len(rows), np.int64)])
+    row_of = {int(i): k for k, i in enumerate(old_ids)}
+    owner_row = np.array([row_of[int(i)] for i in owner[rows]], np.int64)
+    fresh = -(owner_row + 1)                                              # provisional: one per owner
+    for k, orow in enumerate(owner_row):
+        if parent[orow] == 0:
+            parent[orow] = fresh[k]
+        parent[n + k] = parent[orow]
+    # renumber: parent ids follow the source ids, in order of first child
+    blended = parent != 0
+    values, first, inverse = np.unique(parent[blended], return_index=True, return_inverse=True)
+    rank = np.argsort(np.argsort(first))
+    n_total = n + len(rows)
+    parent[blended] = int(new_ids.max()) + 1 + rank[inverse]
+    counts = np.bincount(parent)
+    nchild = np.where(parent > 0, counts[parent], 1)
+
+    new = Table()
+    flags = DETECTION_FLAGS["merged"] | np.where(ok[rows], 0, DETECTION_FLAGS["window_failed"])
+    values_new = {
+        "id": new_ids, "x": x[rows], "y": y[rows], "x_barycentre": xb[rows], "y_barycentre": yb[rows],
+        "npix": objects["npix"][rows].astype(np.int32), "peak": objects["peak"][rows].astype(float),
+        "isophotal_flux": objects["flux"][rows].astype(float), "detection_snr": snr[rows],
+        "x_peak": xpk[rows].astype(np.int32), "y_peak": ypk[rows].astype(np.int32),
+        "x_min": x_min, "x_max": x_max, "y_min": y_min, "y_max": y_max,
+        "a": objects["a"][rows].astype(float), "b": objects["b"][rows].astype(float),
+        "theta": objects["theta"][rows].astype(float), "flags": flags.astype(np.int32),
+    }
+    for name in old.colnames:
+        if name in values_new:
+            new[name] = np.asarray(values_new[name]).astype(old[name].dtype)
+        elif name not in ("parent", "blend_nchild", "is_blended"):
+            new[name] = np.zeros(len(rows), old[name].dtype)
+    new["parent"] = np.zeros(len(rows), old["parent"].dtype)
+    new["blend_nchild"] = np.zeros(len(rows), old["blend_nchild"].dtype)
+    new["is_blended"] = np.zeros(len(rows), bool)
+    from astropy.table import vstack
+
+    table = vstack([old, new[old.colnames]], metadata_conflicts="silent")
+    for name in old.colnames:
+        table[name].unit, table[name].description = old[name].unit, old[name].description
+    table["parent"][:] = parent
+    table["blend_nchild"][:] = nchild
+    table["is_blended"][:] = nchild > 1
+    table.meta.update(old.meta)
+    table.meta["NRESID"] = (len(rows), "sources found on the PSF-subtracted image")
+    out_mask = detections.mask.copy()
+    out_mask[segmentation >= new_ids[0]] |= np.int32(mask_bit("DETECTED"))
+    return (DetectionResult(sources=table, segmentation=segmentation, mask=out_mask, n_negative=detections.n_negative),
+            np.arange(n, n_total))

@@ -12,12 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-from astropy.table import Table
+from astropy.table import Table, vstack
 
 from snakedrp.meas.apcorr import ApCorrMap, ApertureLoss, ApertureLossConfig, measure_aperture_loss
 from snakedrp.meas.columns import flagged
 from snakedrp.calib.astrometry import AstrometryConfig, AstrometryError, match_and_fit
-from snakedrp.meas.detect import DetectionConfig, DetectionResult, detect_sources, unusable_pixels
+from snakedrp.meas.detect import (DetectionConfig, DetectionResult, ResidualDetectionConfig, detect_in_residual,
+                                  detect_sources, unusable_pixels)
+from snakedrp.meas.psf_flux import psf_model_image
 from snakedrp.repo.exposure import Exposure
 from snakedrp.meas.measure import MeasureConfig, calibrate_fluxes, measure_sources
 from snakedrp.pexconfig import Config, option, subconfig
@@ -39,6 +41,7 @@ class CalibrateConfig(Config):
     star_size_max: float = option(1.15, "Unresolved if adaptive-moment size / PSF size is below this", min=1.0)
     redetect: bool = option(False, "Detect again on the characterized exposure (with calibrate.detection and the PSF model's width) instead of measuring characterization's detections?")
     detection: DetectionConfig = subconfig(DetectionConfig, "Detection when calibrate detects: with redetect, or when CalibrateTask runs without detections")
+    residual_detection: ResidualDetectionConfig = subconfig(ResidualDetectionConfig, "Second detection pass, on the image with the measured point sources' PSF models subtracted (the threshold and filter of calibrate.detection)")
     measure: MeasureConfig = subconfig(MeasureConfig, "Source measurement")
     aperture_loss: ApertureLossConfig = subconfig(ApertureLossConfig, "Light beyond the calibration aperture (curve of growth of bright stars)")
     astrometry: AstrometryConfig = subconfig(AstrometryConfig, "Reference matching and TAN-SIP fit")
@@ -105,6 +108,9 @@ class CalibrateTask:
         sources = measure_sources(exposure.image, exposure.variance, exposure.mask, detections.sources,
                                   exposure.psf, cfg.measure, wcs=exposure.wcs,
                                   segmentation=detections.segmentation, footprints=detections.sources)
+        if cfg.residual_detection.enabled:
+            sources, detections = self._measure_residual_detections(exposure, detections, sources)
+            exposure = replace(exposure, mask=detections.mask)
         x, y = np.asarray(sources["x_centroid"]), np.asarray(sources["y_centroid"])
         size_ratio = np.asarray(sources["shape_sigma"]) / np.asarray(sources["psf_sigma"])
         loss = aperture_loss
@@ -161,3 +167,73 @@ class CalibrateTask:
             metadata["PHONSTAR"] = (int(photo.n_used), "stars used in the zeropoint fit")
         out = replace(exposure, wcs=wcs, zeropoint=zeropoint, zeropoint_err=zeropoint_err, metadata=metadata)
         return CalibrateResult(exposure=out, sources=sources, matches=matches)
+
+    def _point_sources(self, sources: Table) -> np.ndarray:
+        """Rows whose PSF models the residual detection subtracts: unresolved, PSF fit good, S/N high enough."""
+        cfg = self.config
+        with np.errstate(invalid="ignore", divide="ignore"):
+            snr = np.asarray(sources["psf_flux"]) / np.asarray(sources["psf_flux_err"])
+            size_ratio = np.asarray(sources["shape_sigma"]) / np.asarray(sources["psf_sigma"])
+        # saturated stars too (their fit leaves the SAT pixels out; the residual detection masks them)
+        return ((size_ratio < cfg.star_size_max) & (snr >= cfg.residual_detection.subtract_snr_min)
+                & ~np.asarray(sources["psf_flux_flag"], bool))
+
+    def _measure_residual_detections(self, exposure: Exposure, detections: DetectionResult,
+                                     sources: Table) -> tuple[Table, DetectionResult]:
+        """Find the sources hidden next to bright point sources and measure them (see :func:`detect_in_residual`).
+
+        Each of ``residual_detection.n_passes`` passes subtracts the PSF models of the point sources
+        (:meth:`_point_sources`) and detects on the rest. The sources found so far (N) are measured
+        on the image less every other point source's model, so their bright neighbours' light
+        does not pull their centroids and fluxes; the older sources of the blends they joined (B)
+        are measured again on the image less the models of N, with the new footprints, before N,
+        so that N sees B's refitted models. The src gets a ``detected_in_residual`` column.
+        """
+        cfg = self.config
+        rcfg = cfg.residual_detection
+        image, variance, psf = exposure.image, exposure.variance, exposure.psf
+        shape = exposure.shape
+        marker = np.zeros(len(sources), bool)
+
+        def models(rows):
+            t = sources[rows]
+            return psf_model_image(psf, shape, t["x_centroid"], t["y_centroid"],
+                                   np.nan_to_num(np.asarray(t["psf_flux"], float)))
+
+        for _ in range(rcfg.n_passes):
+            point = self._point_sources(sources)
+            if not point.any():
+                break
+            model = models(point)
+            sigma = float(np.median(np.asarray(sources["psf_sigma"])[point]))
+            found, new_rows = detect_in_residual(image - model, variance, exposure.mask, model, detections,
+                                                 np.asarray(sources["id"])[point], cfg.detection, rcfg,
+                                                 psf_sigma=sigma)
+            if not len(new_rows):
+                break
+            det = found.sources
+            kw = dict(wcs=exposure.wcs, segmentation=found.segmentation, footprints=det)
+            new = measure_sources(image - model, variance, found.mask, det[new_rows], psf, cfg.measure, **kw)
+            n_old = len(sources)
+            sources = sources.copy(copy_data=True)
+            for name in ("parent", "blend_nchild", "is_blended"):
+                sources[name][:] = det[name][:n_old]
+            sources = vstack([sources, new], metadata_conflicts="silent")
+            marker = np.concatenate([marker, np.ones(len(new), bool)])
+            detections = found
+            hidden = np.flatnonzero(marker)
+            parents = np.asarray(det["parent"])
+            blends = np.flatnonzero(~marker & np.isin(parents, parents[hidden]))
+            again = measure_sources(image - models(hidden), variance, found.mask, det[blends], psf, cfg.measure, **kw)
+            for name in sources.colnames:
+                sources[name][blends] = again[name]
+            others = self._point_sources(sources)
+            others[hidden] = False
+            again = measure_sources(image - models(others), variance, found.mask, det[hidden], psf, cfg.measure, **kw)
+            for name in sources.colnames:
+                sources[name][hidden] = again[name]
+        sources["detected_in_residual"] = marker
+        sources["detected_in_residual"].description = ("Found on the image with the PSF models of bright point "
+                                                       "sources subtracted (hidden in a brighter source's footprint)")
+        sources.meta["NRESID"] = int(marker.sum())
+        return sources, detections

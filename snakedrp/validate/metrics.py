@@ -53,6 +53,7 @@ class MetricsConfig(Config):
 
     enabled: bool = option(True, "Compute the SRD metrics in the validate target")
     goal_level: str = option("design", "SRD level a metric must reach to pass", choices=LEVELS)
+    strict: bool = option(False, "A missed metric fails the job? (survey metrics are reported with their marks; validation.strict gates the figures against truth)")
     match_radius: float = option(1.0, "Radius for matching sources across visits [arcsec]", min=0.01)
     snr_min: float = option(50.0, "Minimum PSF-flux S/N (median over a star's visits) of the stars used", min=1.0)
     max_extendedness: float = option(0.5, "Stars: median src extendedness below this (adaptive-moment size vs PSF)", min=0.0, max=1.0)

@@ -144,7 +144,7 @@ def psf_focal_plane(summaries: list[dict], camera: Camera, visit: int) -> Figure
     A whisker's length is proportional to ``|e|`` (the key gives the scale), its direction is the
     major axis (position angle ``0.5 atan2(e2, e1)`` in CCD pixels, rotated with the CCD).
     """
-    fig, axes = _figure(size=(6.5, 7.5))
+    fig, axes = _figure(size=(7.5, 7.5))
     ax = axes[0, 0]
     rows = [s for s in summaries if s["visit"] == visit]
     if not rows:
@@ -166,11 +166,12 @@ def psf_focal_plane(summaries: list[dict], camera: Camera, visit: int) -> Figure
     key = float(f"{max(emax, 1e-3):.1g}")
     q = ax.quiver(xs, ys, ex, ey, angles="xy", pivot="middle", headwidth=0, headlength=0, headaxislength=0,
                   scale=key / 1.5, scale_units="xy", width=0.006, color="k")  # whisker of |e| = key is 1.5 mm
-    ax.quiverkey(q, 0.05, -0.1, key, f"e = {key:g}", labelpos="E", coordinates="axes")
+    ax.quiverkey(q, 0.82, 0.03, key, f"whisker |e| = {key:g}", labelpos="E", coordinates="figure")
     ax.set_aspect("equal")
     ax.set_xlabel("focal plane x [mm]"), ax.set_ylabel("focal plane y [mm]")
-    ax.set_title(f"visit {visit} ({rows[0]['filter']}): PSF model FWHM (median {np.nanmedian(fwhm):.3f}\")\n"
-                 f"and ellipticity whiskers (median |e| {np.nanmedian(np.hypot(ex, ey)):.3f})", loc="left")
+    ax.set_title(f"visit {visit} ({rows[0]['filter']}): PSF model FWHM and ellipticity\n"
+                 f"median FWHM {np.nanmedian(fwhm):.3f}\", median |e| {np.nanmedian(np.hypot(ex, ey)):.3f}",
+                 loc="left", fontsize=10)
     return fig
 
 

@@ -1,0 +1,147 @@
+"""Every stage's benchmark in one run, and one markdown table of seconds, peak memory and ratios.
+
+    python benchmarks/run_all.py                 # full: --repeat 3, DAGs of 100 and 1000 visits
+    python benchmarks/run_all.py --quick         # one repeat, the 100-visit DAG only (a few minutes)
+
+Runs, one after another, each in a process of its own (so that one's memory never counts in
+another's): ``bench_process_ccd.py`` (single frame vs SExtractor + PSFEx + SCAMP),
+``bench_coadd.py`` (coadd vs SWarp), ``bench_dag.py`` (dry run of large DAGs vs a bare
+Snakefile), when present (a missing one is listed as skipped), and measures the start-up of one
+job (a fresh interpreter importing what a process_ccd job imports). Each benchmark writes its
+JSON into ``benchmarks/out/``; this script reads them, prints the table, and writes it with the
+date and machine to ``benchmarks/out/run_all.md``. Machines here vary by up to ±40 % between
+runs: compare numbers from one run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+# the modules a process_ccd job imports before it reads its first pixel
+STARTUP_IMPORTS = ("import snakedrp.single_frame.process_ccd, snakedrp.repo.butler, snakedrp.runtime, "
+                   "astropy.io.fits, galsim, sep, pyarrow.parquet")
+
+
+def run_child(cmd: list[str]) -> dict:
+    """Run ``cmd``; its wall seconds, peak RSS [MB] (of that child alone, wait4) and exit code."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=HERE.parent)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - t0
+    return dict(wall=wall, rss_mb=usage.ru_maxrss / 1024.0, rc=os.waitstatus_to_exitcode(status))
+
+
+def row(stage, case, ours_s=None, peer_s=None, ours_mb=None, peer_mb=None, peer="", note=""):
+    ratio = ours_s / peer_s if ours_s and peer_s else None
+    mem_ratio = ours_mb / peer_mb if ours_mb and peer_mb else None
+    return dict(stage=stage, case=case, ours_s=ours_s, peer=peer, peer_s=peer_s, ratio=ratio, ours_mb=ours_mb,
+                peer_mb=peer_mb, mem_ratio=mem_ratio, note=note)
+
+
+def process_ccd(args) -> list[dict]:
+    out = OUT / "process_ccd.json"
+    child = run_child([sys.executable, str(HERE / "bench_process_ccd.py"), "--repeat", str(args.repeat),
+                       "--output", str(out)])
+    if not out.exists():
+        return [row("single frame", "1 HSC CCD 2048x4176", note=f"failed (exit {child['rc']})")]
+    r = json.loads(out.read_text())
+    ours, peer = r["ours"], r["peer"]
+    return [row("single frame", "raw → calexp + src, 1 HSC CCD 2048x4176", ours.get("median_seconds"),
+                peer.get("median_seconds_total"), ours.get("peak_memory_mb"), peer.get("peak_memory_mb"),
+                "SExtractor + PSFEx + SCAMP", f"median of {r['repeat']}; peers start from the ISR'd image")]
+
+
+def coadd(args) -> list[dict]:
+    script = HERE / "bench_coadd.py"
+    if not script.exists():
+        return [row("coadd", "—", note="skipped: benchmarks/bench_coadd.py not present")]
+    out = OUT / "coadd.json"
+    child = run_child([sys.executable, str(script), "--repeat", str(args.repeat), "--output", str(out)])
+    if not out.exists():
+        return [row("coadd", "—", note=f"failed (exit {child['rc']}), no {out.name}")]
+    r = json.loads(out.read_text())
+    ours, peer = r.get("ours", {}), r.get("peer", {})
+    return [row("coadd", r.get("case", "coadd of one patch"), ours.get("median_seconds"), peer.get("median_seconds"),
+                ours.get("peak_memory_mb"), peer.get("peak_memory_mb"), "SWarp", f"median of {r.get('repeat', '?')}")]
+
+
+def dag(args) -> list[dict]:
+    script = HERE / "bench_dag.py"
+    if not script.exists():
+        return [row("DAG dry run", "—", note="skipped: benchmarks/bench_dag.py not present")]
+    out = OUT / "dag.json"
+    visits = ["100"] if args.quick else ["100", "1000"]
+    child = run_child([sys.executable, str(script), "--visits", *visits, "--ccds", "100", "--json", str(out)])
+    if not out.exists():
+        return [row("DAG dry run", "—", note=f"failed (exit {child['rc']})")]
+    rows = []
+    for r in json.loads(out.read_text()):
+        o, b = r["ours"], r["bare"]
+        jobs = sum(o["jobs"].values())
+        rows.append(row("DAG dry run", f"{r['visits']} visits x {r['ccds']} CCDs ({jobs} jobs)", o["wall"], b["wall"],
+                        o["rss"], b["rss"], "bare Snakefile, same jobs"))
+    return rows
+
+
+def startup(args) -> list[dict]:
+    runs = [run_child([sys.executable, "-c", STARTUP_IMPORTS]) for _ in range(3)]
+    bare = [run_child([sys.executable, "-c", "pass"]) for _ in range(3)]
+    return [row("per-job start-up", "fresh interpreter + a process_ccd job's imports",
+                statistics.median(r["wall"] for r in runs), statistics.median(r["wall"] for r in bare),
+                max(r["rss_mb"] for r in runs), max(r["rss_mb"] for r in bare), "bare `python -c pass`",
+                "median of 3")]
+
+
+def _fmt(value, spec=".2f"):
+    return "—" if value is None else format(value, spec)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| stage | case | ours [s] | peer | peer [s] | ratio | ours peak [MB] | peer peak [MB] | ratio | note |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {r['case']} | {_fmt(r['ours_s'])} | {r['peer']} | {_fmt(r['peer_s'])} | "
+                     f"{_fmt(r['ratio'])} | {_fmt(r['ours_mb'], '.0f')} | {_fmt(r['peer_mb'], '.0f')} | "
+                     f"{_fmt(r['mem_ratio'])} | {r['note']} |")
+    return "\n".join(lines)
+
+
+BENCHMARKS = {"process_ccd": process_ccd, "coadd": coadd, "dag": dag, "startup": startup}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3, help="repeats for the benchmarks that take it")
+    parser.add_argument("--quick", action="store_true", help="one repeat, the small DAG only")
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run only these")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeat = 1
+    OUT.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, bench in BENCHMARKS.items():
+        if args.only and name not in args.only:
+            continue
+        print(f"=== {name}", flush=True)
+        rows += bench(args)
+    stamp = (f"{datetime.date.today().isoformat()}, {platform.node()}: {platform.processor() or platform.machine()}, "
+             f"{os.cpu_count()} cores, Python {platform.python_version()}, load {os.getloadavg()[0]:.1f} at the end")
+    text = f"Benchmarks, one run ({stamp}); ratio = ours / peer (lower is better).\n\n{markdown(rows)}\n"
+    print("\n" + text)
+    (OUT / "run_all.md").write_text(text)
+    (OUT / "run_all.json").write_text(json.dumps(dict(stamp=stamp, rows=rows), indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Session fixtures shared by the workflow tests: the ci demo run once, locally, end to end.
+
+tests/test_workflow.py checks that run's products; tests/test_slurm.py runs the same demo through
+Slurm and compares the two by data, so the demo is simulated and processed locally only once.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]  # the Snakefile's directory
+FULL_RUN_TIMEOUT = 25 * 60  # s; the run takes 3-4 min on 2 cores, CI allows 30 min for everything
+#: --config words of the ci demo run (after repo=...); a run to compare with it uses the same
+CI_RUN_CONFIG = ("rerun=ci", "validation={strict: true}")
+
+
+@pytest.fixture(scope="session")
+def ci_timings() -> dict[str, float]:
+    """Wall seconds of the session's long runs, by name (printed by the validation test)."""
+    return {}
+
+
+@pytest.fixture(scope="session")
+def ci_repo(tmp_path_factory, ci_timings) -> Path:
+    """The default ci demo run once, end to end, with validation, into a temporary repository."""
+    # SNAKEDRP_TEST_CI_REPO=<dir> runs into that directory instead, rebuilding what a config change
+    # affects (local iteration: a finished repo is up to date and the run takes seconds); CI leaves it
+    # unset and gets a fresh run.
+    given = os.environ.get("SNAKEDRP_TEST_CI_REPO")
+    repo = Path(given).resolve() if given else tmp_path_factory.mktemp("workflow") / "repo"
+    reuse = ("clobber_config=true",) if given else ()
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "-q", "--config", f"repo={repo}", *CI_RUN_CONFIG,
+           *reuse]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=FULL_RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"the ci demo did not finish within {FULL_RUN_TIMEOUT} s:\n{out[-3000:]}")
+    ci_timings["full ci run [s]"] = time.monotonic() - t0
+    assert proc.returncode == 0, f"the ci demo failed (exit {proc.returncode}):\n{out[-6000:]}"
+    return repo
