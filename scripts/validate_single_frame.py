@@ -81,6 +81,8 @@ def main(inputs, outputs, params, log_path):
                 config.astrometry_snr_min, info["centroid_scatter_rms_mas"],
                 info["centroid_scatter_expected_rms_mas"], info["centroid_scatter_n"],
                 info["astrometric_rms_all_bright_stars_mas"])
+    logger.info("for information: binomial 1-sigma error of the completeness %.1f %%",
+                info["completeness_binomial_error_percent"])
     try:
         report = finish(metrics, config, info)
     except ValidationFailed as err:  # validation.strict: the figures are in the log above

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import CI_RUN_CONFIG, ROOT
 from snakedrp import simulate
 from snakedrp.repo.camera import Camera
 from snakedrp.repo.registry import REGISTRY_NAME, Registry
@@ -89,6 +89,6 @@ def test_dag_pictures_render(tmp_path, flag):
 
 def test_committed_rule_graph_is_current(ci_repo):
     # the full graph, coadds included, needs a repository whose overlap checkpoint has run
-    proc = subprocess.run([sys.executable, str(ROOT / "docs/make_rulegraph.py"), "--repo", str(ci_repo), "--check"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run([sys.executable, str(ROOT / "docs/make_rulegraph.py"), "--repo", str(ci_repo), "--check",
+                           "--config", *CI_RUN_CONFIG], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -49,6 +49,8 @@ class PhotometryConfig(Config):
     iterations: int = option(5, "Most clipping iterations (stops earlier when the used set is stable)",
                              min=1, max=50)
     min_stars: int = option(5, "Fewest stars for a zeropoint", min=1)
+    exclude_blended: bool = option(True, "Leave deblended children (is_blended) out of the fit when at least min_blend_free other stars remain?")
+    min_blend_free: int = option(20, "... that many unblended stars", min=1)
     star_error_floor: float = option(0.0, "Added in quadrature to each star's magnitude error [mag]", min=0.0)
     zeropoint_err_floor: float = option(0.001, "Systematic floor added in quadrature to the zeropoint error [mag]",
                                         min=0.0)
@@ -186,6 +188,12 @@ def fit_zeropoint(matches: Table, config: PhotometryConfig | None = None, *, ban
     for why, bad in cuts:
         counts[why] = int(np.sum(sel & bad))
         sel &= ~bad
+    if cfg.exclude_blended and "is_blended" in matches.colnames:
+        # a deblended child's PSF flux shares light with its siblings; kept only when too few others remain
+        blended = np.asarray(matches["is_blended"], bool)
+        if (sel & ~blended).sum() >= cfg.min_blend_free:
+            counts["blended"] = int(np.sum(sel & blended))
+            sel &= ~blended
     if sel.sum() < cfg.min_stars:
         detail = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
         raise PhotometryError(f"only {int(sel.sum())} stars usable for the zeropoint (need {cfg.min_stars}); "

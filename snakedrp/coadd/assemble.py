@@ -278,8 +278,10 @@ def find_artifacts(image: np.ndarray, variance: np.ndarray, good: np.ndarray, co
             footprint = grow_mask(footprint, int(config.clip_grow))
         # inside an artifact footprint, a reference source keeps the pixels where the excess could be
         # its own seeing residual (a star core under a trail); a faint source under a trail does not
-        # (the reference less 3 sigma of its noise: a noise peak is no source's core)
-        local_max = ndimage.maximum_filter(ref - 3 * np.sqrt(var_ref), size=5, mode="nearest")
+        # (the reference less 3 sigma of its noise: a noise peak is no source's core; over the
+        # protect_grow scale, which covers the seeing differences)
+        local_max = ndimage.maximum_filter(ref - 3 * np.sqrt(var_ref), size=2 * int(config.protect_grow) + 1,
+                                           mode="nearest")
         allowed = ~protect | (diff > config.protect_ratio * np.maximum(local_max, 0))
         clipped[k] = footprint & allowed & use
     # outliers in many epochs are real (variable or moving sources' regions), not artifacts

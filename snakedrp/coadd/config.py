@@ -51,7 +51,7 @@ class AssembleConfig(Config):
     protect_grow: int = option(4, "Grow the protected reference sources by this many pixels (covers seeing differences) [pixel]", min=0, max=50)
     clip_elongation: float = option(4.0, "An outlier footprint whose second-moment axis ratio exceeds this is an artifact (a trail) wherever it lies", min=1.0)
     clip_min_length: float = option(15.0, "... if it is at least this long (a uniform bar's length from its major-axis moment) [pixel]", min=1.0)
-    protect_ratio: float = option(10.0, "Inside an artifact footprint, reference-source pixels are clipped only where the excess exceeds this x the local (5x5) maximum of the reference less 3 sigma of its noise: star cores differ by < (seeing ratio)^2 - 1, ~6 for 0.5\" vs 1.3\", a trail over a faint source by far more", min=0.0)
+    protect_ratio: float = option(10.0, "Inside an artifact footprint, reference-source pixels are clipped only where the excess exceeds this x the maximum of the reference less 3 sigma of its noise within protect_grow pixels: star cores differ by < (seeing ratio)^2 - 1, ~6 for 0.5\" vs 1.3\", a trail over a faint source by far more", min=0.0)
     mask_propagation_threshold: float = option(0.5, "Set a mask plane in the coadd where the inputs having it carry more than this fraction of the weight", min=0.0, max=1.0)
     propagate_mask_planes: list[str] = option(["BAD", "SAT", "INTRP", "CR", "EDGE", "SUSPECT"],
                                               "Mask planes propagated from the warps to the coadd")

@@ -10,10 +10,9 @@ real PSF (atmosphere convolved with the diffraction of an obscured pupil, plus s
 does not end there: about 1 % of a star's light lies beyond 4 FWHM, by an amount that changes
 with the seeing. As in the LSST stack, that residual *aperture loss* is measured on the bright
 stars of each CCD by a curve of growth (:func:`measure_aperture_loss`): annuli out to
-``radius_max`` calibration radii, less the mean light of the sky pixels (undetected sources and
-wings, which a mode-type background leaves in), normalised by each star's calibration flux,
-combined by a clipped weighted mean over stars and extrapolated beyond the last
-annulus by a power-law tail. ``psf_flux * apcorr(x, y) * aperture_loss`` is then the star's
+``radius_max`` calibration radii, each star's fitted by a power-law wing plus a local sky level
+(the background a crowded field leaves near bright stars, which also sits in the calibration
+aperture), the median over stars of total / calibration-aperture flux. ``psf_flux * apcorr(x, y) * aperture_loss`` is then the star's
 total flux, and the zeropoint fitted from those fluxes is that of total fluxes.
 """
 from __future__ import annotations
@@ -52,10 +51,9 @@ class ApertureLossConfig(Config):
     radius_max_pixels: float = option(150.0, "... and at most this radius [pixel]", min=5.0)
     n_annuli: int = option(8, "Annuli of the curve of growth between the calibration aperture and its outer radius (logarithmic steps)", min=1, max=50)
     snr_min: float = option(200.0, "Fewest S/N of the calibration-aperture flux of a curve-of-growth star", min=1.0)
-    clip_sigma: float = option(3.0, "A star's annulus this many of its own noise sigmas (robustly rescaled) off the mean is left out (neighbours)", min=1.0)
     max_stars: int = option(60, "Use at most this many of the brightest stars for the curve of growth", min=1)
     min_stars: int = option(3, "Fewest stars for a curve of growth; with fewer the aperture loss is 1 (and flagged)", min=1)
-    tail_index: float = option(1.5, "Index g of the power-law tail of the curve of growth, C(inf) - C(r) ~ r**-g, for the light beyond its last radius; 0: none. Kolmogorov seeing alone gives 5/3, an Airy pattern alone 1; their convolution ~1.5 from 4 to 40 FWHM", min=0.0, max=5.0)
+    tail_index: float = option(1.7, "Index g of the power-law wing of the curve of growth, C(inf) - C(r) ~ r**-g, fitted to each star's annuli with a local sky level and extrapolated beyond the last radius. Kolmogorov seeing alone gives 5/3, an Airy pattern alone 1; their convolution ~1.7 from 4 to 6 FWHM", min=0.5, max=5.0)
     loss_max: float = option(0.2, "An aperture loss above this fraction (or below 0) is rejected as a failed curve of growth", min=0.0)
 
 
@@ -86,6 +84,9 @@ class ApertureLoss:
         Cumulative flux at ``radii`` / calibration-aperture flux (median curve of growth).
     n_stars : int
         Stars in the curve of growth (0: not measured, ``factor`` 1).
+    sky : float
+        Median correction of the calibration aperture for the local sky level around the stars
+        (fraction of the calibration-aperture flux, included in ``factor``).
     """
 
     factor: float
@@ -96,6 +97,7 @@ class ApertureLoss:
     radii: np.ndarray
     curve: np.ndarray
     n_stars: int
+    sky: float = 0.0
 
     @classmethod
     def none(cls) -> "ApertureLoss":
@@ -108,6 +110,7 @@ class ApertureLoss:
                 ("APLOSSMS", float(self.measured), "light measured beyond the calib aperture [fraction]"),
                 ("APLOSSTL", float(self.tail), "extrapolated light beyond the curve's last radius"),
                 ("APLOSSRM", float(self.radius_max), "last radius of the curve of growth [pixel]"),
+                ("APLOSSSK", float(self.sky), "local-sky correction of the calib aperture (in APLOSS)"),
                 ("APLOSSN", int(self.n_stars), "stars in the curve of growth (0: not measured)")]
 
 
@@ -138,12 +141,14 @@ def measure_aperture_loss(image: np.ndarray, variance: np.ndarray, bad: np.ndarr
     For the brightest ``max_stars`` stars with calibration-aperture S/N above ``snr_min``,
     the fluxes of ``n_annuli`` logarithmically spaced annuli from each star's calibration
     radius ``R`` out to ``radius_max R`` (at most ``radius_max_pixels``) are divided by its
-    calibration flux; other sources' footprint pixels and bad pixels are replaced by the
-    annulus mean, and the mean level of the pixels outside every footprint is subtracted. The
-    clipped, inverse-variance weighted mean over stars of each annulus gives the curve of growth ``C(r)``
-    (``C(R) = 1``); the light beyond the last radius comes from a weighted fit of
-    ``C(r) = C_inf - A (r / R)**-g`` with ``g = tail_index``. No radius is assumed to hold all
-    the light.
+    calibration flux ``f0``; other sources' footprint pixels and bad pixels are replaced by the
+    annulus mean. Each star's annuli are fitted (weighted linear least squares) by a power-law
+    wing, ``C(r) = 1 + L (1 - (r / R)**-g)`` with ``g = tail_index``, plus a local sky level
+    ``s`` per pixel, which the background subtraction left (in a crowded field, the light of
+    undetected neighbours and of wings beyond the footprints); the star's total flux over its
+    calibration-aperture flux is ``1 + L - s pi R**2 / f0`` (the same sky level is in the
+    aperture). The factor is the median over stars, robust to the neighbours left in one
+    star's annuli. No radius is assumed to hold all the light.
 
     Parameters
     ----------
@@ -182,69 +187,56 @@ def measure_aperture_loss(image: np.ndarray, variance: np.ndarray, bad: np.ndarr
     steps = np.linspace(0.0, 1.0, config.n_annuli + 1)
     # logarithmic radii between R and the star's last radius
     edges = r0[rows, None] * (r_out_max / r0[rows])[:, None] ** steps[None, :]
-    # the mean of the sky pixels (outside every footprint) after background subtraction: the light of
-    # undetected sources and of every source's wings, which the background (a mode) leaves in; it
-    # lies in every annulus, so it is no star's own light
-    # (without a segmentation the sky pixels are unknown: no such level is subtracted)
-    excess = 0.0
-    if seg is not None:
-        sky = (seg == 0) & ~bad
-        excess = float(np.mean(data[sky], dtype=np.float64)) if sky.any() else 0.0
     fractions = np.empty((len(rows), config.n_annuli))
     errors = np.empty((len(rows), config.n_annuli))
     for k in range(config.n_annuli):
         f, e = _annulus_fluxes(data, var, bad, seg, ids[rows], x[rows], y[rows], edges[:, k], edges[:, k + 1])
-        f = f - excess * np.pi * (edges[:, k + 1] ** 2 - edges[:, k] ** 2)
         fractions[:, k], errors[:, k] = f / f0[rows], e / f0[rows]
     good = np.isfinite(fractions).all(axis=1) & np.isfinite(errors).all(axis=1) & (errors > 0).all(axis=1)
-    fractions, errors = fractions[good], errors[good]
+    fractions, errors, edges, radius = fractions[good], errors[good], edges[good], r0[rows][good]
     n = len(fractions)
     if n < config.min_stars:
         return ApertureLoss.none()
-    # per annulus: inverse-variance weighted mean over stars, clipped about the median (a neighbour's
-    # light outside its footprint only ever adds); the errors are each star's own sky and photon noise
-    mean = np.empty(config.n_annuli)
-    annulus_err = np.empty(config.n_annuli)
-    for k in range(config.n_annuli):
-        a, e = fractions[:, k], errors[:, k]
-        centre = float(np.median(a))
-        use = np.ones(n, bool)
-        for _ in range(5):
-            z = (a - centre) / e
-            spread = max(1.4826 * float(np.median(np.abs(z[use]))), 1.0)
-            new = np.abs(z) < config.clip_sigma * spread
-            if new.sum() < config.min_stars:
-                break
-            w = 1.0 / e[new] ** 2
-            centre = float(np.sum(w * a[new]) / np.sum(w))
-            if np.array_equal(new, use):
-                break
-            use = new
-        w = 1.0 / e[use] ** 2
-        mean[k] = centre
-        annulus_err[k] = float(np.sqrt(1.0 / np.sum(w))) * spread
-    curve = 1.0 + np.cumsum(mean)
-    curve_err = np.sqrt(np.cumsum(annulus_err**2))
-    radii = (edges[good] / r0[rows][good, None]).mean(axis=0)[1:]
-    measured = float(curve[-1] - 1.0)
-    tail, tail_err = 0.0, 0.0
+    # per star, a weighted linear fit of its annuli: a power-law wing (loss beyond R, L) plus a local
+    # sky level s: the global background is off by a fraction of an e- a pixel near the bright stars
+    # of a crowded field (undetected neighbours, wings beyond footprints), which over a calibration
+    # aperture of 4 FWHM at 1.5" seeing is a per cent of a bright star; the same level is taken out
+    # of the calibration aperture. Each star's total / calib-aperture flux is 1 + L - s pi R^2 / f0.
     g = config.tail_index
-    if g > 0:
-        # C(r) = C_inf - A r**-g through (1, 1) and the measured points, weighted by their errors
-        t = np.concatenate([[1.0], radii ** -g])
-        c = np.concatenate([[1.0], curve])
-        w = 1.0 / np.concatenate([[max(float(curve_err.min()), 1e-4)], np.maximum(curve_err, 1e-4)]) ** 2
-        basis = np.column_stack([np.ones_like(t), -t])
-        cov = np.linalg.inv(basis.T @ (basis * w[:, None]))
-        c_inf, amp = cov @ (basis.T @ (w * c))
-        tail = float(max(amp, 0.0) * radii[-1] ** -g)
-        tail_err = float(np.sqrt(cov[1, 1]) * radii[-1] ** -g)
-    loss = measured + tail
+    rel = edges / radius[:, None]
+    wing = rel[:, :-1] ** -g - rel[:, 1:] ** -g                       # annulus share of L
+    area = np.pi * (edges[:, 1:] ** 2 - edges[:, :-1] ** 2) / f0[rows][good][:, None]
+    w = 1.0 / errors**2
+    a11, a12, a22 = (w * wing * wing).sum(1), (w * wing * area).sum(1), (w * area * area).sum(1)
+    b1, b2 = (w * wing * fractions).sum(1), (w * area * fractions).sum(1)
+    det = a11 * a22 - a12**2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        loss_i = (a22 * b1 - a12 * b2) / det
+        sky_i = (a11 * b2 - a12 * b1) / det                           # [e- per pixel / f0]
+    aperture_area = np.pi * radius**2 / f0[rows][good]
+    total = 1.0 + loss_i - sky_i * aperture_area
+    ok = np.isfinite(total)
+    if ok.sum() < config.min_stars:
+        return ApertureLoss.none()
+    total, loss_i, sky_i, aperture_area = total[ok], loss_i[ok], sky_i[ok], aperture_area[ok]
+    fractions, area, edges, radius = fractions[ok], area[ok], edges[ok], radius[ok]
+    n = len(total)
+    # the median over stars: a neighbour's light left in one star's annuli moves that star alone
+    factor = float(np.median(total))
+    spread = 1.4826 * float(np.median(np.abs(total - factor)))
+    error = 1.2533 * spread / np.sqrt(n)
+    corrected = fractions - sky_i[:, None] * area
+    curve = 1.0 + np.median(np.cumsum(corrected, axis=1), axis=0)
+    measured = float(np.median(corrected.sum(axis=1)))
+    tail = float(np.median(loss_i * rel[ok][:, -1] ** -g))
+    sky_term = float(np.median(-sky_i * aperture_area))
+    loss = factor - 1.0
     if not (0.0 <= loss <= config.loss_max) or not np.isfinite(loss):
         return ApertureLoss.none()
-    error = float(np.hypot(curve_err[-1], tail_err))
-    return ApertureLoss(factor=1.0 + loss, error=error, measured=measured, tail=tail,
-                        radius_max=float(np.median(r_out_max[good])), radii=radii, curve=curve, n_stars=n)
+    radii = np.median(edges / radius[:, None], axis=0)[1:]
+    return ApertureLoss(factor=factor, error=float(error), measured=measured, tail=tail,
+                        radius_max=float(np.median(edges[:, -1])), radii=radii, curve=curve, n_stars=n,
+                        sky=sky_term)
 
 
 

@@ -39,6 +39,8 @@ class CalibrateConfig(Config):
     do_photometry: bool = option(True, "Fit the photometric zeropoint against the reference catalog?")
     refcat_margin: float = option(30.0, "Reference stars loaded out to this far beyond the CCD [arcsec]", min=0.0)
     star_size_max: float = option(1.15, "Unresolved if adaptive-moment size / PSF size is below this", min=1.0)
+    recentre_apcorr: bool = option(True, "Move the aperture correction's constant term onto the median over the bright unresolved src stars of calib_flux / psf_flux - apcorr (robust to the neighbours in the calibration aperture of a crowded field)?")
+    recentre_snr_min: float = option(100.0, "... stars above this PSF-flux S/N", min=1.0)
     redetect: bool = option(False, "Detect again on the characterized exposure (with calibrate.detection and the PSF model's width) instead of measuring characterization's detections?")
     detection: DetectionConfig = subconfig(DetectionConfig, "Detection when calibrate detects: with redetect, or when CalibrateTask runs without detections")
     residual_detection: ResidualDetectionConfig = subconfig(ResidualDetectionConfig, "Second detection pass, on the image with the measured point sources' PSF models subtracted (the threshold and filter of calibrate.detection)")
@@ -50,11 +52,12 @@ class CalibrateConfig(Config):
 
 @dataclass(frozen=True)
 class CalibrateResult:
-    """exposure (with fitted ``wcs`` and ``zeropoint``), sources (src), matches (srcMatch)."""
+    """exposure (with fitted ``wcs`` and ``zeropoint``), sources (src), matches (srcMatch), the apcorr applied."""
 
     exposure: Exposure
     sources: Table
     matches: Table | None
+    apcorr: ApCorrMap | None = None
 
 
 class CalibrateTask:
@@ -114,14 +117,9 @@ class CalibrateTask:
         x, y = np.asarray(sources["x_centroid"]), np.asarray(sources["y_centroid"])
         size_ratio = np.asarray(sources["shape_sigma"]) / np.asarray(sources["psf_sigma"])
         loss = aperture_loss
-        if loss is None and cfg.aperture_loss.enabled:
-            star = (size_ratio < cfg.star_size_max) & ~flagged(sources, also=("centroid_flag", "calib_flag"))
-            star &= ~np.asarray(sources["is_blended"], bool)
-            t = sources[star]
-            bad = unusable_pixels(exposure.image, exposure.variance, exposure.mask, cfg.measure.bad_mask_planes)
-            loss = measure_aperture_loss(exposure.image, exposure.variance, bad, detections.segmentation, t["id"],
-                                         t["x_centroid"], t["y_centroid"], t["calib_radius"], t["calib_flux"],
-                                         t["calib_flux_err"], cfg.aperture_loss)
+        if (loss is None and cfg.aperture_loss.enabled) or (apcorr is not None and cfg.recentre_apcorr):
+            apcorr, measured_loss = self._crowded_field_calibration(exposure, detections, sources, apcorr)
+            loss = loss if loss is not None else measured_loss
         loss = loss if loss is not None else ApertureLoss.none()
         factor = apcorr.evaluate(x, y) if apcorr is not None else np.ones(len(sources))
         factor = factor * loss.factor
@@ -166,7 +164,67 @@ class CalibrateTask:
             sources = calibrate_fluxes(sources, zeropoint, zeropoint_err)
             metadata["PHONSTAR"] = (int(photo.n_used), "stars used in the zeropoint fit")
         out = replace(exposure, wcs=wcs, zeropoint=zeropoint, zeropoint_err=zeropoint_err, metadata=metadata)
-        return CalibrateResult(exposure=out, sources=sources, matches=matches)
+        return CalibrateResult(exposure=out, sources=sources, matches=matches, apcorr=apcorr)
+
+    def _crowded_field_calibration(self, exposure: Exposure, detections: DetectionResult, sources: Table,
+                                   apcorr: ApCorrMap | None) -> tuple[ApCorrMap | None, ApertureLoss | None]:
+        """The aperture correction's constant and the aperture loss, from the bright unresolved stars of the src.
+
+        In a crowded field a 4-FWHM calibration aperture (34 pixels at 1.5" seeing) holds tens of
+        neighbours; with their footprints replaced, their wings remain and scatter the stars'
+        calibration / PSF flux ratios by a few per cent, one-sided, so the weighted fit of
+        characterization (dominated by a few bright, often blended stars) is off by up to a per
+        cent. With ``recentre_apcorr`` the map's constant term moves onto the median over the
+        unresolved, unflagged src stars above ``recentre_snr_min`` of ``calib_flux / psf_flux -
+        apcorr(x, y)``. The aperture loss (:func:`measure_aperture_loss`) is measured on the image
+        less the PSF models of every point source (:meth:`_point_sources`; beyond the model's
+        kernel their wings remain, a per cent of a neighbour's light), resolved sources' footprints
+        left out.
+
+        Returns
+        -------
+        (ApCorrMap or None, ApertureLoss or None)
+        """
+        cfg = self.config
+        image, variance, psf = exposure.image, exposure.variance, exposure.psf
+        ny, nx = exposure.shape
+        point = self._point_sources(sources)
+        star = point.copy()
+        for name in ("centroid_flag", "calib_flag", "flag_saturated", "flag_edge", "flag_bad"):
+            star &= ~np.asarray(sources[name], bool)
+        if not star.any():
+            return apcorr, None
+        t = sources[point]
+        residual = image - psf_model_image(psf, (ny, nx), t["x_centroid"], t["y_centroid"],
+                                           np.nan_to_num(np.asarray(t["psf_flux"], float)))
+        seg = detections.segmentation
+        is_point = np.zeros(int(max(seg.max(), np.max(sources["id"]))) + 1, bool)
+        is_point[np.asarray(sources["id"])[point]] = True
+        seg_resolved = np.where(is_point[seg], 0, seg).astype(np.int32)
+        bad = unusable_pixels(image, variance, exposure.mask, cfg.measure.bad_mask_planes)
+        s = sources[star]
+        x, y = np.asarray(s["x_centroid"], float), np.asarray(s["y_centroid"], float)
+        radius = np.asarray(s["calib_radius"], float)
+        ids = np.asarray(s["id"], np.int32)
+        psf_flux = np.asarray(s["psf_flux"], float)
+        calib, calib_err = np.asarray(s["calib_flux"], float), np.asarray(s["calib_flux_err"], float)
+        if apcorr is not None and cfg.recentre_apcorr:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                use = np.asarray(s["psf_snr"], float) >= cfg.recentre_snr_min
+                offset = calib / psf_flux - apcorr.evaluate(x, y)
+            use &= np.isfinite(offset)
+            if use.sum() >= 3:
+                coeffs = apcorr.coeffs.copy()
+                coeffs[0] += float(np.median(offset[use]))  # the constant is the first basis function
+                apcorr = ApCorrMap(coeffs, apcorr.degree, apcorr.x_center, apcorr.x_scale, apcorr.y_center,
+                                   apcorr.y_scale, error=max(apcorr.error, 1.2533 * 1.4826 * float(
+                                       np.median(np.abs(offset[use] - np.median(offset[use])))) / np.sqrt(use.sum())),
+                                   scatter=apcorr.scatter, n_stars=int(use.sum()))
+        loss = None
+        if cfg.aperture_loss.enabled:
+            loss = measure_aperture_loss(residual, variance, bad, seg_resolved, ids, x, y, radius, calib, calib_err,
+                                         cfg.aperture_loss)
+        return apcorr, loss
 
     def _point_sources(self, sources: Table) -> np.ndarray:
         """Rows whose PSF models the residual detection subtracts: unresolved, PSF fit good, S/N high enough."""

@@ -120,7 +120,8 @@ class ProcessCcdTask:
         band = camera.filters[raw.filter].band if raw.filter in camera.filters else None
         cal = self.calibrate.run(char.exposure, refcat, apcorr=char.apcorr, band=band, detections=char.detections)
         return ProcessCcdResult(calexp=cal.exposure, sources=cal.sources, psf_sources=char.psf_sources,
-                                background=char.background, matches=cal.matches, apcorr=char.apcorr,
+                                background=char.background, matches=cal.matches,
+                                apcorr=cal.apcorr if cal.apcorr is not None else char.apcorr,
                                 n_cosmic_rays=char.n_cosmic_rays)
 
     def run_data_id(self, butler, *, visit: int, ccd: int, refcat: str = "sim_gaia") -> ProcessCcdResult:

@@ -24,9 +24,15 @@ from astropy.table import Table
 from snakedrp.pexconfig import Config, option
 from snakedrp.repo.exposure import Exposure, mask_bit, mask_bits
 from snakedrp.stamps import kernel_moments
-from snakedrp.validate.single_frame import Metric
 
 FWHM_PER_SIGMA = 2.3548
+
+
+def _metric(*args):
+    # imported here: single_frame's ValidateConfig holds CoaddValidateConfig (no import circle)
+    from snakedrp.validate.single_frame import Metric
+
+    return Metric(*args)
 
 
 @dataclass
@@ -79,20 +85,33 @@ def _usable(calexp: Exposure, x, y, half: int, planes=("NO_DATA", "SAT", "BAD", 
 
 
 def trail_figure(calexp: Exposure, trail: np.ndarray, objects_mask: np.ndarray, n_image: np.ndarray,
-                 config: CoaddValidateConfig, offsets=(-90, -70, -50, -30, 30, 50, 70, 90)) -> Metric:
-    """Mean coadd flux on the trail's pixels vs control strips (the trail mask shifted by ``offsets`` rows).
+                 config: CoaddValidateConfig, offsets=(-90, -70, -50, -30, 30, 50, 70, 90)):
+    """Mean coadd flux on the trail's pixels against control strips (the trail mask shifted by ``offsets`` rows).
 
-    Only pixels that at least two warps cover enter (``n_image`` plus the clipped warp): where the
-    trail's visit is the only one, no rejection can tell the trail from the sky.
+    The zero is the mean of the control strips (the local sky level of pixels away from objects,
+    which background subtraction in a crowded field leaves slightly negative); the sigma is that
+    of the difference: the trail mean's noise (from the variance plane, times the pixel
+    correlation factor measured on the strips: their scatter over its variance-plane
+    prediction, at least 1) and the strips' mean's. Only pixels that at least two warps cover
+    enter (``n_image`` plus the clipped warp): where the trail's visit is the only one, no
+    rejection can tell the trail from the sky.
+
+    Returns
+    -------
+    Metric
+        ``|trail - strips| / sigma``.
     """
     n_data = n_image + ((calexp.mask & mask_bit("CLIPPED")) != 0)
-    usable = np.isfinite(calexp.image) & ((calexp.mask & mask_bit("NO_DATA")) == 0) & ~objects_mask & (n_data >= 2)
+    usable = (np.isfinite(calexp.image) & np.isfinite(calexp.variance)
+              & ((calexp.mask & mask_bit("NO_DATA")) == 0) & ~objects_mask & (n_data >= 2))
 
     def mean_on(m):
         m = m & usable
-        return float(np.mean(calexp.image[m])) if m.sum() > 50 else np.nan
+        if m.sum() <= 50:
+            return np.nan, np.nan
+        return float(np.mean(calexp.image[m])), float(np.sqrt(np.sum(calexp.variance[m])) / m.sum())
 
-    on = mean_on(trail)
+    on, on_err = mean_on(trail)
     control = []
     for dy in offsets:
         shifted = np.zeros_like(trail)
@@ -101,13 +120,18 @@ def trail_figure(calexp: Exposure, trail: np.ndarray, objects_mask: np.ndarray, 
         else:
             shifted[:dy] = trail[-dy:]
         control.append(mean_on(shifted & ~trail))
-    control = np.array([c for c in control if np.isfinite(c)])
-    scatter = float(np.std(control, ddof=1)) if len(control) > 2 else np.nan
-    value = abs(on - float(np.mean(control))) / scatter if np.isfinite(scatter) and scatter > 0 else np.nan
-    return Metric("satellite trail residual", value, config.trail_nsigma_goal, "sigma", int((trail & usable).sum()))
+    control = np.array([c for c in control if np.isfinite(c[0])]).reshape(-1, 2)
+    n_pix = int((trail & usable).sum())
+    if len(control) < 3 or not np.isfinite(on):
+        return _metric("satellite trail residual", np.nan, config.trail_nsigma_goal, "sigma", n_pix)
+    scatter = float(np.std(control[:, 0], ddof=1))
+    correlation = max(1.0, scatter / float(np.sqrt(np.mean(control[:, 1] ** 2))))
+    sigma = np.hypot(correlation * on_err, scatter / np.sqrt(len(control)))
+    value = abs(on - float(np.mean(control[:, 0]))) / sigma
+    return _metric("satellite trail residual", value, config.trail_nsigma_goal, "sigma", n_pix)
 
 
-def clipped_stars_figure(calexp: Exposure, objects: Table, band: str, fwhm: float, config: CoaddValidateConfig) -> Metric:
+def clipped_stars_figure(calexp: Exposure, objects: Table, band: str, fwhm: float, config: CoaddValidateConfig):
     """Number of stars brighter than ``clipped_mag_max`` with a CLIPPED coadd pixel within 2 FWHM."""
     mag = np.asarray(objects[f"mag_{band}"], float)
     star = (np.asarray(objects["type"]).astype(str) == "star") & (mag < config.clipped_mag_max)
@@ -126,65 +150,100 @@ def clipped_stars_figure(calexp: Exposure, objects: Table, band: str, fwhm: floa
         ys, xs = iy + yy[disk], ix + xx[disk]
         ok = (xs >= 0) & (xs < nx) & (ys >= 0) & (ys < ny)
         n_bad += bool(clipped[ys[ok], xs[ok]].any())
-    return Metric(f"stars < {config.clipped_mag_max:g} mag with CLIPPED pixels", n_bad, 0, "", n)
+    return _metric(f"stars < {config.clipped_mag_max:g} mag with CLIPPED pixels", n_bad, 0, "", n)
 
 
-def noise_figure(calexp: Exposure, config: CoaddValidateConfig) -> Metric:
+def noise_figure(calexp: Exposure, config: CoaddValidateConfig):
     """Robust noise of empty pixels over the variance plane's prediction, before detect_coadd's rescaling [%]."""
     scale = float(calexp.metadata.get("VARSCALE", 1.0))
     var = calexp.variance / scale
     use = (calexp.mask == 0) & np.isfinite(calexp.image) & np.isfinite(var) & (var > 0)
     z = calexp.image[use] / np.sqrt(var[use])
     robust = 1.4826 * np.median(np.abs(z - np.median(z)))
-    return Metric("coadd noise / variance prediction - 1", 100 * abs(robust - 1), config.noise_goal, "%", int(use.sum()))
+    return _metric("coadd noise / variance prediction - 1", 100 * abs(robust - 1), config.noise_goal, "%", int(use.sum()))
 
 
-def star_figures(calexp: Exposure, objects: Table, band: str, config: CoaddValidateConfig) -> list[Metric]:
-    """PSF FWHM, positions and fluxes of bright isolated stars on the coadd vs model and truth."""
+def star_measurements(calexp: Exposure, objects: Table, band: str, config: CoaddValidateConfig,
+                      region: np.ndarray | None = None) -> dict:
+    """Bright isolated stars on the coadd against the PSF model and truth.
+
+    Parameters
+    ----------
+    region : ndarray of bool, shape (ny, nx), optional
+        Only stars whose true position falls in these pixels (e.g. the patch's inner box, so
+        that stars of patch borders count once).
+
+    Returns
+    -------
+    dict of ndarray
+        ``fwhm_ratio`` (model / star second-moment size), ``dra``, ``ddec`` [mas] (measured -
+        true), ``dmag`` [mag] (aperture magnitude corrected to total with the model - truth).
+    """
     ny, nx = calexp.shape
     psf = calexp.psf
     fwhm = float(psf.fwhm((nx - 1) / 2, (ny - 1) / 2))
     keep, x, y, mag = _bright_isolated_stars(objects, band, calexp.wcs, calexp.shape, fwhm, config)
+    if region is not None:
+        keep = keep[region[np.round(y[keep]).astype(int), np.round(x[keep]).astype(int)]]
     keep = keep[_usable(calexp, x[keep], y[keep], int(np.ceil(config.aperture_fwhm * fwhm)) + 1)]
     image = np.ascontiguousarray(np.nan_to_num(calexp.image), dtype=np.float32)
     var = np.ascontiguousarray(np.nan_to_num(calexp.variance, nan=0.0), dtype=np.float32)
     sigma = fwhm / FWHM_PER_SIGMA
+    empty = dict(fwhm_ratio=np.zeros(0), dra=np.zeros(0), ddec=np.zeros(0), dmag=np.zeros(0))
+    if len(keep) == 0:
+        return empty
     xw, yw, flag = sep.winpos(image, x[keep], y[keep], sigma)
     ok = (flag == 0) & (np.hypot(xw - x[keep], yw - y[keep]) < 1.0)
     keep, xw, yw = keep[ok], xw[ok], yw[ok]
+    if len(keep) == 0:
+        return empty
     ra, dec = calexp.wcs.all_pix2world(xw, yw, 0)
-    dra = (ra - np.asarray(objects["ra"], float)[keep]) * np.cos(np.deg2rad(dec)) * 3.6e6
+    dra = ((ra - np.asarray(objects["ra"], float)[keep] + 180.0) % 360.0 - 180.0) * np.cos(np.deg2rad(dec)) * 3.6e6
     ddec = (dec - np.asarray(objects["dec"], float)[keep]) * 3.6e6
-    astrometry = Metric("coadd star positions vs truth RMS", float(np.sqrt(np.mean(dra**2 + ddec**2))),
-                        config.astrometry_rms_goal, "mas", len(keep))
 
-    ratios, corrections, half = [], [], None
+    ratios, corrections = [], []
+    r = config.aperture_fwhm * fwhm
     for xc, yc in zip(xw, yw):
         stamp, x0, y0 = psf.draw(xc, yc)
         n = stamp.shape[0]
         data = image[y0:y0 + n, x0:x0 + n]
         s_data, s_model = kernel_moments(data)[0], kernel_moments(stamp)[0]
         ratios.append(s_model / s_data)
-        yy, xx = np.mgrid[y0:y0 + n, x0:x0 + n]
-        r = config.aperture_fwhm * fwhm
-        # fraction of the model inside the aperture, pixel centres (sep's exact overlap on the stamp)
+        # fraction of the model inside the aperture, pixel centres (as the data's sum below)
         inside, _, _ = sep.sum_circle(np.ascontiguousarray(stamp, np.float32), [xc - x0], [yc - y0], r, subpix=0)
         corrections.append(float(inside[0]) / float(stamp.sum()))
-    ratios = np.array(ratios)
-    fwhm_metric = Metric("coadd PSF model FWHM / star FWHM - 1", 100 * abs(np.nanmedian(ratios) - 1),
-                         config.psf_fwhm_goal, "%", int(np.isfinite(ratios).sum()))
-    flux, flux_err, _ = sep.sum_circle(image, xw, yw, config.aperture_fwhm * fwhm, var=var, subpix=0)
+    flux, _, _ = sep.sum_circle(image, xw, yw, r, var=var, subpix=0)
     total = flux / np.array(corrections)
     true_flux = 10 ** (-0.4 * (mag[keep] - float(calexp.zeropoint)))
-    dmag = -2.5 * np.log10(total / true_flux)
-    good = np.isfinite(dmag)
-    flux_metric = Metric("bright-star coadd magnitude - truth", 1000 * abs(np.median(dmag[good])),
-                         config.flux_bias_goal, "mmag", int(good.sum()))
-    return [fwhm_metric, astrometry, flux_metric]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dmag = -2.5 * np.log10(total / true_flux)
+    return dict(fwhm_ratio=np.array(ratios), dra=dra, ddec=ddec, dmag=dmag)
 
 
-def measured_depth(calexp: Exposure, config: CoaddValidateConfig) -> float:
-    """5-sigma point-source depth [AB mag] from PSF fluxes at random empty positions of the coadd."""
+def star_metrics(stars: dict, config: CoaddValidateConfig, label: str = "") -> list:
+    """PSF FWHM, position and flux figures (Metrics) of :func:`star_measurements` output (possibly pooled)."""
+    ratios, dmag = stars["fwhm_ratio"], stars["dmag"]
+    good_r, good_m = np.isfinite(ratios), np.isfinite(dmag)
+    n = len(stars["dra"])
+    fwhm = 100 * abs(np.median(ratios[good_r]) - 1) if good_r.any() else np.nan
+    astrometry = float(np.sqrt(np.mean(stars["dra"] ** 2 + stars["ddec"] ** 2))) if n else np.nan
+    flux = 1000 * abs(np.median(dmag[good_m])) if good_m.any() else np.nan
+    return [_metric(f"{label}coadd PSF model FWHM / star FWHM - 1", fwhm, config.psf_fwhm_goal, "%", int(good_r.sum())),
+            _metric(f"{label}coadd star positions vs truth RMS", astrometry, config.astrometry_rms_goal, "mas", n),
+            _metric(f"{label}bright-star coadd magnitude - truth", flux, config.flux_bias_goal, "mmag", int(good_m.sum()))]
+
+
+def star_figures(calexp: Exposure, objects: Table, band: str, config: CoaddValidateConfig) -> list:
+    """PSF FWHM, positions and fluxes of bright isolated stars on the coadd vs model and truth."""
+    return star_metrics(star_measurements(calexp, objects, band, config), config)
+
+
+def measured_depth(calexp: Exposure, config: CoaddValidateConfig, where: np.ndarray | None = None) -> float:
+    """5-sigma point-source depth [AB mag] from PSF fluxes at random empty positions of the coadd.
+
+    ``where`` (bool, shape (ny, nx)), if given, limits the positions' centres to those pixels
+    (e.g. where every input covers the coadd, for a comparison with the inputs' depths).
+    """
     ny, nx = calexp.shape
     psf = calexp.psf
     k = psf.kernel((nx - 1) / 2, (ny - 1) / 2)
@@ -197,7 +256,7 @@ def measured_depth(calexp: Exposure, config: CoaddValidateConfig) -> float:
     fluxes = []
     for xc, yc in zip(xs, ys):
         box = np.s_[yc - h:yc + h + 1, xc - h:xc + h + 1]
-        if (calexp.mask[box] & bad).any():
+        if (where is not None and not where[yc, xc]) or (calexp.mask[box] & bad).any():
             continue
         fluxes.append(float((k * calexp.image[box]).sum() / (k**2).sum()))
         if len(fluxes) >= config.n_depth_positions:
@@ -207,12 +266,13 @@ def measured_depth(calexp: Exposure, config: CoaddValidateConfig) -> float:
     return float(calexp.zeropoint) - 2.5 * np.log10(5 * sigma)
 
 
-def depth_figure(calexp: Exposure, input_depths: np.ndarray, config: CoaddValidateConfig) -> Metric:
+def depth_figure(calexp: Exposure, input_depths: np.ndarray, config: CoaddValidateConfig,
+                 where: np.ndarray | None = None):
     """Measured coadd depth vs the prediction ``1 / sigma^2 = sum_i 1 / sigma_i^2`` from the inputs' 5-sigma depths."""
     depths = np.asarray(input_depths, float)
     predicted = 1.25 * np.log10(np.sum(10 ** (0.8 * depths)))
-    measured = measured_depth(calexp, config)
-    metric = Metric("coadd 5-sigma depth - prediction", abs(measured - predicted), config.depth_goal, "mag", len(depths))
+    measured = measured_depth(calexp, config, where)
+    metric = _metric("coadd 5-sigma depth - prediction", abs(measured - predicted), config.depth_goal, "mag", len(depths))
     return metric, measured, predicted
 
 

@@ -1,0 +1,49 @@
+"""The coadd validation on a second field: another seed, centre and rotation, the ``rings`` sky map.
+
+A small run (2 CCDs, 3 HSC-R visits; the second has the satellite trail) from simulation through
+coadd validation with ``validation.strict`` true, so a missed coadd goal fails the run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.workflow
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 8 * 60  # s; about 4 minutes on 2 cores
+FIELD = "{seed: 7, ra: 10.0, dec: -30.0, rotation: 25.0, ccds: [0, 1], n_visits: 3, filters: [HSC-R]}"
+
+
+def test_second_field_with_rings_skymap_passes_coadd_validation(tmp_path, capsys):
+    repo = tmp_path / "field7"
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--config", f"repo={repo}", f"simulate={FIELD}",
+           "coadd.skymap.type=rings", "validation.strict=true"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the second field did not finish within {TIMEOUT} s:\n{err[-3000:]}")
+    report_path = repo / "rerun" / "ci" / "validation" / "coadd.json"
+    log = repo / "rerun" / "ci" / "logs" / "validate_coadd.log"
+    with capsys.disabled():
+        print("\n[second field: seed 7, RA 10, Dec -30, rotation 25, rings sky map]")
+        if log.exists():
+            print(*[line for line in log.read_text().splitlines() if "PASS" in line or "FAIL" in line], sep="\n")
+    assert proc.returncode == 0, f"snakemake failed:\n{err[-6000:]}"
+    report = json.loads(report_path.read_text())
+    assert report["strict"] is True
+    names = " ".join(m["name"] for m in report["metrics"])
+    for figure in ("trail", "CLIPPED", "noise", "FWHM", "positions", "magnitude", "depth"):
+        assert figure in names, f"no {figure} figure in {names}"
+    failed = [m for m in report["metrics"] if not m["passed"]]
+    assert failed == []
