@@ -262,3 +262,44 @@ def test_psf_scaled_filter_side():
     assert detection_kernel(40.0, config).shape == (config.filter_size_max,) * 2
     assert detection_kernel(4.2, DetectionConfig(filter_size=7)).shape == (7, 7)
     assert detection_kernel(4.2, DetectionConfig(filter_size=0)) is None
+
+
+def test_faint_star_in_a_bright_stars_wing_is_found_on_the_psf_subtracted_image():
+    # a S/N-15 star 2 FWHM from a star 1000 times brighter: sep keeps it inside the bright footprint
+    from snakedrp.meas.detect import ResidualDetectionConfig, detect_in_residual
+    from snakedrp.meas.psf_flux import psf_model_image
+    from snakedrp.repo.psf_model import GaussianPsf
+
+    rng = np.random.default_rng(11)
+    shape = (160, 160)
+    faint = _snr_to_flux(15.0)
+    x = np.array([80.0, 80.0 + 2 * 2.3548 * SIGMA_PSF, 30.0])
+    y = np.array([80.0, 80.3, 130.0])
+    flux = np.array([1000 * faint, faint, 300 * faint])       # the third: a bright star alone
+    image, var = _draw_stars(shape, x, y, flux, rng)
+    mask = np.zeros(shape, np.int32)
+    det = detect_sources(image, var, mask, psf_sigma=SIGMA_PSF)
+    near = lambda t, k: np.hypot(np.asarray(t["x"]) - x[k], np.asarray(t["y"]) - y[k]) < 1.5
+    assert not near(det.sources, 1).any()                      # the first pass misses it
+    bright = [int(np.argmin(np.hypot(det.sources["x"] - x[k], det.sources["y"] - y[k]))) for k in (0, 2)]
+    # the models of the two bright stars, 1 % too bright (a PSF model is never exact)
+    model = psf_model_image(GaussianPsf(SIGMA_PSF), shape, x[[0, 2]], y[[0, 2]], 1.01 * flux[[0, 2]])
+    found, rows = detect_in_residual(image - model, var, mask, model, det, det.sources["id"][bright],
+                                     psf_sigma=SIGMA_PSF)
+    new = found.sources[rows]
+    assert len(new) == 1 and near(new, 1).all()                # the hidden star, and no peak on the lone one
+    assert found.sources.meta["NRESID"][0] == 1
+    # it is a child of the bright star's footprint and owns its peak pixel
+    owner = found.sources[bright[0]]
+    assert new["parent"][0] == owner["parent"] > len(found.sources)
+    assert found.segmentation[int(new["y_peak"][0]), int(new["x_peak"][0])] == new["id"][0]
+    assert (found.mask[found.segmentation == new["id"][0]] & mask_bit("DETECTED")).all()
+    # without the neighbour's model nothing new is found: a peak must sit in a subtracted footprint
+    _, none = detect_in_residual(image - model, var, mask, model, det, det.sources["id"][[bright[1]]],
+                                 psf_sigma=SIGMA_PSF)
+    assert len(none) == 0
+    # with a 10 % model error the residual core is not a detection either
+    off = psf_model_image(GaussianPsf(SIGMA_PSF), shape, x[[0, 2]], y[[0, 2]], 0.9 * flux[[0, 2]])
+    found, rows = detect_in_residual(image - off, var, mask, off, det, det.sources["id"][bright], psf_sigma=SIGMA_PSF,
+                                     residual_config=ResidualDetectionConfig(model_error=0.1))
+    assert all(np.hypot(found.sources["x"][r] - x[[0, 2]], found.sources["y"][r] - y[[0, 2]]).min() > 3 for r in rows)

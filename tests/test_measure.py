@@ -414,3 +414,16 @@ def test_minimal_measurement_matches_full(star_field):
         np.testing.assert_array_equal(np.asarray(full[name]), np.asarray(small[name]), err_msg=name)
     assert np.isfinite(full["calib_flux"]).all() and np.isnan(small["calib_flux"]).all()
     assert np.asarray(small["kron_flag"]).all() and np.asarray(small["shape_flag"]).all()
+
+
+def test_psf_model_image_sums_the_models():
+    from snakedrp.meas.psf_flux import psf_model_image
+    from snakedrp.repo.psf_model import GaussianPsf
+
+    psf = GaussianPsf(2.0)
+    x, y, flux = np.array([20.3, 26.0, 0.5]), np.array([30.7, 31.0, 40.0]), np.array([1000.0, 500.0, 200.0])
+    image = psf_model_image(psf, (60, 50), x, y, flux)
+    assert image.shape == (60, 50)
+    assert abs(image[20:45, 10:40].sum() - 1500.0) < 1.0          # two whole models (overlapping boxes add)
+    assert 90.0 < image[:, :3].sum() < 110.0                       # the third is cut by the edge: half of it
+    assert np.unravel_index(np.argmax(image), image.shape) == (31, 20)

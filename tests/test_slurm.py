@@ -83,7 +83,7 @@ def test_every_job_ran_in_a_slurm_job(slurm_run):
     assert remote.get("process_ccd") == 24 and remote.get("simulate_raw", 0) > 24, finished
     inside = Counter()
     for _, _, log in slurm_run["submitted"]:
-        inside.update(EXECUTED_IN_SLURM.findall(Path(log).read_text()))
+        inside.update(EXECUTED_IN_SLURM.findall(Path(log).read_text(errors="replace")))
     assert dict(inside) == remote, f"jobs run inside Slurm jobs {dict(inside)} != finished in the main process {remote}"
 
 

@@ -54,7 +54,7 @@ class ApertureLossConfig(Config):
     max_stars: int = option(60, "Use at most this many of the brightest stars for the curve of growth", min=1)
     min_stars: int = option(3, "Fewest stars for a curve of growth; with fewer the aperture loss is 1 (and flagged)", min=1)
     tail_index: float = option(1.7, "Index g of the power-law wing of the curve of growth, C(inf) - C(r) ~ r**-g, fitted to each star's annuli with a local sky level and extrapolated beyond the last radius. Kolmogorov seeing alone gives 5/3, an Airy pattern alone 1; their convolution ~1.7 from 4 to 6 FWHM", min=0.5, max=5.0)
-    loss_max: float = option(0.2, "An aperture loss above this fraction (or below 0) is rejected as a failed curve of growth", min=0.0)
+    loss_max: float = option(0.2, "A total / calibration-aperture flux farther than this from 1 is rejected as a failed curve of growth", min=0.0)
 
 
 class ApCorrError(RuntimeError):
@@ -167,7 +167,7 @@ def measure_aperture_loss(image: np.ndarray, variance: np.ndarray, bad: np.ndarr
     -------
     ApertureLoss
         ``ApertureLoss.none()`` (factor 1, n_stars 0) with fewer than ``min_stars`` stars or a
-        loss outside ``[0, loss_max]``.
+        factor farther than ``loss_max`` from 1.
     """
     config = config or ApertureLossConfig()
     x, y = np.asarray(x, float), np.asarray(y, float)
@@ -231,7 +231,8 @@ def measure_aperture_loss(image: np.ndarray, variance: np.ndarray, bad: np.ndarr
     tail = float(np.median(loss_i * rel[ok][:, -1] ** -g))
     sky_term = float(np.median(-sky_i * aperture_area))
     loss = factor - 1.0
-    if not (0.0 <= loss <= config.loss_max) or not np.isfinite(loss):
+    # below 1 is possible: the local sky the aperture holds can outweigh the light beyond it
+    if not (abs(loss) <= config.loss_max) or not np.isfinite(loss):
         return ApertureLoss.none()
     radii = np.median(edges / radius[:, None], axis=0)[1:]
     return ApertureLoss(factor=factor, error=float(error), measured=measured, tail=tail,

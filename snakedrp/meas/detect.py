@@ -342,7 +342,7 @@ def remove_cosmic_ray_detections(detections: DetectionResult, image: np.ndarray,
     """Drop the detections that were cosmic rays, once they are found and repaired.
 
     A detection is a cosmic ray when its filtered peak pixel is CR-masked and, on the repaired
-    image, the PSF-filtered S/N there falls below the detection threshold. Its footprint pixels
+    image, the PSF-filtered S/N within a PSF sigma of it falls below the detection threshold. Its footprint pixels
     go back to sky in the segmentation (so they do not count as a neighbour of anything), the
     surviving children of a split parent are recounted, and the rest of the detection is kept:
     one detection pass serves characterization and calibration (the LSST stack detects twice).
@@ -380,7 +380,14 @@ def remove_cosmic_ray_detections(detections: DetectionResult, image: np.ndarray,
     kernel = detection_kernel(sigma, config)
     image, variance = np.asarray(image), np.asarray(variance)
     bad = unusable_pixels(image, variance, np.asarray(mask), config.bad_mask_planes)
-    snr = _filtered_snr(image, variance, bad, xpk[suspects], ypk[suspects], kernel)
+    # the best filtered S/N within a PSF sigma of the peak: a star hit by a cosmic ray keeps its
+    # detection even when the hit, not the star's centre, was the filtered image's peak
+    reach = int(math.ceil(sigma))
+    snr = np.full(len(suspects), -np.inf)
+    for dy in range(-reach, reach + 1):
+        for dx in range(-reach, reach + 1):
+            if dx * dx + dy * dy <= reach * reach:
+                snr = np.fmax(snr, _filtered_snr(image, variance, bad, xpk[suspects] + dx, ypk[suspects] + dy, kernel))
     drop = suspects[~(snr >= config.threshold)]
     if len(drop) == 0:
         return detections
