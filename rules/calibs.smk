@@ -2,12 +2,6 @@
 # constructFringe. They live under <repo>/CALIB and depend only on the calibs and ISR options.
 
 
-def calib_mem_mb(wildcards, input):
-    # measured on the hsc preset: 220-410 MB stacking 5 full-size frames; the stack grows by one
-    # 2048x4176 image (~35 MB) per frame, with room for temporaries
-    return 300 + 60 * len(input.raws)
-
-
 rule master_bias:
     input:
         raws=get_calib_raws("bias"),

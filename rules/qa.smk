@@ -5,56 +5,7 @@
 #   snakemake --cores 2 validate                  # metrics JSON, plots, truth validations
 #   snakemake --report report.html validate        # one self-contained HTML of all of it
 
-QA_DIR = RERUN_DIR / "qa"
-METRICS_JSON = str(RERUN_DIR / "validation" / "metrics.json")
-QA_VISITS = sorted({e["visit"] for e in SCIENCE})
-QA_HAS_TRUTH = SIMULATING or TRUTH_DIR.exists()
-
-
 report: "../report/workflow.rst"
-
-
-def qa_data_ids(exposures):
-    return [dict(visit=int(e["visit"]), ccd=int(e["ccd"]), filter=str(e["filter"])) for e in exposures]
-
-
-def get_qa_plot_inputs(wildcards):
-    inputs = {
-        "calexps": expand_exposures("calexp", SCIENCE),
-        "srcs": expand_exposures("src", SCIENCE),
-        "matches": expand_exposures("srcMatch", SCIENCE),
-        "camera": str(CAMERA_PATH),
-    }
-    if QA_HAS_TRUTH:
-        inputs["exposures"] = str(TRUTH_DIR / "exposures.fits")
-        inputs["objects"] = str(TRUTH_DIR / "objects.fits")
-        inputs["truth"] = [str(TRUTH_DIR / "sources" / f"truth-{e['visit']}-{e['ccd']}.fits") for e in SCIENCE]
-    return inputs
-
-
-def qa_coadd_wanted():
-    return bool(COADD_INPUTS) and (CFG.coadd.enabled or bool(COADD_IDS))
-
-
-def get_qa_coadd_inputs(wildcards):
-    return {"calexps": coadd_products("deepCoadd_calexp", coadd_patches()), "camera": str(CAMERA_PATH)}
-
-
-def qa_coadd_data_ids(wildcards):
-    return [dict(patch=str(p["patch"]), tract=int(p["tract"]), filter=str(p["filter"])) for p in coadd_patches()]
-
-
-def get_validate_targets(wildcards):
-    """What `validate` needs: the metrics, the plots, and the truth validations where truth exists."""
-    targets = [*([METRICS_JSON] if CFG.metrics.enabled else []), *rules.qa_plots.output]
-    targets += expand(rules.qa_psf_map.output.psf_map, visit=QA_VISITS)
-    if CFG.validation.enabled and QA_HAS_TRUTH:
-        targets.append(str(RERUN_DIR / "validation" / "single_frame.json"))
-    if qa_coadd_wanted():
-        targets += list(rules.qa_coadd_plots.output)
-        if coadd_validation_wanted():
-            targets.append(str(RERUN_DIR / "validation" / "coadd.json"))
-    return targets
 
 
 rule validate_metrics:

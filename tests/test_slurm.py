@@ -33,8 +33,8 @@ LOCAL_RULES = {"rerun_config", "all"}
 SUBMITTED = re.compile(r"^Job (\S+) has been submitted with SLURM jobid (\d+) \(log: (.+?)\)\.$", re.M)
 FINISHED = re.compile(r"^Finished jobid: \d+ \(Rule: (\w+)\)$", re.M)
 # Inside a Slurm job the plugin starts snakemake, which runs each job through srun in a nested
-# snakemake; that one runs it as a "localrule" block. One such block per job actually executed.
-EXECUTED_IN_SLURM = re.compile(r"^localrule (\w+):$", re.M)
+# snakemake; that one runs it as a "localrule" (or "localcheckpoint") block, one per job executed.
+EXECUTED_IN_SLURM = re.compile(r"^local(?:rule|checkpoint) (\w+):$", re.M)
 
 
 def slurm_not_ready() -> str | None:

@@ -9,6 +9,10 @@ children, and those children are the rows of the output. Positions are windowed 
 (SExtractor's XWIN/YWIN, Gaussian weight of the PSF's sigma), which for bright stars scatter
 several times less than isophotal barycentres.
 
+A second pass, :func:`detect_in_residual`, detects on the image with the bright point sources'
+PSF models subtracted: the faint stars in their wings, which the deblender never splits off
+(its smallest child is ``deblend_cont`` of the whole blend), become children of their footprints.
+
 The PSF width the filter needs comes from the exposure itself: :func:`estimate_psf_sigma` takes
 the adaptive moments of the brightest unsaturated peaks (a pass over the pixels above a high
 threshold, no filtering and no extraction) and returns the size of the stellar locus among them.

@@ -2,10 +2,15 @@
 
 As in the LSST CalibrateTask: take the sources characterization detected (or detect at 5 sigma
 on the characterized exposure and deblend, when run on its own or with ``redetect``),
-measure (centroids, apertures, PSF and Kron fluxes, shapes, flags), apply the aperture
-correction and the aperture loss measured by the curve of growth of the bright unresolved stars
-(:func:`snakedrp.meas.apcorr.measure_aperture_loss`; PSF fluxes of stars are then total fluxes), match to the reference catalog and fit a TAN-SIP WCS, then fit the zeropoint from
-matched unresolved stars and add calibrated magnitudes and sky coordinates to the catalog.
+measure (centroids, apertures, PSF and Kron fluxes, shapes, flags), find the faint sources hidden
+in bright point sources' footprints on the image with their PSF models subtracted
+(:func:`snakedrp.meas.detect.detect_in_residual`) and measure them with their neighbours' models
+subtracted, apply the aperture correction (its constant re-centred on the median of the src's
+bright unresolved stars) and the aperture loss measured by the curve of growth of those stars
+on the image less all point-source models (:func:`snakedrp.meas.apcorr.measure_aperture_loss`;
+PSF fluxes of stars are then total fluxes), match to the reference catalog and fit a TAN-SIP WCS,
+then fit the zeropoint from matched unresolved stars and add calibrated magnitudes and sky
+coordinates to the catalog.
 """
 from __future__ import annotations
 

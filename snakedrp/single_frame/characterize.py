@@ -3,9 +3,12 @@
 The order follows the LSST CharacterizeImageTask: subtract a first background, estimate the PSF
 width from the brightest unsaturated peaks (:func:`snakedrp.meas.detect.estimate_psf_sigma`, so
 the matched filter and the first-guess PSF follow the seeing; ``psf_fwhm_guess`` only seeds it),
-detect sources, re-estimate the background with their footprints masked, measure them with a
-Gaussian first-guess PSF of that width, select PSF stars on the size–flux locus
-(reserving a fraction for validation), build the spatially varying PSF model, find and repair
+detect sources, re-estimate the background with their footprints (grown by
+``background_grow_fwhm``) masked and subtract the mean left in the sky pixels
+(:func:`sky_mean_level`: the light of undetected sources, which a mode-type background leaves in),
+measure them with a Gaussian first-guess PSF of that width, select PSF stars on the size–flux locus
+(no smaller than ``psf_width_min_fraction`` of the estimate, so that cosmic rays cannot form the
+locus of a sparse field; reserving a fraction for validation), build the spatially varying PSF model, find and repair
 cosmic rays with that PSF, re-measure the PSF stars with the model and fit the aperture
 correction from PSF flux to the calibration aperture (the light beyond it, the aperture loss,
 is measured by calibration on every bright star). Unlike the LSST stack, the detection runs
@@ -60,6 +63,7 @@ class CharacterizeConfig(Config):
     estimate_psf_width: bool = option(True, "Estimate the PSF width from the brightest unsaturated peaks before detection (matched filter, first-guess PSF)? Otherwise psf_fwhm_guess is used")
     psf_width_peak_snr: float = option(30.0, "Peaks of the PSF-width estimate: pixels above this S/N", min=3.0)
     psf_width_n_peaks: int = option(60, "Peaks measured for the PSF-width estimate (brightest first)", min=5, max=1000)
+    psf_width_min_fraction: float = option(0.6, "PSF stars are at least this fraction of the estimated PSF FWHM (raises psf.fwhm_min for the exposure)", min=0.1, max=1.0)
     refine_background: bool = option(True, "Estimate the background again once the sources are detected, with their footprints masked, and subtract the difference?")
     subtract_sky_mean: bool = option(True, "... and subtract the mean level left in the pixels outside the grown footprints: the light of undetected sources and of wings beyond the footprints, which the background's mode estimate leaves in (~1 e- a pixel in a crowded field, a few per cent of a star in a 4-FWHM aperture at 1.5\" seeing)")
     background_grow_fwhm: float = option(1.0, "... the footprints grown by this many PSF FWHM for that estimate (the wings beyond a footprint raise the background, more so in bad seeing)", min=0.0, max=10.0)
@@ -130,9 +134,17 @@ class CharacterizeTask:
         image -= background.evaluate()
 
         sigma0 = cfg.psf_fwhm_guess / 2.3548
+        psf_config = cfg.psf
         if cfg.estimate_psf_width:
-            sigma0 = estimate_psf_sigma(image, variance, exposure.mask, fallback=sigma0,
-                                        peak_snr=cfg.psf_width_peak_snr, n_peaks=cfg.psf_width_n_peaks).sigma
+            estimate = estimate_psf_sigma(image, variance, exposure.mask, fallback=sigma0,
+                                          peak_snr=cfg.psf_width_peak_snr, n_peaks=cfg.psf_width_n_peaks)
+            sigma0 = estimate.sigma
+            if estimate.n_locus:
+                # in a sparse field the cosmic rays (not yet found) can outnumber the bright stars and
+                # form the smallest-size clump the star selection looks for: sources much smaller than
+                # the estimated PSF are not stars
+                psf_config = replace(cfg.psf, fwhm_min=max(cfg.psf.fwhm_min,
+                                                           cfg.psf_width_min_fraction * 2.3548 * sigma0))
         guess = GaussianPsf(sigma0)
         detections = detect_sources(image, variance, exposure.mask, cfg.detection, psf_sigma=guess.sigma)
         if len(detections.sources) == 0:
@@ -166,7 +178,7 @@ class CharacterizeTask:
                                   segmentation=detections.segmentation, footprints=detections.sources,
                                   bad=bad, minimal=True)
         try:
-            stars = select_psf_stars(sources, image, detections.mask, cfg.psf)
+            stars = select_psf_stars(sources, image, detections.mask, psf_config)
             psf_result = build_psf(image, variance, detections.mask, stars, cfg.psf)
         except PsfError as err:
             raise CharacterizeError(f"{where}: {err}") from None
