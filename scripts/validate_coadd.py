@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 def _worst(metrics, name, goal, unit):
     """The worst per-patch figure (NaN figures, e.g. a patch without trail pixels, are left out)."""
-    from snakedrp.validate.single_frame import Metric
+    from snakedrp.validate.figures import Metric
 
     finite = [m for m in metrics if np.isfinite(m.value)]
     if not finite:
@@ -53,9 +53,14 @@ def validate_patch(path, n_image_path, inputs_path, skymap, camera, objects, vis
     visit_depth = {int(r["visit"]): float(r["depth"]) for r in inputs}
     full = n_image >= len(visit_depth)
     out["depth"] = None
-    if full.mean() > 0.05:
+    ratio = stars["psf_ratio"][np.isfinite(stars["psf_ratio"])]
+    if full.mean() > 0.05 and len(ratio) == 0:
+        logger.info("%s tract=%d patch=%s: no depth figure (no star with a total flux to scale the PSF fluxes)",
+                    filt, tract, patch)
+    elif full.mean() > 0.05:
+        psf_ratio = float(np.median(ratio)) if len(ratio) else float("nan")
         out["depth"], out["depth_measured"], out["depth_predicted"] = depth_figure(
-            calexp, np.array(list(visit_depth.values())), config, where=full)
+            calexp, visit_depth, config, where=full, psf_ratio=psf_ratio)
     out["trail"] = []
     trail_visits = [r for r in visits if bool(r["satellite"]) and int(r["visit"]) in visit_depth]
     if trail_visits:

@@ -167,3 +167,19 @@ def test_with_astrometry_matches():
           f"(err {res.zeropoint_err:.4f}); {dt * 1e3:.1f} ms")
     assert abs(res.zeropoint - TRUE_ZP) < 0.003  # refcat mags carry 0.01 mag noise in make_field
     assert dt < 0.05
+
+
+def test_blended_stars_left_out_when_enough_remain():
+    # a third of the stars are deblended children whose PSF fluxes hold 2 % of a sibling's light
+    t, _ = make_matches(300, seed=4, outlier_fraction=0.0)
+    blended = np.zeros(len(t), bool)
+    blended[::3] = True
+    t["psf_flux"][blended] *= 1.02
+    t["is_blended"] = blended
+    with_blends = fit_zeropoint(t, PhotometryConfig(exclude_blended=False), band="r")
+    without = fit_zeropoint(t, PhotometryConfig(), band="r")
+    assert abs(without.zeropoint - TRUE_ZP) < 0.5 * abs(with_blends.zeropoint - TRUE_ZP)
+    assert without.n_used <= 200
+    # with too few unblended stars the blended ones are kept
+    few = fit_zeropoint(t, PhotometryConfig(min_blend_free=250), band="r")
+    assert few.n_used > 200

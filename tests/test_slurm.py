@@ -3,8 +3,8 @@
 Needs a running Slurm whose node is idle: CI starts a one-node cluster with .ci/slurm/start.sh
 (.ci/run); elsewhere the tests skip, saying why. The run goes to a temporary repository with the
 same config as the local demo (conftest.py), every Slurm job's log in a temporary directory. The
-checks: every job that runs a script ran inside a Slurm job (the Slurm job logs hold, per rule, as
-many executed jobs as the main log has finished ones), every Slurm job id of the main log
+checks: every job that runs a script ran inside a Slurm job (the Slurm job logs hold, per rule, at
+least as many executed jobs as the main log has finished ones), every Slurm job id of the main log
 completed according to Slurm (its job-completion log, or ``squeue --states=all``), and the products
 equal the local run's by data (pixels and table values, not headers or dates).
 """
@@ -28,12 +28,11 @@ pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
 
 SLURM_TIMEOUT = 30 * 60  # s; about 8 min on an idle 2-core machine
 JOBCOMP_LOG = Path("/var/log/slurm/jobcomp.log")
-# rules that run in the main snakemake process (localrule: True; `all` has nothing to run)
-LOCAL_RULES = {"rerun_config", "all"}
 SUBMITTED = re.compile(r"^Job (\S+) has been submitted with SLURM jobid (\d+) \(log: (.+?)\)\.$", re.M)
 FINISHED = re.compile(r"^Finished jobid: \d+ \(Rule: (\w+)\)$", re.M)
-# Inside a Slurm job the plugin starts snakemake, which runs each job through srun in a nested
-# snakemake; that one runs it as a "localrule" (or "localcheckpoint") block, one per job executed.
+# A job run in the process that prints the log is a "localrule" (or "localcheckpoint") block: in
+# the main log the local rules (rerun_config, all); inside a Slurm job, where the plugin's snakemake
+# runs each job through srun in a nested snakemake, every job that ran there.
 EXECUTED_IN_SLURM = re.compile(r"^local(?:rule|checkpoint) (\w+):$", re.M)
 
 
@@ -79,12 +78,14 @@ def slurm_run(tmp_path_factory) -> dict:
 
 def test_every_job_ran_in_a_slurm_job(slurm_run):
     finished = Counter(FINISHED.findall(slurm_run["log"]))
-    remote = {rule: n for rule, n in finished.items() if rule not in LOCAL_RULES}
+    remote = dict(finished - Counter(EXECUTED_IN_SLURM.findall(slurm_run["log"])))
     assert remote.get("process_ccd") == 24 and remote.get("simulate_raw", 0) > 24, finished
     inside = Counter()
     for _, _, log in slurm_run["submitted"]:
         inside.update(EXECUTED_IN_SLURM.findall(Path(log).read_text(errors="replace")))
-    assert dict(inside) == remote, f"jobs run inside Slurm jobs {dict(inside)} != finished in the main process {remote}"
+    # more inside than finished only where a failed attempt was retried (retries: 1)
+    missing = {rule: n - inside[rule] for rule, n in remote.items() if inside[rule] < n}
+    assert not missing, f"jobs finished without running in a Slurm job: {missing} (inside Slurm: {dict(inside)})"
 
 
 def test_slurm_saw_every_job_complete(slurm_run):

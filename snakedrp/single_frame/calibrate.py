@@ -20,7 +20,6 @@ import numpy as np
 from astropy.table import Table, vstack
 
 from snakedrp.meas.apcorr import ApCorrMap, ApertureLoss, ApertureLossConfig, measure_aperture_loss
-from snakedrp.meas.columns import flagged
 from snakedrp.calib.astrometry import AstrometryConfig, AstrometryError, match_and_fit
 from snakedrp.meas.detect import (DetectionConfig, DetectionResult, ResidualDetectionConfig, detect_in_residual,
                                   detect_sources, unusable_pixels)

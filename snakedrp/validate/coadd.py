@@ -1,7 +1,7 @@
 """Coadd figures against the simulator's truth (the issue's "must show" list).
 
 Each figure is a function of in-memory data (a coadd calexp, its PSF, truth tables) returning a
-:class:`~snakedrp.validate.single_frame.Metric`:
+:class:`~snakedrp.validate.figures.Metric`:
 
 - satellite trail gone: mean coadd flux on the trail's pixels (away from objects) vs. the same
   statistic on parallel control strips; pass within 3 sigma of the strips' scatter;
@@ -9,9 +9,13 @@ Each figure is a function of in-memory data (a coadd calexp, its PSF, truth tabl
 - coadd noise in empty pixels vs. the variance plane's prediction (before detect_coadd's rescaling);
 - coadd PSF model FWHM vs. the FWHM of bright isolated stars;
 - star positions vs. truth (RMS of the offsets, mas);
-- bright-star fluxes vs. truth (aperture flux corrected to total with the PSF model's curve of growth);
-- 5-sigma point-source depth (PSF fluxes at random empty positions) vs. the depth predicted from
-  the inputs' depths (``1 / sigma^2 = sum 1 / sigma_i^2``).
+- bright-star fluxes vs. truth: total fluxes measured on the coadd as the single frame calibrates
+  them (calibration-aperture flux without the neighbours' footprints, times the light beyond it from
+  a curve of growth of the coadd's bright stars), not from the PSF model, whose kernels are
+  normalised within a finite box and so lack the wings;
+- 5-sigma point-source depth (PSF-weighted fluxes at random empty positions, scaled to total flux
+  with the bright stars) vs. the depth predicted from the inputs' depths, the coadd's weights and
+  the inputs' PSFs on the coadd grid.
 """
 from __future__ import annotations
 
@@ -21,17 +25,16 @@ import numpy as np
 import sep
 from astropy.table import Table
 
-from snakedrp.pexconfig import Config, option
+from snakedrp.meas.apcorr import ApertureLossConfig, measure_aperture_loss
+from snakedrp.pexconfig import Config, option, subconfig
 from snakedrp.repo.exposure import Exposure, mask_bit, mask_bits
 from snakedrp.stamps import kernel_moments
+from snakedrp.validate.figures import Metric
 
 FWHM_PER_SIGMA = 2.3548
 
 
 def _metric(*args):
-    # imported here: single_frame's ValidateConfig holds CoaddValidateConfig (no import circle)
-    from snakedrp.validate.single_frame import Metric
-
     return Metric(*args)
 
 
@@ -48,7 +51,9 @@ class CoaddValidateConfig(Config):
     depth_goal: float = option(0.2, "Goal: |measured - predicted 5-sigma point-source depth| [mag]", min=0.0)
     star_mag_range: list[float] = option([17.5, 21.0], "Magnitudes of the bright stars used [AB mag]")
     isolation_fwhm: float = option(6.0, "A star is isolated without a brighter-than-+3-mag object within this many FWHM", min=1.0)
-    aperture_fwhm: float = option(3.0, "Aperture radius for the stars' fluxes [FWHM]", min=1.0)
+    aperture_fwhm: float = option(4.0, "Calibration-aperture radius of the stars' total fluxes [coadd PSF FWHM], as measure.calib_aperture_fwhm; the light beyond it comes from a curve of growth of the coadd's bright stars", min=1.0)
+    detect_nsigma: float = option(1.5, "Footprints of the neighbours left out of the stars' apertures and curve of growth: pixels above this many sigma [sigma]", min=0.5)
+    curve_of_growth: ApertureLossConfig = subconfig(ApertureLossConfig, "The curve of growth of the coadd's bright stars (as the single frame's, measure.aperture_loss)")
     n_depth_positions: int = option(3000, "Random empty positions for the depth measurement", min=100)
     seed: int = option(1, "Seed of the random positions", min=0)
 
@@ -163,9 +168,77 @@ def noise_figure(calexp: Exposure, config: CoaddValidateConfig):
     return _metric("coadd noise / variance prediction - 1", 100 * abs(robust - 1), config.noise_goal, "%", int(use.sum()))
 
 
+def neighbour_segmentation(calexp: Exposure, config: CoaddValidateConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Footprints of the coadd's sources (``sep.extract`` above ``detect_nsigma``) and its unusable pixels.
+
+    Returns
+    -------
+    segmentation : ndarray of int32, shape (ny, nx)
+        Source id per pixel (0: sky).
+    bad : ndarray of bool, shape (ny, nx)
+        NO_DATA, SAT, BAD, EDGE or CLIPPED pixels.
+    """
+    image = np.ascontiguousarray(np.nan_to_num(calexp.image), dtype=np.float32)
+    var = np.nan_to_num(calexp.variance, nan=0.0)
+    bad = ((calexp.mask & mask_bits("NO_DATA", "SAT", "BAD", "EDGE", "CLIPPED")) != 0) | ~(var > 0)
+    err = np.ascontiguousarray(np.sqrt(np.where(bad, 0.0, var)), dtype=np.float32)
+    sep.set_extract_pixstack(max(300000, image.size // 4))
+    sep.set_sub_object_limit(4096)
+    _, segmentation = sep.extract(image, config.detect_nsigma, err=err, mask=bad, minarea=5,
+                                  segmentation_map=True)
+    return np.ascontiguousarray(segmentation, dtype=np.int32), bad
+
+
+def clean_aperture_flux(image, variance, bad, segmentation, ids, x, y, radius: float):
+    """Aperture flux without the neighbours: other footprints' and bad pixels replaced by their ring's mean.
+
+    The disc is summed in 1-pixel rings (``sep.sum_circann``, which scales each ring by its
+    usable area), so a neighbour's pixels take the star's light at their radius, not the
+    aperture's mean.
+
+    Parameters
+    ----------
+    image, variance : ndarray, shape (ny, nx)
+    bad : ndarray of bool, shape (ny, nx)
+    segmentation : ndarray of int32, shape (ny, nx)
+    ids : ndarray of int
+        Each star's own footprint id.
+    x, y : ndarray
+        Zero-based centres [pixel].
+    radius : float
+        Aperture radius [pixel].
+
+    Returns
+    -------
+    flux, flux_err : ndarray
+        [image units].
+    """
+    data = np.ascontiguousarray(image, dtype=np.float32)
+    var = np.ascontiguousarray(variance, dtype=np.float32)
+    mask = np.ascontiguousarray(bad, dtype=np.uint8)
+    edges = np.concatenate([np.arange(0.0, radius, 1.0), [radius]])
+    flux, var_sum = np.zeros(len(x)), np.zeros(len(x))
+    for rin, rout in zip(edges[:-1], edges[1:]):
+        if rin == 0.0:
+            f, e, _ = sep.sum_circle(data, x, y, rout, var=var, mask=mask, segmap=segmentation, seg_id=ids, subpix=5)
+        else:
+            f, e, _ = sep.sum_circann(data, x, y, rin, rout, var=var, mask=mask, segmap=segmentation, seg_id=ids, subpix=5)
+        flux += f
+        var_sum += e**2
+    return flux, np.sqrt(var_sum)
+
+
 def star_measurements(calexp: Exposure, objects: Table, band: str, config: CoaddValidateConfig,
                       region: np.ndarray | None = None) -> dict:
     """Bright isolated stars on the coadd against the PSF model and truth.
+
+    The total flux of a star is measured as the single frame calibrates it (the zeropoint of the
+    warps is the calexps' total-flux zeropoint): its flux within ``aperture_fwhm`` coadd FWHM,
+    the neighbours' footprints left out, times the median total / aperture flux of the coadd's
+    bright stars from a curve of growth (:func:`snakedrp.meas.apcorr.measure_aperture_loss`:
+    a power-law wing plus a local sky level, fitted out to 10 FWHM). No truth and no PSF model
+    enter it: the model's kernels are normalised within a box of a few FWHM, so the light of
+    the wings beyond would be missing (12-19 mmag on the ``ci`` demo, with 3-FWHM apertures).
 
     Parameters
     ----------
@@ -177,21 +250,22 @@ def star_measurements(calexp: Exposure, objects: Table, band: str, config: Coadd
     -------
     dict of ndarray
         ``fwhm_ratio`` (model / star second-moment size), ``dra``, ``ddec`` [mas] (measured -
-        true), ``dmag`` [mag] (aperture magnitude corrected to total with the model - truth).
+        true), ``dmag`` [mag] (total magnitude - truth; NaN when the curve of growth had too
+        few stars), ``psf_ratio`` (PSF-kernel-weighted flux, as in :func:`measured_depth`,
+        over the total flux).
     """
     ny, nx = calexp.shape
     psf = calexp.psf
     fwhm = float(psf.fwhm((nx - 1) / 2, (ny - 1) / 2))
+    empty = dict(fwhm_ratio=np.zeros(0), dra=np.zeros(0), ddec=np.zeros(0), dmag=np.zeros(0), psf_ratio=np.zeros(0))
     keep, x, y, mag = _bright_isolated_stars(objects, band, calexp.wcs, calexp.shape, fwhm, config)
-    if region is not None:
-        keep = keep[region[np.round(y[keep]).astype(int), np.round(x[keep]).astype(int)]]
-    keep = keep[_usable(calexp, x[keep], y[keep], int(np.ceil(config.aperture_fwhm * fwhm)) + 1)]
+    radius = config.aperture_fwhm * fwhm
+    keep = keep[_usable(calexp, x[keep], y[keep], int(np.ceil(radius)) + 1)]
+    if len(keep) == 0:
+        return empty
     image = np.ascontiguousarray(np.nan_to_num(calexp.image), dtype=np.float32)
     var = np.ascontiguousarray(np.nan_to_num(calexp.variance, nan=0.0), dtype=np.float32)
     sigma = fwhm / FWHM_PER_SIGMA
-    empty = dict(fwhm_ratio=np.zeros(0), dra=np.zeros(0), ddec=np.zeros(0), dmag=np.zeros(0))
-    if len(keep) == 0:
-        return empty
     xw, yw, flag = sep.winpos(image, x[keep], y[keep], sigma)
     ok = (flag == 0) & (np.hypot(xw - x[keep], yw - y[keep]) < 1.0)
     keep, xw, yw = keep[ok], xw[ok], yw[ok]
@@ -201,23 +275,29 @@ def star_measurements(calexp: Exposure, objects: Table, band: str, config: Coadd
     dra = ((ra - np.asarray(objects["ra"], float)[keep] + 180.0) % 360.0 - 180.0) * np.cos(np.deg2rad(dec)) * 3.6e6
     ddec = (dec - np.asarray(objects["dec"], float)[keep]) * 3.6e6
 
-    ratios, corrections = [], []
-    r = config.aperture_fwhm * fwhm
+    segmentation, bad = neighbour_segmentation(calexp, config)
+    ids = segmentation[np.round(yw).astype(int), np.round(xw).astype(int)]
+    flux, flux_err = clean_aperture_flux(image, var, bad, segmentation, ids, xw, yw, radius)
+    loss = measure_aperture_loss(image, var, bad, segmentation, ids, xw, yw, np.full(len(xw), radius),
+                                 flux, flux_err, config.curve_of_growth)
+    total = flux * loss.factor if loss.n_stars > 0 else np.full(len(flux), np.nan)
+
+    kernel = psf.kernel((nx - 1) / 2, (ny - 1) / 2)
+    h = kernel.shape[0] // 2
+    ratios, psf_flux = [], []
     for xc, yc in zip(xw, yw):
         stamp, x0, y0 = psf.draw(xc, yc)
         n = stamp.shape[0]
-        data = image[y0:y0 + n, x0:x0 + n]
-        s_data, s_model = kernel_moments(data)[0], kernel_moments(stamp)[0]
-        ratios.append(s_model / s_data)
-        # fraction of the model inside the aperture, pixel centres (as the data's sum below)
-        inside, _, _ = sep.sum_circle(np.ascontiguousarray(stamp, np.float32), [xc - x0], [yc - y0], r, subpix=0)
-        corrections.append(float(inside[0]) / float(stamp.sum()))
-    flux, _, _ = sep.sum_circle(image, xw, yw, r, var=var, subpix=0)
-    total = flux / np.array(corrections)
+        inside = x0 >= 0 and y0 >= 0 and x0 + n <= nx and y0 + n <= ny
+        ratios.append(kernel_moments(stamp)[0] / kernel_moments(image[y0:y0 + n, x0:x0 + n])[0] if inside else np.nan)
+        ix, iy = int(round(xc)), int(round(yc))
+        box = image[iy - h:iy + h + 1, ix - h:ix + h + 1]
+        psf_flux.append(float((kernel * box).sum() / (kernel**2).sum()) if box.shape == kernel.shape else np.nan)
     true_flux = 10 ** (-0.4 * (mag[keep] - float(calexp.zeropoint)))
     with np.errstate(invalid="ignore", divide="ignore"):
         dmag = -2.5 * np.log10(total / true_flux)
-    return dict(fwhm_ratio=np.array(ratios), dra=dra, ddec=ddec, dmag=dmag)
+        psf_ratio = np.array(psf_flux) / total
+    return dict(fwhm_ratio=np.array(ratios), dra=dra, ddec=ddec, dmag=dmag, psf_ratio=psf_ratio)
 
 
 def star_metrics(stars: dict, config: CoaddValidateConfig, label: str = "") -> list:
@@ -238,11 +318,16 @@ def star_figures(calexp: Exposure, objects: Table, band: str, config: CoaddValid
     return star_metrics(star_measurements(calexp, objects, band, config), config)
 
 
-def measured_depth(calexp: Exposure, config: CoaddValidateConfig, where: np.ndarray | None = None) -> float:
-    """5-sigma point-source depth [AB mag] from PSF fluxes at random empty positions of the coadd.
+def measured_depth(calexp: Exposure, config: CoaddValidateConfig, where: np.ndarray | None = None,
+                   psf_ratio: float = 1.0) -> float:
+    """5-sigma point-source depth [AB mag] from PSF-weighted fluxes at random empty positions of the coadd.
 
     ``where`` (bool, shape (ny, nx)), if given, limits the positions' centres to those pixels
     (e.g. where every input covers the coadd, for a comparison with the inputs' depths).
+    ``psf_ratio`` is the same estimator's flux over the total flux of bright stars
+    (:func:`star_measurements`): the kernel, normalised within its box and placed at whole
+    pixels, recovers less than a star's total flux, so its noise is divided by it to be a
+    total-flux noise, as the inputs' depths are.
     """
     ny, nx = calexp.shape
     psf = calexp.psf
@@ -262,17 +347,56 @@ def measured_depth(calexp: Exposure, config: CoaddValidateConfig, where: np.ndar
         if len(fluxes) >= config.n_depth_positions:
             break
     fluxes = np.array(fluxes)
-    sigma = 1.4826 * np.median(np.abs(fluxes - np.median(fluxes)))
+    sigma = 1.4826 * np.median(np.abs(fluxes - np.median(fluxes))) / psf_ratio
     return float(calexp.zeropoint) - 2.5 * np.log10(5 * sigma)
 
 
-def depth_figure(calexp: Exposure, input_depths: np.ndarray, config: CoaddValidateConfig,
-                 where: np.ndarray | None = None):
-    """Measured coadd depth vs the prediction ``1 / sigma^2 = sum_i 1 / sigma_i^2`` from the inputs' 5-sigma depths."""
-    depths = np.asarray(input_depths, float)
-    predicted = 1.25 * np.log10(np.sum(10 ** (0.8 * depths)))
-    measured = measured_depth(calexp, config, where)
-    metric = _metric("coadd 5-sigma depth - prediction", abs(measured - predicted), config.depth_goal, "mag", len(depths))
+def predicted_depth(calexp: Exposure, visit_depths: dict, x: float, y: float) -> float:
+    """5-sigma depth [AB mag] of the coadd's PSF-weighted flux at ``(x, y)``, from its inputs' depths.
+
+    The coadd is ``sum_i w_i I_i / sum_i w_i`` with one weight per warp and input PSFs ``P_i``
+    (on the coadd grid, from the coadd PSF model); the estimator weights pixels by the coadd PSF
+    ``P``. Input ``i``'s pixel variance is ``s_i^2 = sigma_i^2 sum P_i^2`` (``sigma_i`` its
+    5-sigma depth / 5), and ``sigma^2 = sum_i w_i^2 s_i^2 sum P^2 / (sum_i w_i sum P P_i)^2``. With
+    equal PSFs and ``w_i = 1 / s_i^2`` it is ``1 / sigma^2 = sum_i 1 / sigma_i^2``; the weights
+    of different seeing make the coadd shallower than that optimum. Resampling correlates the
+    noise but keeps it on the PSF's scale, so the inputs' white-noise variances apply.
+    """
+    psf = calexp.psf
+    items = [i for i in psf.covering(x, y) if int(i.visit) in visit_depths]
+    if not items or not hasattr(psf, "input_kernel"):
+        depths = np.array(list(visit_depths.values()), float)
+        return float(1.25 * np.log10(np.sum(10 ** (0.8 * depths))))
+    zp = float(calexp.zeropoint)
+    kernels = [np.asarray(psf.input_kernel(i, x, y), float) for i in items]
+    kernels = [k / k.sum() for k in kernels]
+    coadd_kernel = sum(i.weight * k for i, k in zip(items, kernels))
+    coadd_kernel = coadd_kernel / coadd_kernel.sum()
+    sigma_i = np.array([10 ** (-0.4 * (visit_depths[int(i.visit)] - zp)) / 5 for i in items])
+    w = np.array([i.weight for i in items], float)
+    pixel_var = sigma_i**2 * np.array([np.sum(k**2) for k in kernels])
+    signal = np.sum(w * np.array([np.sum(coadd_kernel * k) for k in kernels]))
+    sigma = np.sqrt(np.sum(w**2 * pixel_var) * np.sum(coadd_kernel**2)) / signal
+    return zp - 2.5 * np.log10(5 * sigma)
+
+
+def depth_figure(calexp: Exposure, visit_depths: dict, config: CoaddValidateConfig,
+                 where: np.ndarray | None = None, psf_ratio: float = 1.0):
+    """Measured coadd depth (:func:`measured_depth`) vs :func:`predicted_depth` from the inputs' depths.
+
+    The prediction is made at the ``where`` pixel nearest the patch centre.
+    """
+    ny, nx = calexp.shape
+    if where is not None and where.any():
+        yy, xx = np.nonzero(where)
+        k = int(np.argmin(np.hypot(xx - (nx - 1) / 2, yy - (ny - 1) / 2)))
+        xc, yc = float(xx[k]), float(yy[k])
+    else:
+        xc, yc = (nx - 1) / 2, (ny - 1) / 2
+    predicted = predicted_depth(calexp, visit_depths, xc, yc)
+    measured = measured_depth(calexp, config, where, psf_ratio)
+    metric = _metric("coadd 5-sigma depth - prediction", abs(measured - predicted), config.depth_goal, "mag",
+                     len(visit_depths))
     return metric, measured, predicted
 
 

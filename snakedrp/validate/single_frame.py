@@ -24,6 +24,7 @@ from scipy.spatial import cKDTree
 from snakedrp.repo.exposure import Exposure, mask_bit
 from snakedrp.pexconfig import Config, option, subconfig
 from snakedrp.validate.coadd import CoaddValidateConfig
+from snakedrp.validate.figures import Metric
 from snakedrp.meas.columns import flagged
 from snakedrp.stamps import kernel_moments
 
@@ -56,27 +57,6 @@ class ValidateConfig(Config):
     coadd: CoaddValidateConfig = subconfig(CoaddValidateConfig, "Accuracy goals of the coadds (validate_coadd)")
 
 
-@dataclass(frozen=True)
-class Metric:
-    """One validation figure with its goal; ``passed`` when ``value`` is on the right side."""
-
-    name: str
-    value: float
-    goal: float
-    unit: str
-    n: int
-    higher_is_better: bool = False
-
-    @property
-    def passed(self) -> bool:
-        if not np.isfinite(self.value):
-            return False
-        return self.value >= self.goal if self.higher_is_better else self.value <= self.goal
-
-    def line(self) -> str:
-        rel = ">=" if self.higher_is_better else "<="
-        status = "PASS" if self.passed else "FAIL"
-        return f"{status} {self.name}: {self.value:.4g} {self.unit} (goal {rel} {self.goal:g}; n={self.n})"
 
 
 def match_sources(x_meas, y_meas, x_true, y_true, radius: float):
