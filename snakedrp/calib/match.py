@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from astropy.wcs import WCS
 from scipy.spatial import cKDTree
-from scipy.stats import poisson
 
 from snakedrp.calib.wcs_fit import (
     MAS_PER_DEG,
@@ -150,6 +149,8 @@ def _vote_search(sx, sy, model: RefModel, idx: np.ndarray, cfg: AstrometryConfig
     coarse_best = best
     # chance of so many pairs in the best of all blocks and trials if no pair were real
     n_blocks = (max(int(np.ceil(2 * max_off / coarse)), 2) - 1) ** 2
+    from scipy.stats import poisson  # here: scipy.stats costs ~1 s to import, and only the match needs it
+
     false_alarm = float(poisson.sf(best.count - 1, max(best.background, 1e-3))) * n_blocks * len(d3_grid) * len(rot_grid)
 
     # fine stage: around the coarse winner, a quarter of the steps and bins

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from astropy.table import Table
-from scipy.optimize import brentq
 
 from snakedrp.pexconfig import Config, ConfigError, option
 
@@ -125,6 +124,8 @@ def _extra_scatter(resid: np.ndarray, sig: np.ndarray) -> float:
         return 0.0
     f = lambda s: np.sum(resid**2 / (sig**2 + s**2)) - dof  # noqa: E731
     hi = float(np.sqrt(np.mean(resid**2))) + 1e-6
+    from scipy.optimize import brentq  # here: scipy.optimize costs ~0.3 s to import, for one root
+
     return float(brentq(f, 0.0, hi * 10.0, xtol=1e-7))
 
 
