@@ -53,14 +53,12 @@ def validate_patch(path, n_image_path, inputs_path, skymap, camera, objects, vis
     visit_depth = {int(r["visit"]): float(r["depth"]) for r in inputs}
     full = n_image >= len(visit_depth)
     out["depth"] = None
-    ratio = stars["psf_ratio"][np.isfinite(stars["psf_ratio"])]
-    if full.mean() > 0.05 and len(ratio) == 0:
-        logger.info("%s tract=%d patch=%s: no depth figure (no star with a total flux to scale the PSF fluxes)",
-                    filt, tract, patch)
-    elif full.mean() > 0.05:
-        psf_ratio = float(np.median(ratio)) if len(ratio) else float("nan")
+    if full.mean() > 0.05:
         out["depth"], out["depth_measured"], out["depth_predicted"] = depth_figure(
-            calexp, visit_depth, config, where=full, psf_ratio=psf_ratio)
+            calexp, visit_depth, stars, config, where=full)
+        if out["depth"] is None:
+            logger.info("%s tract=%d patch=%s: no depth figure (no star with a total flux to scale the PSF fluxes)",
+                        filt, tract, patch)
     out["trail"] = []
     trail_visits = [r for r in visits if bool(r["satellite"]) and int(r["visit"]) in visit_depth]
     if trail_visits:

@@ -24,7 +24,8 @@ FIELD = "{seed: 7, ra: 10.0, dec: -30.0, rotation: 25.0, ccds: [0, 1], n_visits:
 def test_second_field_with_rings_skymap_passes_coadd_validation(tmp_path, capsys):
     repo = tmp_path / "field7"
     cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--config", f"repo={repo}", f"simulate={FIELD}",
-           "coadd.skymap.type=rings", "validation.strict=true"]
+           # dotted options travel inside set= (snakemake --config takes identifiers only as keys)
+           "set=coadd.skymap.type=rings validation.strict=true"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -34,7 +35,7 @@ def test_second_field_with_rings_skymap_passes_coadd_validation(tmp_path, capsys
         out, err = proc.communicate()
         pytest.fail(f"the second field did not finish within {TIMEOUT} s:\n{err[-3000:]}")
     report_path = repo / "rerun" / "ci" / "validation" / "coadd.json"
-    log = repo / "rerun" / "ci" / "logs" / "validate_coadd.log"
+    log = repo / "rerun" / "ci" / "logs" / "validate_coadd" / "all.log"
     with capsys.disabled():
         print("\n[second field: seed 7, RA 10, Dec -30, rotation 25, rings sky map]")
         if log.exists():

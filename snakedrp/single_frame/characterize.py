@@ -39,9 +39,14 @@ from snakedrp.meas.psf_select import select_psf_stars
 def sky_mean_level(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, bad_mask_planes, clip: float = 5.0) -> float:
     """Mean of the background-subtracted pixels outside DETECTED and ``bad_mask_planes`` [electrons].
 
+    Rows are subsampled to about two million pixels.
+
     Pixels beyond ``clip`` sigma of their noise either way (hot pixels, left-over cosmic rays)
     are left out; the faint undetected sources that raise the mean are well within that.
     """
+    # every step-th row: a mean over a million pixels is precise to ~0.03 e- at 1000 e- of sky
+    step = max(1, image.shape[0] * image.shape[1] // 2_000_000)
+    image, variance, mask = image[::step], variance[::step], mask[::step]
     use = ~unusable_pixels(image, variance, mask, bad_mask_planes) & ((mask & mask_bit("DETECTED")) == 0)
     values = image[use]
     if values.size == 0:

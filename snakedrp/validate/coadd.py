@@ -251,13 +251,12 @@ def star_measurements(calexp: Exposure, objects: Table, band: str, config: Coadd
     dict of ndarray
         ``fwhm_ratio`` (model / star second-moment size), ``dra``, ``ddec`` [mas] (measured -
         true), ``dmag`` [mag] (total magnitude - truth; NaN when the curve of growth had too
-        few stars), ``psf_ratio`` (PSF-kernel-weighted flux, as in :func:`measured_depth`,
-        over the total flux).
+        few stars), ``x``, ``y`` [pixel] and ``total`` (total flux [coadd units]).
     """
     ny, nx = calexp.shape
     psf = calexp.psf
     fwhm = float(psf.fwhm((nx - 1) / 2, (ny - 1) / 2))
-    empty = dict(fwhm_ratio=np.zeros(0), dra=np.zeros(0), ddec=np.zeros(0), dmag=np.zeros(0), psf_ratio=np.zeros(0))
+    empty = {key: np.zeros(0) for key in ("fwhm_ratio", "dra", "ddec", "dmag", "x", "y", "total")}
     keep, x, y, mag = _bright_isolated_stars(objects, band, calexp.wcs, calexp.shape, fwhm, config)
     radius = config.aperture_fwhm * fwhm
     keep = keep[_usable(calexp, x[keep], y[keep], int(np.ceil(radius)) + 1)]
@@ -278,26 +277,23 @@ def star_measurements(calexp: Exposure, objects: Table, band: str, config: Coadd
     segmentation, bad = neighbour_segmentation(calexp, config)
     ids = segmentation[np.round(yw).astype(int), np.round(xw).astype(int)]
     flux, flux_err = clean_aperture_flux(image, var, bad, segmentation, ids, xw, yw, radius)
-    loss = measure_aperture_loss(image, var, bad, segmentation, ids, xw, yw, np.full(len(xw), radius),
-                                 flux, flux_err, config.curve_of_growth)
-    total = flux * loss.factor if loss.n_stars > 0 else np.full(len(flux), np.nan)
+    if config.curve_of_growth.enabled:
+        loss = measure_aperture_loss(image, var, bad, segmentation, ids, xw, yw, np.full(len(xw), radius),
+                                     flux, flux_err, config.curve_of_growth)
+        total = flux * loss.factor if loss.n_stars > 0 else np.full(len(flux), np.nan)
+    else:
+        total = flux
 
-    kernel = psf.kernel((nx - 1) / 2, (ny - 1) / 2)
-    h = kernel.shape[0] // 2
-    ratios, psf_flux = [], []
+    ratios = []
     for xc, yc in zip(xw, yw):
         stamp, x0, y0 = psf.draw(xc, yc)
         n = stamp.shape[0]
         inside = x0 >= 0 and y0 >= 0 and x0 + n <= nx and y0 + n <= ny
         ratios.append(kernel_moments(stamp)[0] / kernel_moments(image[y0:y0 + n, x0:x0 + n])[0] if inside else np.nan)
-        ix, iy = int(round(xc)), int(round(yc))
-        box = image[iy - h:iy + h + 1, ix - h:ix + h + 1]
-        psf_flux.append(float((kernel * box).sum() / (kernel**2).sum()) if box.shape == kernel.shape else np.nan)
     true_flux = 10 ** (-0.4 * (mag[keep] - float(calexp.zeropoint)))
     with np.errstate(invalid="ignore", divide="ignore"):
         dmag = -2.5 * np.log10(total / true_flux)
-        psf_ratio = np.array(psf_flux) / total
-    return dict(fwhm_ratio=np.array(ratios), dra=dra, ddec=ddec, dmag=dmag, psf_ratio=psf_ratio)
+    return dict(fwhm_ratio=np.array(ratios), dra=dra, ddec=ddec, dmag=dmag, x=xw, y=yw, total=total)
 
 
 def star_metrics(stars: dict, config: CoaddValidateConfig, label: str = "") -> list:
@@ -319,7 +315,7 @@ def star_figures(calexp: Exposure, objects: Table, band: str, config: CoaddValid
 
 
 def measured_depth(calexp: Exposure, config: CoaddValidateConfig, where: np.ndarray | None = None,
-                   psf_ratio: float = 1.0) -> float:
+                   psf_ratio: float = 1.0, at: tuple[float, float] | None = None) -> float:
     """5-sigma point-source depth [AB mag] from PSF-weighted fluxes at random empty positions of the coadd.
 
     ``where`` (bool, shape (ny, nx)), if given, limits the positions' centres to those pixels
@@ -327,11 +323,12 @@ def measured_depth(calexp: Exposure, config: CoaddValidateConfig, where: np.ndar
     ``psf_ratio`` is the same estimator's flux over the total flux of bright stars
     (:func:`star_measurements`): the kernel, normalised within its box and placed at whole
     pixels, recovers less than a star's total flux, so its noise is divided by it to be a
-    total-flux noise, as the inputs' depths are.
+    total-flux noise, as the inputs' depths are. The kernel is the coadd PSF at ``at``
+    (default the patch centre), which should lie in ``where``.
     """
     ny, nx = calexp.shape
     psf = calexp.psf
-    k = psf.kernel((nx - 1) / 2, (ny - 1) / 2)
+    k = psf.kernel(*(at if at is not None else ((nx - 1) / 2, (ny - 1) / 2)))
     n = k.shape[0]
     h = n // 2
     rng = np.random.default_rng(config.seed)
@@ -380,11 +377,31 @@ def predicted_depth(calexp: Exposure, visit_depths: dict, x: float, y: float) ->
     return zp - 2.5 * np.log10(5 * sigma)
 
 
-def depth_figure(calexp: Exposure, visit_depths: dict, config: CoaddValidateConfig,
-                 where: np.ndarray | None = None, psf_ratio: float = 1.0):
+def psf_flux_ratio(calexp: Exposure, kernel: np.ndarray, x, y, total) -> float:
+    """Median of the PSF-kernel-weighted flux (as :func:`measured_depth`, ``kernel`` at whole pixels) over the total flux of stars."""
+    h = kernel.shape[0] // 2
+    image = np.nan_to_num(calexp.image)
+    ratios = []
+    for xc, yc, f in zip(x, y, total):
+        ix, iy = int(round(xc)), int(round(yc))
+        box = image[max(iy - h, 0):iy + h + 1, max(ix - h, 0):ix + h + 1]
+        if box.shape == kernel.shape and np.isfinite(f) and f > 0:
+            ratios.append(float((kernel * box).sum() / (kernel**2).sum()) / f)
+    return float(np.median(ratios)) if ratios else float("nan")
+
+
+def depth_figure(calexp: Exposure, visit_depths: dict, stars: dict, config: CoaddValidateConfig,
+                 where: np.ndarray | None = None):
     """Measured coadd depth (:func:`measured_depth`) vs :func:`predicted_depth` from the inputs' depths.
 
-    The prediction is made at the ``where`` pixel nearest the patch centre.
+    Both use the coadd PSF at the ``where`` pixel nearest the patch centre (where every input
+    counts; the patch centre itself may lack one); the PSF-flux scale comes from the bright
+    ``stars`` (:func:`star_measurements`) in ``where``, or all of them if none is there.
+
+    Returns
+    -------
+    metric, measured, predicted
+        ``None, nan, nan`` without a star to scale the PSF fluxes.
     """
     ny, nx = calexp.shape
     if where is not None and where.any():
@@ -393,19 +410,20 @@ def depth_figure(calexp: Exposure, visit_depths: dict, config: CoaddValidateConf
         xc, yc = float(xx[k]), float(yy[k])
     else:
         xc, yc = (nx - 1) / 2, (ny - 1) / 2
+    kernel = calexp.psf.kernel(xc, yc)
+    x, y, total = (np.asarray(stars[key], float) for key in ("x", "y", "total"))
+    if where is not None and len(x):
+        inside = where[np.clip(np.round(y).astype(int), 0, ny - 1), np.clip(np.round(x).astype(int), 0, nx - 1)]
+        if np.isfinite(total[inside]).any():
+            x, y, total = x[inside], y[inside], total[inside]
+    psf_ratio = psf_flux_ratio(calexp, kernel, x, y, total)
+    if not np.isfinite(psf_ratio):
+        return None, float("nan"), float("nan")
     predicted = predicted_depth(calexp, visit_depths, xc, yc)
-    measured = measured_depth(calexp, config, where, psf_ratio)
+    measured = measured_depth(calexp, config, where, psf_ratio, at=(xc, yc))
     metric = _metric("coadd 5-sigma depth - prediction", abs(measured - predicted), config.depth_goal, "mag",
                      len(visit_depths))
     return metric, measured, predicted
-
-
-def input_depth(sky_e: float, read_noise_e: float, psf_image: np.ndarray, calexp_zp: float) -> float:
-    """5-sigma PSF depth of one input [AB mag]: sky-limited ``sigma^2 = (sky + rn^2) / sum(psf^2)`` at the calexp zeropoint."""
-    k = np.asarray(psf_image, float)
-    k = k / k.sum()
-    sigma = np.sqrt((sky_e + read_noise_e**2) / np.sum(k**2))
-    return float(calexp_zp) - 2.5 * np.log10(5 * sigma)
 
 
 def trail_pixels(visit_row, camera, wcs, shape, width_sigma: float = 1.5) -> np.ndarray:
