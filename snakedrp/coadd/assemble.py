@@ -161,7 +161,7 @@ class _LeaveOneOutMedian:
 
 
 def classify_footprints(labels: np.ndarray, index: np.ndarray, z: np.ndarray, protect: np.ndarray,
-                        config: AssembleConfig, keep: np.ndarray | None = None) -> np.ndarray:
+                        config: AssembleConfig) -> np.ndarray:
     """Which outlier footprints of ``warp - reference`` are artifacts, decided per footprint.
 
     A footprint is an artifact when it is elongated (a satellite or aircraft trail: the ratio of
@@ -180,9 +180,6 @@ def classify_footprints(labels: np.ndarray, index: np.ndarray, z: np.ndarray, pr
         S/N of warp - reference.
     protect : ndarray of bool, shape (h, w)
         Pixels of the reference's sources.
-    keep : ndarray of bool, shape (h, w), optional
-        Pixels where the reference cannot be trusted (near the edge of the other warps' coverage):
-        a compact footprint touching them is kept, an elongated one is still an artifact.
 
     Returns
     -------
@@ -214,10 +211,7 @@ def classify_footprints(labels: np.ndarray, index: np.ndarray, z: np.ndarray, pr
     peak = np.zeros(n_labels, bool)
     peak[lab[order][last]] = protect[yy[order][last], xx[order][last]]
     peak_on_source = peak[index]
-    touches_keep = np.zeros(n_labels, bool)
-    if keep is not None:
-        touches_keep[lab[keep[yy, xx]]] = True
-    return elongated | (~peak_on_source & ~touches_keep[index])
+    return elongated | ~peak_on_source
 
 
 def find_artifacts(image: np.ndarray, variance: np.ndarray, good: np.ndarray, config: AssembleConfig) -> np.ndarray:
@@ -274,10 +268,7 @@ def find_artifacts(image: np.ndarray, variance: np.ndarray, good: np.ndarray, co
         protect = smooth * np.sqrt(np.maximum(cover, 0.05)) / np.sqrt(var_ref * kernel_norm) > config.protect_threshold
         if config.protect_grow:
             protect = grow_mask(protect, int(config.protect_grow))
-        # where the other warps end (a CCD or coverage edge) the reference cannot show a source,
-        # so a compact footprint reaching there may be a star the reference shows only in part: kept
-        near_edge = grow_mask(n_other < max(config.clip_min_warps - 1, 1), int(config.clip_edge_distance))
-        artifact = classify_footprints(labels, hit, z, protect, config, keep=near_edge)
+        artifact = classify_footprints(labels, hit, z, protect, config)
         if not artifact.any():
             continue
         lookup = np.zeros(n_labels + 1, bool)

@@ -49,7 +49,6 @@ class AssembleConfig(Config):
     clip_min_warps: int = option(2, "Reject artifacts only where at least this many warps have data (with 2, the brighter one of a positive outlier pair is the artifact)", min=2)
     protect_threshold: float = option(5.0, "Reference sources: pixels where the reference, smoothed by a Gaussian of sigma 1.5 pixel, exceeds this S/N are never clipped [sigma]", min=0.5)
     protect_grow: int = option(4, "Grow the protected reference sources by this many pixels (covers seeing differences) [pixel]", min=0, max=50)
-    clip_edge_distance: int = option(20, "A compact outlier within this distance of the edge of the other warps' coverage is kept: the reference shows a star there only in part (2 FWHM at 1.5\" seeing) [pixel]", min=0, max=200)
     clip_elongation: float = option(4.0, "An outlier footprint whose second-moment axis ratio exceeds this is an artifact (a trail) wherever it lies", min=1.0)
     clip_min_length: float = option(15.0, "... if it is at least this long (a uniform bar's length from its major-axis moment) [pixel]", min=1.0)
     protect_ratio: float = option(10.0, "Inside an artifact footprint, reference-source pixels are clipped only where the excess exceeds this x the maximum of the reference less 3 sigma of its noise within protect_grow pixels: star cores differ by < (seeing ratio)^2 - 1, ~6 for 0.5\" vs 1.3\", a trail over a faint source by far more", min=0.0)
