@@ -46,8 +46,7 @@ def finish(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> str:
 
 
 def run(repo: Path, *args: str, cores: int = 2) -> str:
-    out = finish(snakemake(repo, *args, cores=cores))
-    return out
+    return finish(snakemake(repo, *args, cores=cores))
 
 
 def completed_run(repo: Path, *args: str, cores: int = 2) -> Path:
@@ -114,7 +113,7 @@ def test_kill_and_resume(stage, reference, tmp_path):
     killed_at = time.time()
     finished = _files_with_mtimes(repo, killed_at)
 
-    out = run(repo, "--unlock")
+    run(repo, "--unlock")
     resumed = snakemake(repo)
     out = finish(resumed)
     assert resumed.returncode == 0, f"the resumed run failed:\n{out[-4000:]}"
