@@ -33,3 +33,12 @@ def test_a_changed_pixel_value_or_missing_file_is_reported(tmp_path):
     assert compare_trees(tmp_path / "a", tmp_path / "c").different == ["calexp/c.fits", "src.parquet"]
     (tmp_path / "c" / "src.parquet").unlink()
     assert compare_trees(tmp_path / "a", tmp_path / "c").only_in_a == ["src.parquet"]
+
+
+def test_variable_length_array_columns_are_compared_row_by_row(tmp_path):
+    for name, last in (("a", 3.0), ("b", 3.0), ("c", 4.0)):
+        col = fits.Column(name="k", format="PD()", array=np.array([np.array([1.0, 2.0]), np.array([last])], dtype=object))
+        (tmp_path / name).mkdir()
+        fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns([col])]).writeto(tmp_path / name / "psf.fits")
+    assert compare_trees(tmp_path / "a", tmp_path / "b").ok
+    assert compare_trees(tmp_path / "a", tmp_path / "c").different == ["psf.fits"]

@@ -52,6 +52,8 @@ def _arrays_equal(a, b) -> bool:
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
+    if a.dtype.kind == "O":  # variable-length array columns: one array per row
+        return all(_arrays_equal(x, y) for x, y in zip(a.ravel(), b.ravel()))
     if a.dtype.kind in "fc":
         return bool(np.array_equal(a, b, equal_nan=True))
     return bool(np.array_equal(a, b))
