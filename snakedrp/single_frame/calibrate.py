@@ -295,6 +295,7 @@ class CalibrateTask:
             for name in sources.colnames:
                 sources[name][hidden] = again[name]
         sources["detected_in_residual"] = marker
+        sources["detected_in_residual"].unit = ""  # dimensionless, as every flag column
         sources["detected_in_residual"].description = ("Found on the image with the PSF models of bright point "
                                                        "sources subtracted (hidden in a brighter source's footprint)")
         sources.meta["NRESID"] = int(marker.sum())
