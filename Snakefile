@@ -22,7 +22,7 @@ wildcard_constraints:
     ccd=r"\d+",
     filter=r"[A-Za-z0-9_\-]+",
     tract=r"\d+",
-    patch=r"\d+,\d+",
+    patch=r"\d+_\d+",  # x_y: see snakedrp.repo.dataid.patch_in_path
 
 
 # A repository of real data has no simulation rules: without them Snakemake does not plan a

@@ -1,5 +1,5 @@
 # Deep coadds: make_skymap → make_overlaps (checkpoint) → make_warp → assemble_coadd → detect_coadd,
-# then validate_coadd. Coadds are per filter, tract and patch ("x,y"); warps per visit too.
+# then validate_coadd. Coadds are per filter, tract and patch ("x,y"; "x_y" in paths); warps per visit too.
 #
 # Keeping a re-run small when visits are added (rings sky map): make_skymap has no calexp input
 # for rings, so its file is never rewritten; a warp's inputs are only its visit's overlapping
@@ -60,7 +60,7 @@ rule make_warp:
         warp=warp_output(),
     params:
         tract=wildcard_int("tract"),
-        patch="{patch}",
+        patch=wildcard_patch,
         visit=wildcard_int("visit"),
         config=coadd_params("warp"),
     log:
@@ -87,7 +87,7 @@ rule assemble_coadd:
         inputs=butler_template("deepCoadd_inputs"),
     params:
         tract=wildcard_int("tract"),
-        patch="{patch}",
+        patch=wildcard_patch,
         config=coadd_params("assemble"),
     log:
         log_path("assemble_coadd", "filter", "tract", "patch"),

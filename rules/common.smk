@@ -280,6 +280,11 @@ def wildcard_int(name):
     return value
 
 
+def wildcard_patch(wildcards):
+    """Params function: the patch wildcard (path form ``x_y``) as a data ID spells it, ``x,y``."""
+    return dataid.patch_id(wildcards.patch)
+
+
 def warp_output():
     path = butler_template("deepCoadd_directWarp")
     return path if CFG.coadd.keep_warps else temp(path)
@@ -324,10 +329,10 @@ def patch_overlaps(filter_name):
 
 
 def _patch_visits(wildcards):
-    key = (int(wildcards.tract), wildcards.patch)
+    key = (int(wildcards.tract), dataid.patch_id(wildcards.patch))
     visits = patch_overlaps(wildcards.filter).get(key)
     if not visits:
-        raise ValueError(f"no {wildcards.filter} calexp touches tract {wildcards.tract} patch {wildcards.patch}")
+        raise ValueError(f"no {wildcards.filter} calexp touches tract {wildcards.tract} patch {key[1]}")
     return visits
 
 
@@ -335,7 +340,8 @@ def get_warp_calexps(wildcards):
     """The calexps of one visit that touch the patch (only those; a new visit's calexps are not here)."""
     ccds = _patch_visits(wildcards).get(int(wildcards.visit))
     if not ccds:
-        raise ValueError(f"visit {wildcards.visit} does not touch tract {wildcards.tract} patch {wildcards.patch}")
+        raise ValueError(f"visit {wildcards.visit} does not touch tract {wildcards.tract} "
+                         f"patch {dataid.patch_id(wildcards.patch)}")
     return [BUTLER.output_path("calexp", visit=int(wildcards.visit), ccd=c, filter=wildcards.filter) for c in ccds]
 
 

@@ -23,6 +23,7 @@ import pytest
 from astropy.table import Table
 
 from snakedrp.coadd.skymap import RingsSkyMap, format_patch
+from snakedrp.repo.dataid import patch_id
 from snakedrp.repo.butler import Butler
 from snakedrp.repo.exposure import Exposure
 from snakedrp.repo.registry import write_registry
@@ -169,9 +170,10 @@ def planned_jobs(proc) -> dict[str, list[dict]]:
         if not m:
             continue
         w = re.search(r"^\s+wildcards: (.*)$", block, re.M)
-        # wildcard values hold commas (patch=1,1): split before each "name="
-        pairs = re.findall(r"(\w+)=(.*?)(?=, \w+=|$)", w.group(1)) if w else []
-        jobs.setdefault(m.group(1), []).append(dict(pairs))
+        pairs = dict(re.findall(r"(\w+)=(.*?)(?=, \w+=|$)", w.group(1))) if w else {}
+        if "patch" in pairs:  # the path form x_y, as data IDs spell it (x,y)
+            pairs["patch"] = patch_id(pairs["patch"])
+        jobs.setdefault(m.group(1), []).append(pairs)
     return jobs
 
 

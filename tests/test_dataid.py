@@ -2,7 +2,7 @@
 import pytest
 from astropy.table import Table
 
-from snakedrp.repo.dataid import DataIdError, format_values, parse_id, parse_ids, select
+from snakedrp.repo.dataid import DataIdError, format_values, parse_id, parse_ids, patch_id, patch_in_path, select
 
 # The ci_hsc visits of the tutorial: HSC-R 903334..903346 (even), HSC-I 903986..904014.
 R_VISITS = [903334, 903336, 903338, 903342, 903344, 903346]
@@ -197,3 +197,12 @@ def test_patch_selection_compares_pairs_as_integers():
     assert select(rows, parse_ids(["tract=0 patch=0..1,1"]), what="patch") == rows[:2]
     with pytest.raises(DataIdError, match=r"patch=5,5 .* matches no patch; patches are 0,1, 1,1, 2,1"):
         select(rows, parse_ids(["patch=5,5"]), ("tract", "patch"), what="patch")
+
+
+def test_patch_path_form_has_no_comma_and_reads_back():
+    # Snakemake's --target-jobs (how a Slurm job learns its job) splits wildcard values on commas
+    assert patch_in_path("1,2") == "1_2" == patch_in_path("1_2")
+    assert patch_id("1_2") == "1,2" == patch_id("01,2")
+    assert [d["patch"] for d in parse_id("patch=1_2^0,3")] == ["1,2", "0,3"]
+    with pytest.raises(DataIdError, match="not x,y"):
+        patch_id("1-2")

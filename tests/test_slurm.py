@@ -26,11 +26,6 @@ from snakedrp.repo.compare import compare_trees
 
 pytestmark = [
     pytest.mark.slurm, pytest.mark.workflow,
-    # Known failure, found on the final tree: every make_warp job fails inside Slurm because the
-    # patch wildcard ("0,1") holds a comma, which Snakemake's --target-jobs encoding of a remote job
-    # splits on ("Unparsable value: '1\"'"); the single-frame stages go through Slurm. Fix: a
-    # comma-free patch wildcard in the paths (the data-ID syntax can keep "x,y").
-    pytest.mark.xfail(reason="patch wildcard with a comma breaks Snakemake's remote --target-jobs", strict=False),
 ]
 
 SLURM_TIMEOUT = 30 * 60  # s; about 8 min on an idle 2-core machine

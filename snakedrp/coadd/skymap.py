@@ -45,6 +45,7 @@ from spherical_geometry import vector
 from spherical_geometry.polygon import SphericalPolygon
 
 from snakedrp.pexconfig import Config, ConfigError, option
+from snakedrp.repo.dataid import DataIdError, patch_id
 from snakedrp.repo.io import write_text
 
 #: Version tag written into sky-map files.
@@ -324,11 +325,12 @@ def format_patch(index: tuple[int, int]) -> str:
 
 
 def parse_patch(text: str) -> tuple[int, int]:
-    """``"1,2"`` → ``(1, 2)``; :class:`SkyMapError` if malformed."""
-    parts = str(text).split(",")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise SkyMapError(f"patch {text!r} is not x,y (two non-negative integers, e.g. 1,1)")
-    return int(parts[0]), int(parts[1])
+    """``"1,2"`` (or the path form ``"1_2"``) → ``(1, 2)``; :class:`SkyMapError` if malformed."""
+    try:
+        x, y = patch_id(text).split(",")
+    except DataIdError as err:
+        raise SkyMapError(str(err)) from None
+    return int(x), int(y)
 
 
 def _grid_size(half_x: float, half_y: float, patch_inner: int) -> tuple[int, int]:

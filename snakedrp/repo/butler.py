@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import yaml
 
+from snakedrp.repo.dataid import patch_in_path
 from snakedrp.repo.io import write_hdulist, write_table, write_text
 
 #: Placeholders a template may use (the data-ID keys / Snakemake wildcards).
@@ -385,6 +386,8 @@ class Butler:
             text = str(value)
             if not text or "/" in text or text in (".", ".."):
                 raise ButlerError(f"data ID value {key}={value!r} cannot be part of a path")
+        if "patch" in data_id:
+            data_id = {**data_id, "patch": patch_in_path(data_id["patch"])}
         return dt.template.format(**data_id)
 
     def output_path(self, dataset_type: str, **data_id) -> str:

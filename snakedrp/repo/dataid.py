@@ -42,6 +42,7 @@ _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _INT = re.compile(r"-?\d+\Z")
 _RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)(?::(\d+))?\Z")
 _PAIR = re.compile(r"(\d+),(\d+)\Z")
+_PATCH_IN_PATH = re.compile(r"(\d+)_(\d+)\Z")
 
 
 class DataIdError(ValueError):
@@ -67,6 +68,23 @@ class DataId(dict):
         super().__init__(values)
         self.source = source if source is not None else format_id(self)
         self.explicit = frozenset(explicit)
+
+
+def patch_in_path(patch: str) -> str:
+    """A patch ``"x,y"`` as file names and Snakemake wildcards spell it: ``"x_y"``.
+
+    Why not the comma: a cluster job is told which job to run by Snakemake's ``--target-jobs
+    rule:key=value,key=value``, which splits on commas. Either spelling is accepted.
+    """
+    return patch_id(patch).replace(",", "_")
+
+
+def patch_id(text: str) -> str:
+    """A patch as a data ID spells it, ``"x,y"``, from either ``"x,y"`` or the path form ``"x_y"``."""
+    m = _PAIR.match(str(text).strip()) or _PATCH_IN_PATH.match(str(text).strip())
+    if not m:
+        raise DataIdError(f"patch {text!r} is not x,y (two non-negative integers, e.g. 1,1)")
+    return f"{int(m[1])},{int(m[2])}"
 
 
 def format_id(data_id: dict) -> str:
@@ -121,9 +139,12 @@ def _parse_value(key: str, text: str, source: str) -> tuple[list, list]:
                 f"malformed range {item!r} in id {source!r}; ranges are integers a..b or a..b:step"
                 + (" (patch blocks: x0..x1,y0..y1)" if key in PAIR_KEYS else "")
             )
-        elif key in PAIR_KEYS and not _PAIR.match(item):
-            raise DataIdError(f"{key} takes x,y pairs of integers (e.g. 1,1 or 0..2,0..2), got {item!r} "
-                              f"in id {source!r}")
+        elif key in PAIR_KEYS:
+            if not (_PAIR.match(item) or _PATCH_IN_PATH.match(item)):
+                raise DataIdError(f"{key} takes x,y pairs of integers (e.g. 1,1 or 0..2,0..2), got {item!r} "
+                                  f"in id {source!r}")
+            values.append(patch_id(item))
+            literal.append(patch_id(item))
         elif _INT.match(item):
             values.append(int(item))
             literal.append(int(item))
@@ -204,7 +225,7 @@ def _rows_as_dicts(rows) -> list[dict]:
 
 def _normalize(key: str, value, source: str):
     if key in PAIR_KEYS:
-        m = _PAIR.match(str(value).replace(" ", ""))
+        m = _PAIR.match(str(value).replace(" ", "")) or _PATCH_IN_PATH.match(str(value).replace(" ", ""))
         if m:
             return f"{int(m[1])},{int(m[2])}"  # "01,1" is patch 1,1
         return str(value)
