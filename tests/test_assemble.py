@@ -230,3 +230,52 @@ def test_compact_outlier_off_sources_is_clipped():
     result = assemble_coadd(warps)
     assert blob.sum() > 5
     assert ((result.coadd.mask & mask_bit("CLIPPED")) != 0)[blob].all()
+
+
+def _cut_coverage(warp, keep):
+    """The warp without data where ``keep`` is False (as beyond a CCD edge)."""
+    warp.image[~keep] = np.nan
+    warp.variance[~keep] = np.nan
+    warp.mask[~keep] |= mask_bit("NO_DATA")
+
+
+def test_star_at_the_edge_of_the_other_warps_coverage_keeps_its_wings():
+    # two warps (sharp and wide seeing); the sharp one's coverage ends 3 pixels short of each bright
+    # star's centre, so the reference of the wide one has the wing but not the core there
+    sky = make_sky(16, seed=2, margin=0.005)
+    warps, wcs, shape = _warps(sky, seeings=[1.2, 3.4], sky_vars=[20.0, 25.0])
+    ra, dec, flux = sky
+    x, y = wcs.all_world2pix(ra, dec, 0)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    covered = np.ones(shape, bool)
+    for xc, yc in zip(x, y):
+        covered &= ~((np.abs(yy - yc) < 25) & (xx > xc - 3) & (xx < xc + 25))
+    _cut_coverage(warps[0], covered)
+    result = assemble_coadd(warps)
+    clipped = (result.coadd.mask & mask_bit("CLIPPED")) != 0
+    for xc, yc in zip(x, y):
+        assert not clipped[np.hypot(xx - xc, yy - yc) < 2 * 2.3548 * 3.4].any()
+
+
+def test_trail_across_the_edge_of_the_other_warps_coverage_is_still_clipped():
+    # the same cut coverage; a trail in the wide-seeing warp crosses the edges: it stays an artifact
+    sky = make_sky(16, seed=2, margin=0.005)
+    warps, wcs, shape = _warps(sky, seeings=[1.2, 1.6, 3.4], sky_vars=[20.0, 30.0, 25.0], artifact_visit=2,
+                               artifact=_trail)
+    clean, _, _ = _warps(sky, seeings=[1.2, 1.6, 3.4], sky_vars=[20.0, 30.0, 25.0])
+    ra, dec, flux = sky
+    x, y = wcs.all_world2pix(ra, dec, 0)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    covered = np.ones(shape, bool)
+    for xc, yc in zip(x, y):
+        covered &= ~((np.abs(yy - yc) < 25) & (xx > xc - 3) & (xx < xc + 25))
+    for w in warps[:2]:
+        _cut_coverage(w, covered)
+    trail = np.nan_to_num(warps[2].image - clean[2].image) > 30.0
+    near_star = np.zeros(shape, bool)
+    for xc, yc in zip(x, y):
+        near_star |= np.hypot(xx - xc, yy - yc) < 2 * 2.3548 * 3.4
+    result = assemble_coadd(warps)
+    clipped = (result.coadd.mask & mask_bit("CLIPPED")) != 0
+    judged = trail & ~near_star & covered
+    assert judged.sum() > 200 and clipped[judged].mean() > 0.97

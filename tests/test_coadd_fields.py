@@ -21,8 +21,6 @@ TIMEOUT = 8 * 60  # s; about 4 minutes on 2 cores
 FIELD = "{seed: 7, ra: 10.0, dec: -30.0, rotation: 25.0, ccds: [0, 1], n_visits: 3, filters: [HSC-R]}"
 
 
-@pytest.mark.xfail(strict=True, reason="known miss: one 17.7 mag star at the edge of the coverage (patch 9,13, where "
-                   "only two warps overlap, one of them in part) gets CLIPPED pixels; every other figure passes")
 def test_second_field_with_rings_skymap_passes_coadd_validation(tmp_path, capsys):
     repo = tmp_path / "field7"
     cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--config", f"repo={repo}", f"simulate={FIELD}",

@@ -17,7 +17,10 @@ reference above ``protect_threshold``, grown by ``protect_grow``) is that source
 seeing (star cores differ by factors of several between 0.5" and 1.3") or by variability, and is
 kept. Within an artifact footprint, reference-source pixels are clipped only where the excess is
 far above what a seeing change could make (``protect_ratio``), so a trail is removed over faint
-sources but not over a star's core. A pixel that is an outlier in more than ``clip_max_epochs``
+sources but not over a star's core. Where the other warps' coverage ends inside a star, their
+reference lacks the core, and pieces of a wider-seeing warp's wing look like compact outliers off
+every source: they are kept when they lie on a compact source of the warp's own image peaking
+where the reference has no data (:func:`sources_beyond_reference`). A pixel that is an outlier in more than ``clip_max_epochs``
 warps is real (a variable region) and kept everywhere.
 
 Memory does not grow with the number of warps: a first pass reads each warp's variance (a
@@ -160,6 +163,43 @@ class _LeaveOneOutMedian:
         return 0.5 * (a + b), n_other
 
 
+def _label_moments(labels: np.ndarray, index: np.ndarray, z: np.ndarray, config: AssembleConfig):
+    """Per label of ``index``: whether it is elongated (a trail) and where its peak of ``z`` is.
+
+    Returns
+    -------
+    elongated : ndarray of bool, shape (len(index),)
+        Second-moment axis ratio above ``clip_elongation`` over at least ``clip_min_length`` pixels.
+    peak_y, peak_x : ndarray of int, shape (len(index),)
+        The pixel of each label's largest ``z``.
+    """
+    # moments by bincount over the labelled pixels only (ndimage.sum_labels scans the whole block)
+    yy, xx = np.nonzero(labels)
+    lab = labels[yy, xx]
+    n_labels = int(labels.max()) + 1
+    count = np.bincount(lab, minlength=n_labels)[index].astype(np.float64)
+
+    def mean(values):
+        return np.bincount(lab, weights=values, minlength=n_labels)[index] / count
+
+    xf, yf = xx.astype(np.float64), yy.astype(np.float64)
+    mx, my = mean(xf), mean(yf)
+    cxx = mean(xf * xf) - mx**2 + 1 / 12
+    cyy = mean(yf * yf) - my**2 + 1 / 12
+    cxy = mean(xf * yf) - mx * my
+    half_trace, root = 0.5 * (cxx + cyy), np.sqrt(0.25 * (cxx - cyy) ** 2 + cxy**2)
+    major, minor = half_trace + root, np.maximum(half_trace - root, 1 / 12)
+    length = np.sqrt(12 * major)                                  # a uniform bar's length [pixel]
+    elongated = (np.sqrt(major / minor) > config.clip_elongation) & (length >= config.clip_min_length)
+    # each label's peak: the last pixel of its label in (label, z) order
+    order = np.lexsort((z[yy, xx], lab))
+    last = np.flatnonzero(np.r_[lab[order][1:] != lab[order][:-1], True])
+    peak_y = np.zeros(n_labels, np.intp)
+    peak_x = np.zeros(n_labels, np.intp)
+    peak_y[lab[order][last]], peak_x[lab[order][last]] = yy[order][last], xx[order][last]
+    return elongated, peak_y[index], peak_x[index]
+
+
 def classify_footprints(labels: np.ndarray, index: np.ndarray, z: np.ndarray, protect: np.ndarray,
                         config: AssembleConfig) -> np.ndarray:
     """Which outlier footprints of ``warp - reference`` are artifacts, decided per footprint.
@@ -187,31 +227,62 @@ def classify_footprints(labels: np.ndarray, index: np.ndarray, z: np.ndarray, pr
     """
     if len(index) == 0:
         return np.zeros(0, bool)
-    # moments by bincount over the labelled pixels only (ndimage.sum_labels scans the whole block)
-    yy, xx = np.nonzero(labels)
-    lab = labels[yy, xx]
-    n_labels = int(labels.max()) + 1
-    count = np.bincount(lab, minlength=n_labels)[index].astype(np.float64)
+    elongated, peak_y, peak_x = _label_moments(labels, index, z, config)
+    return elongated | ~protect[peak_y, peak_x]
 
-    def mean(values):
-        return np.bincount(lab, weights=values, minlength=n_labels)[index] / count
 
-    xf, yf = xx.astype(np.float64), yy.astype(np.float64)
-    mx, my = mean(xf), mean(yf)
-    cxx = mean(xf * xf) - mx**2 + 1 / 12
-    cyy = mean(yf * yf) - my**2 + 1 / 12
-    cxy = mean(xf * yf) - mx * my
-    half_trace, root = 0.5 * (cxx + cyy), np.sqrt(0.25 * (cxx - cyy) ** 2 + cxy**2)
-    major, minor = half_trace + root, np.maximum(half_trace - root, 1 / 12)
-    length = np.sqrt(12 * major)                                  # a uniform bar's length [pixel]
-    elongated = (np.sqrt(major / minor) > config.clip_elongation) & (length >= config.clip_min_length)
-    # each footprint's peak: the last pixel of its label in (label, z) order
-    order = np.lexsort((z[yy, xx], lab))
-    last = np.flatnonzero(np.r_[lab[order][1:] != lab[order][:-1], True])
-    peak = np.zeros(n_labels, bool)
-    peak[lab[order][last]] = protect[yy[order][last], xx[order][last]]
-    peak_on_source = peak[index]
-    return elongated | ~peak_on_source
+def sources_beyond_reference(labels: np.ndarray, index: np.ndarray, image: np.ndarray, variance: np.ndarray,
+                             good: np.ndarray, unseen: np.ndarray, config: AssembleConfig) -> np.ndarray:
+    """Which outlier footprints belong to a compact source of the warp itself that the reference cannot see.
+
+    At the edge of the other warps' coverage the reference has a star's wing but not its core:
+    the wing of a warp with worse seeing then stands out from the reference in pieces cut off
+    from the core, each peaking off the reference's sources, and would be taken for cosmic rays.
+    Such a piece is kept when it lies on a source of the warp's *own* image (PSF-smoothed S/N
+    above ``protect_threshold``, grown by ``protect_grow``) that is compact (not elongated like a
+    trail, which stays an artifact) and peaks where the reference has no data.
+
+    Parameters
+    ----------
+    labels : ndarray of int, shape (h, w)
+        Outlier footprint labels (0: none).
+    index : ndarray of int
+        The labels to test.
+    image, variance : ndarray, shape (h, w)
+        The warp's rows.
+    good : ndarray of bool, shape (h, w)
+        The warp's usable pixels.
+    unseen : ndarray of bool, shape (h, w)
+        Usable pixels of the warp where the reference has too few warps to be compared with.
+
+    Returns
+    -------
+    ndarray of bool, shape (len(index),)
+    """
+    keep = np.zeros(len(index), bool)
+    if len(index) == 0 or not unseen.any():
+        return keep
+    sigma = 1.5                                                     # the same PSF-scale smoothing [pixel]
+    kernel_norm = 1.0 / (4 * np.pi * sigma**2)
+    cover = np.maximum(ndimage.gaussian_filter(good.astype(np.float32), sigma, mode="nearest"), 0.05)
+    smooth = ndimage.gaussian_filter(np.where(good, image, 0.0).astype(np.float32), sigma, mode="nearest") / cover
+    noise = np.sqrt(np.where(good, variance, np.inf) * kernel_norm / cover)
+    snr = np.where(good, smooth / noise, 0.0)
+    own, n_own = ndimage.label(snr > config.protect_threshold, structure=np.ones((3, 3), bool))
+    if n_own == 0:
+        return keep
+    components = np.arange(1, n_own + 1)
+    elongated, peak_y, peak_x = _label_moments(own, components, snr, config)
+    compact_unseen = np.zeros(n_own + 1, bool)
+    compact_unseen[components] = ~elongated & unseen[peak_y, peak_x]
+    if not compact_unseen.any():
+        return keep
+    region = compact_unseen[own]
+    if config.protect_grow:
+        region = grow_mask(region, int(config.protect_grow))
+    on_region = np.zeros(int(labels.max()) + 1, bool)
+    on_region[np.unique(labels[region & (labels > 0)])] = True
+    return on_region[index]
 
 
 def find_artifacts(image: np.ndarray, variance: np.ndarray, good: np.ndarray, config: AssembleConfig) -> np.ndarray:
@@ -269,6 +340,10 @@ def find_artifacts(image: np.ndarray, variance: np.ndarray, good: np.ndarray, co
         if config.protect_grow:
             protect = grow_mask(protect, int(config.protect_grow))
         artifact = classify_footprints(labels, hit, z, protect, config)
+        unseen = good[k] & ~use
+        if artifact.any() and unseen.any():
+            artifact[artifact] = ~sources_beyond_reference(labels, hit[artifact], image[k], variance[k], good[k],
+                                                           unseen, config)
         if not artifact.any():
             continue
         lookup = np.zeros(n_labels + 1, bool)
