@@ -26,6 +26,9 @@ def main(inputs, outputs, params, log_path):
     except ValueError as err:
         logger.error("assemble_coadd %s: %s", where, err)
         raise SystemExit(f"assemble_coadd {where}: {err}") from None
+    for k in result.dropped:
+        logger.warning("assemble_coadd %s: %s: no usable pixel (all masked or no data): left out of the coadd",
+                       where, inputs.warps[k])
     cards = provenance_cards("coadd.assemble", config)
     coadd = result.coadd
     coadd.metadata["TRACT"] = (int(params.tract), "tract of the patch")
@@ -39,7 +42,7 @@ def main(inputs, outputs, params, log_path):
     for key, value, _ in cards:
         result.inputs.meta[key] = value
     write_table(result.inputs, outputs.inputs)
-    logger.info("%s: %d warps (%s), %d pixels clipped, median n_image %d", where, len(warps),
+    logger.info("%s: %d warps (%s), %d pixels clipped, median n_image %d", where, len(warps) - len(result.dropped),
                 ", ".join(f"{r['visit']}: w={r['weight']:.3g}" for r in result.inputs),
                 coadd.metadata["NCLIPPED"], int(sorted(result.n_image.ravel())[result.n_image.size // 2]))
 

@@ -279,3 +279,18 @@ def test_trail_across_the_edge_of_the_other_warps_coverage_is_still_clipped():
     clipped = (result.coadd.mask & mask_bit("CLIPPED")) != 0
     judged = trail & ~near_star & covered
     assert judged.sum() > 200 and clipped[judged].mean() > 0.97
+
+
+def test_warp_without_usable_pixels_is_left_out_not_fatal():
+    sky = make_sky(4, seed=1)
+    warps, wcs, shape = _warps(sky, seeings=[1.2, 1.6, 2.0], sky_vars=[20.0, 30.0, 25.0])
+    _cut_coverage(warps[1], np.zeros(shape, bool))           # e.g. a CCD masked whole (saturated, NaN amps)
+    result = assemble_coadd(warps)
+    assert result.dropped == (1,)
+    assert sorted(result.inputs["visit"]) == [1, 3] and result.coadd.metadata["NWARP"] == 2
+    expected = assemble_coadd([warps[0], warps[2]])
+    np.testing.assert_array_equal(result.coadd.image, expected.coadd.image)
+    _cut_coverage(warps[0], np.zeros(shape, bool))
+    _cut_coverage(warps[2], np.zeros(shape, bool))
+    with pytest.raises(ValueError, match="none of the 3 warps has a usable pixel"):
+        assemble_coadd(warps)

@@ -61,11 +61,15 @@ class AssembleResult:
     inputs : Table
         One row per input CCD (visit, ccd, weight) with the warp's clipped-mean variance and its
         number of clipped pixels.
+    dropped : tuple of int
+        Indices (into the warps given) of the warps left out because no pixel of theirs is usable
+        (all masked or no data): such a warp must not stop the coadd of the others.
     """
 
     coadd: Exposure
     n_image: np.ndarray
     inputs: Table
+    dropped: tuple[int, ...] = ()
 
 
 class _SectionPlane:
@@ -399,12 +403,15 @@ def assemble_coadd(warps: Sequence[Exposure], *, config: AssembleConfig | None =
     for w in warps:
         if _shape(w) != (ny, nx):
             raise ValueError(f"warps have different shapes: {_shape(w)} and {(ny, nx)}")
-    n = len(warps)
 
-    # pass 1: one weight per warp
+    # pass 1: one weight per warp; a warp without usable pixels is left out
     mean_var = np.array([warp_variance(w, config) for w in warps])
-    if not np.all(np.isfinite(mean_var) & (mean_var > 0)):
-        raise ValueError(f"a warp has no usable pixels (clipped-mean variances {mean_var})")
+    usable = np.isfinite(mean_var) & (mean_var > 0)
+    dropped = tuple(int(k) for k in np.flatnonzero(~usable))
+    if not usable.any():
+        raise ValueError(f"none of the {len(warps)} warps has a usable pixel (all masked or no data)")
+    warps, mean_var = [w for w, ok in zip(warps, usable) if ok], mean_var[usable]
+    n = len(warps)
     weights = 1.0 / mean_var
 
     # pass 2: blocks of rows of all warps
@@ -467,7 +474,7 @@ def assemble_coadd(warps: Sequence[Exposure], *, config: AssembleConfig | None =
     metadata["COADDWT"] = ("1/clipped-mean variance per warp", "coadd weights")
     coadd = Exposure(image=image, mask=mask, variance=variance, wcs=warps[0].wcs, psf=psf,
                      zeropoint=zeropoints.pop() if zeropoints else None, zeropoint_err=0.0, metadata=metadata)
-    return AssembleResult(coadd=coadd, n_image=n_image, inputs=inputs)
+    return AssembleResult(coadd=coadd, n_image=n_image, inputs=inputs, dropped=dropped)
 
 
 def _inputs_table(rows: list[dict]) -> Table:
