@@ -14,7 +14,7 @@ import pytest
 from astropy.table import Table
 
 from snakedrp.calib.astrometry import AstrometryConfig, AstrometryError, match_and_fit
-from snakedrp.calib.wcs_fit import angular_separation_mas, world_to_pixel_sip
+from snakedrp.calib.wcs_fit import angular_separation_mas, gnomonic, inverse_gnomonic, world_to_pixel_sip
 from snakedrp.repo.camera import Camera
 
 CAMERAS = Path(__file__).resolve().parents[1] / "config" / "cameras"
@@ -267,3 +267,73 @@ def test_too_few_sources():
     sources["flag_saturated"][5:] = True
     with pytest.raises(AstrometryError, match="usable sources"):
         match_and_fit(sources, refcat, guess, shape=cam.ccd_shape)
+
+
+# ------------------------------------------------------------------ on the camera's distortion
+def camera_guess(cam: Camera, guess, truth):
+    """The camera's initial WCS (distortion included) at the guess's pointing and rotation."""
+    return cam.initial_wcs(truth["ccd"], *guess.wcs.crval, truth["rot0"] + 0.015)
+
+
+@pytest.mark.parametrize("name, ccd", [("ci", 0), ("hsc", 7)])
+def test_initial_wcs_is_the_camera_model(name, ccd):
+    cam = camera(name)
+    ny, nx = cam.ccd_shape
+    gx, gy = (g.ravel().astype(float) for g in np.mgrid[0:nx:128, 0:ny:128])
+    ra_t, dec_t = cam.pixel_to_sky(ccd, gx, gy, 150.0, 2.0, 30.0)
+    ra, dec = cam.initial_wcs(ccd, 150.0, 2.0, 30.0).all_pix2world(gx, gy, 0)
+    assert np.max(angular_separation_mas(ra, dec, ra_t, dec_t)) < 1e-3  # the SIP is the model, exactly
+    ra, dec = cam.nominal_wcs(ccd, 150.0, 2.0, 30.0).all_pix2world(gx, gy, 0)
+    assert np.max(angular_separation_mas(ra, dec, ra_t, dec_t)) > 1000.0  # the raw header's WCS lacks it
+
+
+def test_sparse_field_on_the_camera_distortion():
+    """~15 matches (a high-latitude CCD): the camera model leaves 4 parameters to the stars."""
+    cam = camera("ci")
+    sources, refcat, guess, truth = make_field(cam, 0, n_stars=24, seed=26)
+    result = match_and_fit(sources, refcat, camera_guess(cam, guess, truth), AstrometryConfig(), shape=cam.ccd_shape)
+    assert 12 <= result.n_matches <= 18
+    assert result.kept_guess_distortion and result.fit_parameters == 4  # shift, rotation, scale
+    assert result.forward_error_px < 1e-6  # an affine correction of a cubic distortion is a cubic SIP
+    # 10 mas per axis of reference error (14 mas per star) over ~15 stars, 2 parameters per axis:
+    # ~5 mas expected; 8 leaves room for the corners' extrapolation
+    assert rms(wcs_error_mas(cam, result.wcs, truth)) < 8.0
+    # from the raw header's TAN, the stars must fit the distortion too, and 15 are too few
+    tan = match_and_fit(sources, refcat, guess, AstrometryConfig(), shape=cam.ccd_shape)
+    assert rms(wcs_error_mas(cam, tan.wcs, truth)) > 30.0
+
+
+def test_order_1_does_not_crash():
+    cam = camera("ci")
+    sources, refcat, guess, truth = make_field(cam, 0, n_stars=400, seed=3)
+    cfg = AstrometryConfig(sip_order=1)
+    # from a TAN guess, order 1 cannot hold the distortion: a plain TAN WCS, ~0.1-0.2" off at the corners
+    tan = match_and_fit(sources, refcat, guess, cfg, shape=cam.ccd_shape)
+    assert tan.sip_order == 1 and tan.wcs.sip is None
+    assert rms(wcs_error_mas(cam, tan.wcs, truth)) < 300.0
+    # on the camera's distortion, order 1 is all that is needed
+    result = match_and_fit(sources, refcat, camera_guess(cam, guess, truth), cfg, shape=cam.ccd_shape)
+    assert result.fit_order == 1 and result.sip_order == 3
+    assert rms(wcs_error_mas(cam, result.wcs, truth)) < 3.0  # 10 mas refs over ~240 stars: ~1.5 mas
+
+
+def test_linear_term_beyond_the_camera_model_is_fitted():
+    """A squeeze along eta the camera model does not know (as differential refraction makes):
+    the F-test takes the affine correction."""
+    cam = camera("ci")
+    sources, refcat, guess, truth = make_field(cam, 0, n_stars=400, seed=3)
+    squeeze = 3e-4  # 54 mas across the CCD's 0.1 deg
+    ra0, dec0 = truth["ra0"], truth["dec0"]
+
+    def squeezed(ra, dec):
+        xi, eta = gnomonic(ra, dec, ra0, dec0)
+        return inverse_gnomonic(xi, eta * (1.0 - squeeze), ra0, dec0)
+
+    refcat["ra"], refcat["dec"] = squeezed(np.asarray(refcat["ra"]), np.asarray(refcat["dec"]))
+    result = match_and_fit(sources, refcat, camera_guess(cam, guess, truth), AstrometryConfig(), shape=cam.ccd_shape)
+    assert result.fit_parameters >= 6
+    ny, nx = cam.ccd_shape
+    gx, gy = (g.ravel().astype(float) for g in np.mgrid[0:nx:64, 0:ny:64])
+    ra_t, dec_t = squeezed(*cam.pixel_to_sky(0, gx, gy, ra0, dec0, truth["rot0"]))
+    ra_f, dec_f = result.wcs.all_pix2world(gx, gy, 0)
+    assert rms(angular_separation_mas(ra_f, dec_f, ra_t, dec_t)) < 3.0

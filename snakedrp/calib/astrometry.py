@@ -2,22 +2,33 @@
 
 The steps follow the LSST AstrometryTask (matchOptimisticB, then a fitted TAN-SIP):
 
-1. Reference stars are placed on the CCD with the guess WCS (the raw header's nominal TAN,
-   1–2 arcsec off, slightly rotated and without the optical distortion).
+1. Reference stars are placed on the CCD with the guess WCS: the camera's initial TAN-SIP
+   (``Camera.initial_wcs``: pointing, camera geometry and optical distortion) or a raw header's
+   nominal TAN, without the distortion; either 1–2 arcsec off and slightly rotated.
 2. Pattern match: for the brightest sources and reference stars, every source–reference pair
    within ``max_offset`` votes for its pixel offset in a 2-D histogram. The winning bin holds
    the true pairs. Trials over a grid of rotations and of radial distortions
-   ``theta = rho (1 + d3 rho^2)`` about the guess's tangent point (the optical axis in raw
-   headers; the guess omits the distortion, which reaches tens of arcsec on the outer CCDs of
-   a wide camera) keep the true pairs in one bin; a coarse then a fine grid is searched.
+   ``theta = rho (1 + d3 rho^2)`` about the guess's tangent point (the optical axis; a nominal
+   TAN guess omits the distortion, which reaches tens of arcsec on the outer CCDs of a wide
+   camera) keep the true pairs in one bin; a coarse then a fine grid is searched.
 3. Nearest-neighbour matching (``scipy.spatial.cKDTree``) in the tangent plane, with a radius
    shrinking to ``match_radius``, alternating with the fit and sigma-clipping.
-4. TAN-SIP fit: CRPIX at the CCD centre; the tangent-plane coordinates ``(xi, eta)`` of the
-   reference stars about CRVAL are a weighted linear least-squares polynomial of order
-   ``sip_order`` in the pixel offsets; the constant terms move CRVAL (iterated), the linear
+4. TAN-SIP fit, CRPIX at the CCD centre. The fit's coordinates are the pixel offsets from the
+   CCD centre; with ``keep_guess_distortion`` and a TAN-SIP guess, those offsets moved by the
+   guess's SIP: positions on the undistorted detector of the camera's optical model, so that
+   the stars only correct pointing, rotation and scale, as survey pipelines fit on top of
+   their camera geometry, and a sparse field's dozen reference stars suffice. The
+   tangent-plane coordinates ``(xi, eta)`` of the reference stars about CRVAL are a weighted
+   linear least-squares model of them, the simplest the matches call for: shift + rotation +
+   scale of the guess's CD (4 parameters), then polynomials of order 1 (affine) up to
+   ``sip_order``; a model is tried while there are ``min_matches_per_term`` matches per term
+   and axis, and replaces a simpler one when its chi-square drop passes the F-test at
+   ``order_significance``. The constant terms move CRVAL (iterated). With the guess's
+   distortion kept, model after distortion is refitted as a polynomial of the pixel offsets
+   on a grid over the CCD (exact for a linear model and a polynomial distortion). Its linear
    terms are the CD matrix and the rest, multiplied by ``CD^-1``, the SIP ``A``/``B``
-   coefficients. The inverse ``AP``/``BP`` is fitted on a grid over the CCD, its order raised
-   until it reproduces the pixels within ``inverse_tolerance``.
+   coefficients (order 1: a plain TAN). The inverse ``AP``/``BP`` is fitted on a grid over
+   the CCD, its order raised until it reproduces the pixels within ``inverse_tolerance``.
 
 Steps 2–3 are in :mod:`snakedrp.calib.match`, step 4 in :mod:`snakedrp.calib.wcs_fit`; this module
 holds the configuration and :func:`match_and_fit`, which chains them.
@@ -48,12 +59,13 @@ from snakedrp.calib.wcs_fit import (
     AstrometryError,
     angular_separation_mas,
     build_sip_wcs,
-    fit_tangent,
+    choose_fit,
+    compose_pixel_fit,
     gnomonic,
     pixel_scale_matrix,
     residual_mas,
     rotation_deg,
-    usable_order,
+    sip_forward,
 )
 from snakedrp.pexconfig import Config, ConfigError, option
 
@@ -90,18 +102,27 @@ class AstrometryConfig(Config):
     match_radius: float = option(0.5, "Final nearest-neighbour match radius [arcsec]", min=0.01, max=60.0)
     source_snr_min: float = option(5.0, "Sources below this S/N are not matched", min=0.0)
     ignore_flags: list[str] = option([], "flag_* columns that do not exclude a source from matching")
-    sip_order: int = option(3, "Polynomial order of the SIP distortion (lowered when matches are few)",
+    sip_order: int = option(3, "Highest polynomial order fitted to the matches: of the whole distortion for a TAN "
+                                 "guess, of the correction on top of the guess's SIP distortion otherwise",
                             min=1, max=7)
-    inverse_sip_order_max: int = option(7, "Highest order tried for the inverse SIP (AP/BP)", min=1, max=9)
-    inverse_tolerance: float = option(0.002, "Inverse SIP goal: max pixel error of world->pixel on the CCD [pixel]",
+    keep_guess_distortion: bool = option(
+        True, "With a TAN-SIP guess (the camera's optical distortion, Camera.initial_wcs), keep its SIP and fit only "
+              "a correction on top of it?")
+    order_significance: float = option(
+        0.001, "A richer model (shift+rotation+scale, then polynomial orders 1, 2, ...) replaces a simpler one only "
+              "when its chi^2 drop has a chance probability (F-test) below this", min=0.0, max=1.0)
+    inverse_sip_order_max: int = option(7, "Highest order tried for the inverse SIP (AP/BP), and for the forward SIP "
+                                             "holding the guess's distortion with the correction", min=1, max=9)
+    inverse_tolerance: float = option(0.002, "SIP goal: max pixel error on the CCD of world->pixel, and of the "
+                                             "forward SIP holding the guess's distortion with the correction [pixel]",
                                       min=0.0)
     rejection_iterations: int = option(3, "Fit / sigma-clip / re-match iterations", min=0, max=20)
     clip_sigma: float = option(3.0, "Matches beyond this many (robustly rescaled) sigma are rejected", min=1.0)
     systematic_error: float = option(2.0, "Added in quadrature to each match's error in the weights [mas]",
                                      min=0.0)
     min_matches: int = option(10, "Fewest matches (after rejection) for a solution", min=3)
-    min_matches_per_term: float = option(2.0, "SIP order is lowered until matches >= this x polynomial terms",
-                                         min=1.0)
+    min_matches_per_term: float = option(2.0, "A model is tried only with matches >= this x its terms per axis "
+                                              "(2 for shift+rotation+scale)", min=1.0)
     max_rms: float = option(200.0, "Fail when the RMS of the used matches exceeds this [mas]", min=0.0)
 
     def validate(self) -> None:
@@ -132,13 +153,24 @@ class AstrometryResult:
     rotation_deg : float
         Rotation of the fitted WCS relative to the guess at the CCD centre [deg, sky PA].
     sip_order : int
-        Order of the fitted SIP polynomial.
+        Order of the WCS's SIP polynomials (1: a plain TAN WCS).
+    fit_order : int
+        Order of the polynomial fitted to the matches: of the correction on top of the guess's
+        distortion when ``kept_guess_distortion``, else of the whole distortion.
+    fit_parameters : int
+        Parameters of that fit, both axes: 4 for shift + rotation + scale (order 1 with the
+        linear part a rotated and scaled guess CD), ``(m + 1)(m + 2)`` for a polynomial of order m.
+    kept_guess_distortion : bool
+        The fit corrected the guess's SIP distortion (the camera's) instead of replacing it.
     radial_distortion : float
         d3 [deg^-2] found by the pattern matcher about the guess's tangent point.
     pattern_votes : int
         Pairs in the winning offset-vote bin.
     inverse_error_px : float
         Largest error of the inverse SIP (world -> pixel) over the CCD [pixel].
+    forward_error_px : float
+        Largest error over the CCD of the forward SIP that holds the guess's distortion with
+        the fitted correction [pixel]; 0 when the fit is already a polynomial of the pixels.
     """
 
     wcs: WCS
@@ -148,9 +180,13 @@ class AstrometryResult:
     offset_arcsec: float
     rotation_deg: float
     sip_order: int
+    fit_order: int
+    fit_parameters: int
+    kept_guess_distortion: bool
     radial_distortion: float
     pattern_votes: int
     inverse_error_px: float
+    forward_error_px: float = 0.0
 
 
 # ------------------------------------------------------------------ inputs
@@ -235,8 +271,11 @@ def match_and_fit(sources: Table, refcat: Table, wcs_guess: WCS, config: Astrome
         Reference stars: ``id``, ``ra``, ``dec`` [deg], ``ra_err``, ``dec_err`` [mas],
         ``mag_<band>`` [mag]. May extend beyond the CCD.
     wcs_guess : astropy.wcs.WCS
-        Starting WCS (e.g. the raw header's nominal TAN); its tangent point is taken as the
-        centre of the radial distortion the matcher searches.
+        Starting WCS: the camera's initial TAN-SIP (``Camera.initial_wcs``: pointing, camera
+        geometry and optical distortion) or a raw header's nominal TAN. Its tangent point is
+        taken as the centre of the radial distortion the matcher searches. With
+        ``keep_guess_distortion``, its SIP is kept and the matches fit only a correction on top
+        of it; a TAN guess leaves the whole distortion to the fit.
     config : AstrometryConfig, optional
     shape : (ny, nx)
         CCD shape in pixels.
@@ -284,7 +323,17 @@ def match_and_fit(sources: Table, refcat: Table, wcs_guess: WCS, config: Astrome
                               f"(need {cfg.min_matches}; best offset vote {vote.count} pairs)")
 
     sys2 = cfg.systematic_error**2
-    src_u, src_v = src["x"] - centre[0], src["y"] - centre[1]
+    keep = cfg.keep_guess_distortion and wcs_guess.sip is not None
+    if keep:
+        def fit_coordinates(x, y):
+            # offsets from the CCD centre on the undistorted detector of the guess's distortion
+            (qx, qy), (qcx, qcy) = sip_forward(wcs_guess, x, y), sip_forward(wcs_guess, *centre)
+            return qx - qcx, qy - qcy
+    else:
+        def fit_coordinates(x, y):
+            return x - centre[0], y - centre[1]
+    guess_cd = pixel_scale_matrix(wcs_guess)
+    src_u, src_v = fit_coordinates(src["x"], src["y"])
     norm = max(nx, ny) / 2.0
     ra0, dec0 = (float(v[0]) for v in wcs_guess.all_pix2world([centre[0]], [centre[1]], 0))
     used = np.ones(len(ri), bool)
@@ -294,12 +343,13 @@ def match_and_fit(sources: Table, refcat: Table, wcs_guess: WCS, config: Astrome
         n_used = int(used.sum())
         if n_used < cfg.min_matches:
             raise AstrometryError(f"only {n_used} matches left after outlier rejection (need {cfg.min_matches})")
-        order = usable_order(n_used, cfg)
         s_err = src["err_mas"][si]
         sig_xi = np.sqrt(s_err**2 + ref["ra_err"][ri] ** 2 + sys2) / MAS_PER_DEG
         sig_eta = np.sqrt(s_err**2 + ref["dec_err"][ri] ** 2 + sys2) / MAS_PER_DEG
-        fit = fit_tangent(src_u[si][used], src_v[si][used], ref["ra"][ri][used], ref["dec"][ri][used],
-                           sig_xi[used], sig_eta[used], order, norm, ra0, dec0)
+        fit = choose_fit(src_u[si][used], src_v[si][used], ref["ra"][ri][used], ref["dec"][ri][used],
+                         sig_xi[used], sig_eta[used], norm, ra0, dec0, max_order=cfg.sip_order,
+                         matches_per_term=cfg.min_matches_per_term, significance=cfg.order_significance,
+                         similar_to=guess_cd)
         ra0, dec0 = fit.ra0, fit.dec0
         if iteration == cfg.rejection_iterations:
             break
@@ -322,7 +372,11 @@ def match_and_fit(sources: Table, refcat: Table, wcs_guess: WCS, config: Astrome
         used = chi < cfg.clip_sigma * spread
 
     n_used = int(used.sum())
-    wcs, inv_err = build_sip_wcs(fit, centre, (ny, nx), cfg)
+    pixel_fit, fwd_err = fit, 0.0
+    if keep:
+        guess_order = max(wcs_guess.sip.a_order, wcs_guess.sip.b_order)
+        pixel_fit, fwd_err = compose_pixel_fit(fit, fit_coordinates, centre, (ny, nx), cfg, min_order=guess_order)
+    wcs, inv_err = build_sip_wcs(pixel_fit, centre, (ny, nx), cfg)
     ra_s, dec_s = wcs.all_pix2world(src["x"][si], src["y"][si], 0)
     sep = angular_separation_mas(ra_s, dec_s, ref["ra"][ri], ref["dec"][ri])
     rms = float(np.sqrt(np.mean(sep[used] ** 2))) if n_used else float("nan")
@@ -338,9 +392,10 @@ def match_and_fit(sources: Table, refcat: Table, wcs_guess: WCS, config: Astrome
     ra_f, dec_f = wcs.all_pix2world([centre[0]], [centre[1]], 0)
     offset = float(angular_separation_mas(ra_g, dec_g, ra_f, dec_f)[0]) / 1e3
     return AstrometryResult(wcs=wcs, matches=matches, rms_mas=rms, n_matches=n_used, offset_arcsec=offset,
-                            rotation_deg=rotation_deg(wcs_guess, wcs, *centre), sip_order=fit.order,
+                            rotation_deg=rotation_deg(wcs_guess, wcs, *centre), sip_order=pixel_fit.order,
+                            fit_order=fit.order, fit_parameters=fit.n_parameters, kept_guess_distortion=keep,
                             radial_distortion=vote.d3, pattern_votes=vote.count,
-                            inverse_error_px=inv_err)
+                            inverse_error_px=inv_err, forward_error_px=fwd_err)
 
 
 def _matches_table(sources: Table, refcat: Table, src: dict, ref: dict, si, ri, sep, used) -> Table:

@@ -1,5 +1,6 @@
-"""TAN-SIP WCS fitting: gnomonic projection, weighted polynomial fits of the tangent-plane
-coordinates in the pixel offsets, and the SIP WCS (forward and fitted inverse) built from them.
+"""TAN-SIP WCS fitting: gnomonic projection, weighted fits of the tangent-plane coordinates in
+pixel offsets (or in offsets on the undistorted detector of a guess's SIP distortion) with the
+model chosen from the matches, and the SIP WCS (forward and fitted inverse) built from them.
 Angles in degrees; pixel positions zero-based.
 """
 from __future__ import annotations
@@ -64,6 +65,8 @@ def _poly_terms(order: int, *, min_degree: int = 0) -> list[tuple[int, int]]:
 
 
 def _design(u, v, terms) -> np.ndarray:
+    if not terms:
+        return np.zeros(np.shape(u) + (0,))
     return np.stack([u**p * v**q for p, q in terms], axis=-1)
 
 
@@ -92,6 +95,12 @@ def pixel_scale_matrix(wcs: WCS) -> np.ndarray:
 
 @dataclass
 class TangentFit:
+    """Tangent-plane ``(xi, eta)`` [deg] about ``(ra0, dec0)`` as polynomials of ``(u/norm, v/norm)``.
+
+    ``similarity``: a fit of order 1 whose linear part was constrained to a rotation and scale
+    of a given matrix (4 parameters instead of 6).
+    """
+
     ra0: float
     dec0: float
     order: int
@@ -99,43 +108,203 @@ class TangentFit:
     cx: np.ndarray  # xi coefficients [deg] on normalized (u/norm, v/norm)
     cy: np.ndarray
     norm: float
+    similarity: bool = False
+
+    @property
+    def n_parameters(self) -> int:
+        """Fitted parameters, both axes."""
+        return 4 if self.similarity else 2 * len(self.terms)
 
     def tangent(self, u, v):
         d = _design(u / self.norm, v / self.norm, self.terms)
         return d @ self.cx, d @ self.cy
 
 
-def fit_tangent(u, v, ra, dec, sig_xi, sig_eta, order: int, norm: float, ra0: float, dec0: float) -> TangentFit:
-    """Weighted polynomial (xi, eta)(u, v); CRVAL moved until the constant terms vanish."""
+def fit_tangent(u, v, ra, dec, sig_xi, sig_eta, order: int, norm: float, ra0: float, dec0: float, *,
+                similar_to: np.ndarray | None = None) -> TangentFit:
+    """Weighted polynomial (xi, eta)(u, v); CRVAL moved until the constant terms vanish.
+
+    With ``similar_to`` (a 2x2 matrix [deg per unit of u, v], e.g. the guess's CD matrix), the
+    fit is a shift plus ``similar_to`` rotated and scaled: ``(xi, eta) = t + s R(phi) M (u, v)``,
+    linear in ``(t, s cos phi, s sin phi)``; ``order`` must be 1.
+    """
     terms = _poly_terms(order)
     design = _design(u / norm, v / norm, terms)
     wx, wy = 1.0 / sig_xi**2, 1.0 / sig_eta**2
+    if similar_to is not None:
+        if order != 1:
+            raise ValueError(f"a similarity fit is of order 1, not {order}")
+        m = np.asarray(similar_to, float) * norm  # per unit of the normalized (u/norm, v/norm)
+        big_x, big_y = m @ np.stack([u / norm, v / norm])
+        n = len(u)
+        # both axes in one fit, parameters (t_xi, t_eta, s cos phi, s sin phi)
+        joint = np.zeros((2 * n, 4))
+        joint[:n, 0], joint[n:, 1] = 1.0, 1.0
+        joint[:n, 2], joint[:n, 3] = big_x, -big_y
+        joint[n:, 2], joint[n:, 3] = big_y, big_x
+        weights = np.concatenate([wx, wy])
+
+    def solve(xi, eta):
+        if similar_to is None:
+            return weighted_lstsq(design, xi, wx), weighted_lstsq(design, eta, wy)
+        tx, ty, c, d = weighted_lstsq(joint, np.concatenate([xi, eta]), weights)
+        return (np.array([tx, c * m[0, 0] - d * m[1, 0], c * m[0, 1] - d * m[1, 1]]),
+                np.array([ty, c * m[1, 0] + d * m[0, 0], c * m[1, 1] + d * m[0, 1]]))
+
     for _ in range(4):
         xi, eta = gnomonic(ra, dec, ra0, dec0)
-        cx, cy = weighted_lstsq(design, xi, wx), weighted_lstsq(design, eta, wy)
+        cx, cy = solve(xi, eta)
         ra0, dec0 = (float(v) for v in inverse_gnomonic(cx[0], cy[0], ra0, dec0))
         if np.hypot(cx[0], cy[0]) * MAS_PER_DEG < 1e-4:
             break
     xi, eta = gnomonic(ra, dec, ra0, dec0)
-    cx, cy = weighted_lstsq(design, xi, wx), weighted_lstsq(design, eta, wy)
-    return TangentFit(ra0, dec0, order, terms, cx, cy, norm)
+    cx, cy = solve(xi, eta)
+    return TangentFit(ra0, dec0, order, terms, cx, cy, norm, similarity=similar_to is not None)
 
 
-def usable_order(n: int, cfg: AstrometryConfig) -> int:
-    order = cfg.sip_order
-    while order > 1 and n < cfg.min_matches_per_term * len(_poly_terms(order)):
-        order -= 1
-    return order
+def chi_square(fit: TangentFit, u, v, ra, dec, sig_xi, sig_eta) -> float:
+    """Sum over both axes of the squared error-normalized residuals of ``fit``."""
+    xi, eta = fit.tangent(u, v)
+    rxi, reta = gnomonic(ra, dec, fit.ra0, fit.dec0)
+    return float(np.sum(((xi - rxi) / sig_xi) ** 2 + ((eta - reta) / sig_eta) ** 2))
+
+
+def choose_fit(u, v, ra, dec, sig_xi, sig_eta, norm: float, ra0: float, dec0: float, *, max_order: int,
+               matches_per_term: float, significance: float, similar_to: np.ndarray | None = None) -> TangentFit:
+    """The simplest model the matches call for.
+
+    Candidates, simplest first: with ``similar_to``, shift + rotation + scale (4 parameters);
+    then polynomial orders 1 (affine) to ``max_order``. A candidate is tried while the matches
+    number at least ``matches_per_term`` x its terms per axis (2 for the similarity), and
+    replaces the current model when it lowers the chi-square by more than chance would, by the
+    F-test at ``significance`` (which needs no absolute error scale: it compares the
+    chi-square drop per added parameter with the residual chi-square per degree of freedom).
+    The first candidate is always fitted.
+    """
+    from scipy.stats import f as f_dist  # here: scipy.stats costs ~1 s to import
+
+    n = len(u)
+    args = (u, v, ra, dec, sig_xi, sig_eta)
+    candidates = ([(1, similar_to)] if similar_to is not None else []) + [(m, None) for m in range(1, max_order + 1)]
+    best, best_chi2 = None, np.inf
+    for order, similar in candidates:
+        per_axis = 2 if similar is not None else len(_poly_terms(order))
+        if best is not None and n < matches_per_term * per_axis:
+            break
+        fit = fit_tangent(*args, order, norm, ra0, dec0, similar_to=similar)
+        chi2 = chi_square(fit, *args)
+        if best is None:
+            best, best_chi2 = fit, chi2
+            continue
+        added, dof = fit.n_parameters - best.n_parameters, 2 * n - fit.n_parameters
+        if dof <= 0:
+            break
+        f_stat = ((best_chi2 - chi2) / added) / max(chi2 / dof, 1e-300)
+        if f_dist.sf(f_stat, added, dof) < significance:
+            best, best_chi2 = fit, chi2
+    return best
+
+
+def sip_forward(wcs: WCS, x, y):
+    """Zero-based pixel ``(x, y)`` moved by the forward SIP of ``wcs``: ``(x + A(u, v), y + B(u, v))``,
+    ``(u, v)`` the offset from CRPIX [pixel].
+
+    The CD matrix maps these positions linearly to the tangent plane: on a camera's initial WCS
+    (:meth:`snakedrp.repo.camera.Camera.initial_wcs`) they are the positions on an undistorted
+    detector. Without SIP, ``(x, y)`` unchanged.
+    """
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    sip = wcs.sip
+    if sip is None:
+        return x, y
+    crpix0 = np.asarray(sip.crpix, float) - 1.0
+    u, v = x - crpix0[0], y - crpix0[1]
+    return x + _polyval2d(sip.a, u, v), y + _polyval2d(sip.b, u, v)
+
+
+def _grid(crpix0: tuple[float, float], shape):
+    # pixel offsets from crpix0 on a grid over the CCD grown by 10 pixels
+    ny, nx = shape
+    gu, gv = np.meshgrid(np.linspace(-10, nx + 9, 25) - crpix0[0], np.linspace(-10, ny + 9, 49) - crpix0[1])
+    return gu.ravel(), gv.ravel()
+
+
+def compose_pixel_fit(fit: TangentFit, fit_coordinates, crpix0: tuple[float, float], shape, cfg: AstrometryConfig,
+                      *, min_order: int = 1) -> tuple[TangentFit, float]:
+    """``fit``, a polynomial of other coordinates, re-expressed as a polynomial of pixel offsets.
+
+    Parameters
+    ----------
+    fit : TangentFit
+        Tangent-plane polynomial of the coordinates ``fit_coordinates(x, y)``.
+    fit_coordinates : callable
+        Zero-based pixel ``(x, y)`` → the coordinates ``fit`` takes (e.g. offsets from the CCD
+        centre on the undistorted detector of a camera distortion) [pixel].
+    crpix0 : (x, y)
+        Zero-based pixel the new polynomial is about.
+    shape : (ny, nx)
+    cfg : AstrometryConfig
+        ``inverse_tolerance`` is the goal [pixel]; the order is raised from the larger of
+        ``fit.order`` and ``min_order`` up to ``inverse_sip_order_max``.
+    min_order : int
+        Order of the pixel → fit-coordinate map (exact when ``fit`` is linear).
+
+    Returns
+    -------
+    (TangentFit, float)
+        The pixel polynomial (same tangent point) and its largest error on the grid [pixel].
+
+    A least-squares fit on a grid over the CCD rather than composing the polynomials
+    algebraically: the map may be any function, and a linear ``fit`` of a polynomial map is
+    reproduced to rounding.
+    """
+    gu, gv = _grid(crpix0, shape)
+    xi, eta = fit.tangent(*fit_coordinates(gu + crpix0[0], gv + crpix0[1]))
+    scale = float(np.sqrt(abs(np.linalg.det(_linear_cd(fit)))))  # deg per pixel
+    ones = np.ones(len(gu))
+    best = (np.inf, None)
+    for order in range(max(fit.order, min_order), max(cfg.inverse_sip_order_max, fit.order, min_order) + 1):
+        terms = _poly_terms(order)
+        design = _design(gu / fit.norm, gv / fit.norm, terms)
+        cx, cy = weighted_lstsq(design, xi, ones), weighted_lstsq(design, eta, ones)
+        err = float(np.max(np.hypot(design @ cx - xi, design @ cy - eta))) / scale
+        if err < best[0]:
+            best = (err, TangentFit(fit.ra0, fit.dec0, order, terms, cx, cy, fit.norm))
+        if err <= cfg.inverse_tolerance:
+            break
+    return best[1], best[0]
+
+
+def _linear_cd(fit: TangentFit) -> np.ndarray:
+    coef = dict(zip(fit.terms, zip(fit.cx, fit.cy)))
+    return np.array([[coef[(1, 0)][0], coef[(0, 1)][0]], [coef[(1, 0)][1], coef[(0, 1)][1]]]) / fit.norm
 
 
 def build_sip_wcs(fit: TangentFit, crpix0: tuple[float, float], shape, cfg: AstrometryConfig) -> tuple[WCS, float]:
-    """TAN-SIP WCS from the tangent-plane polynomial; inverse SIP fitted on a grid over the CCD."""
+    """TAN-SIP WCS from a tangent-plane polynomial of the pixel offsets from ``crpix0``.
+
+    The inverse SIP is fitted on a grid over the CCD. Order 1 gives a plain TAN WCS (no
+    distortion to represent; inverse error 0).
+    """
     coef = {t: (cx, cy) for t, cx, cy in zip(fit.terms, fit.cx, fit.cy)}
     scale = {t: fit.norm ** -(t[0] + t[1]) for t in fit.terms}
-    cd = np.array([[coef[(1, 0)][0] * scale[(1, 0)], coef[(0, 1)][0] * scale[(0, 1)]],
-                   [coef[(1, 0)][1] * scale[(1, 0)], coef[(0, 1)][1] * scale[(0, 1)]]])
-    cd_inv = np.linalg.inv(cd)
+    cd = _linear_cd(fit)
+    ny, nx = shape
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    crpix = [crpix0[0] + 1.0, crpix0[1] + 1.0]  # FITS CRPIX is one-based
+    w.wcs.crpix = crpix
+    w.wcs.crval = [fit.ra0, fit.dec0]
+    w.wcs.cd = cd
+    w.wcs.cunit = ["deg", "deg"]
+    w.wcs.radesys = "ICRS"
+    w.pixel_shape = (nx, ny)
     m = fit.order
+    if m < 2:
+        w.wcs.set()
+        return w, 0.0
+
+    cd_inv = np.linalg.inv(cd)
     a = np.zeros((m + 1, m + 1))
     b = np.zeros((m + 1, m + 1))
     for (p, q), (cx, cy) in coef.items():
@@ -145,16 +314,14 @@ def build_sip_wcs(fit: TangentFit, crpix0: tuple[float, float], shape, cfg: Astr
         b[p, q] = (cd_inv[1, 0] * cx + cd_inv[1, 1] * cy) * scale[(p, q)]
 
     # inverse: pixel offsets (u, v) as polynomials of the intermediate (U, V) = (u + A, v + B)
-    ny, nx = shape
-    gu, gv = np.meshgrid(np.linspace(-10, nx + 9, 25) - crpix0[0], np.linspace(-10, ny + 9, 49) - crpix0[1])
-    gu, gv = gu.ravel(), gv.ravel()
+    gu, gv = _grid(crpix0, shape)
     fwd = _design(gu, gv, _poly_terms(m, min_degree=2))
     aa = np.array([a[p, q] for p, q in _poly_terms(m, min_degree=2)])
     bb = np.array([b[p, q] for p, q in _poly_terms(m, min_degree=2)])
     big_u, big_v = gu + fwd @ aa, gv + fwd @ bb
     norm = fit.norm
     inv_err, ap, bp = np.inf, None, None
-    for order in range(max(m, 1), max(cfg.inverse_sip_order_max, m) + 1):
+    for order in range(m, max(cfg.inverse_sip_order_max, m) + 1):
         terms = _poly_terms(order, min_degree=1)
         design = _design(big_u / norm, big_v / norm, terms)
         ones = np.ones(len(gu))
@@ -171,16 +338,8 @@ def build_sip_wcs(fit: TangentFit, crpix0: tuple[float, float], shape, cfg: Astr
         if err <= cfg.inverse_tolerance:
             break
 
-    w = WCS(naxis=2)
     w.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]
-    crpix = [crpix0[0] + 1.0, crpix0[1] + 1.0]  # FITS CRPIX is one-based
-    w.wcs.crpix = crpix
-    w.wcs.crval = [fit.ra0, fit.dec0]
-    w.wcs.cd = cd
-    w.wcs.cunit = ["deg", "deg"]
-    w.wcs.radesys = "ICRS"
     w.sip = Sip(a, b, ap, bp, crpix)
-    w.pixel_shape = (nx, ny)
     w.wcs.set()
     return w, inv_err
 
@@ -188,11 +347,15 @@ def build_sip_wcs(fit: TangentFit, crpix0: tuple[float, float], shape, cfg: Astr
 def world_to_pixel_sip(wcs: WCS, ra, dec):
     """Zero-based pixel ``(x, y)`` of ``(ra, dec)`` [deg] through the inverse SIP (no iterations).
 
-    Faster than ``all_world2pix``; exact to the fit's ``inverse_tolerance`` on the CCD.
+    Faster than ``all_world2pix``; exact to the fit's ``inverse_tolerance`` on the CCD. A SIP
+    without the inverse polynomials falls back on ``all_world2pix``.
     """
-    foc = wcs.wcs_world2pix(np.column_stack([np.ravel(ra), np.ravel(dec)]), 0)
     sip = wcs.sip
-    if sip is None or sip.ap is None:
+    if sip is not None and sip.ap is None:  # a forward-only SIP (a camera's initial WCS): iterate
+        x, y = wcs.all_world2pix(np.ravel(ra), np.ravel(dec), 0)
+        return x, y
+    foc = wcs.wcs_world2pix(np.column_stack([np.ravel(ra), np.ravel(dec)]), 0)
+    if sip is None:
         return foc[:, 0], foc[:, 1]
     crpix0 = np.asarray(sip.crpix, float) - 1.0
     big_u, big_v = foc[:, 0] - crpix0[0], foc[:, 1] - crpix0[1]

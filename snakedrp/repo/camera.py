@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from astropy.wcs import WCS
+from astropy.wcs import WCS, Sip
 
 
 @dataclass(frozen=True)
@@ -280,6 +280,51 @@ class Camera:
         w.wcs.crpix = [float(bx) + 1.0, float(by) + 1.0]  # FITS CRPIX is one-based
         w.wcs.cd = cd
         w.pixel_shape = (self.ccd_shape[1], self.ccd_shape[0])
+        return w
+
+    def distortion_sip(self) -> tuple[np.ndarray, np.ndarray]:
+        """The optical distortion as the forward SIP polynomials ``A``, ``B`` about the boresight.
+
+        With ``(u, v)`` the pixel offset from the boresight and ``s`` the pixel scale [deg/pixel],
+        the undistorted field angle is ``rho = s |(u, v)|`` and the distortion moves the pixel
+        radially to ``(u, v) (1 + d3 rho^2 + d5 rho^4)``: a polynomial of order 3 (5 with
+        ``d5``) in ``(u, v)``, so the SIP represents the camera's model exactly.
+
+        Returns
+        -------
+        a, b : ndarray, shape (order + 1, order + 1)
+            ``a[p, q]`` multiplies ``u**p v**q`` [pixel^(1 - p - q)]; order 3, or 5 with ``d5``.
+        """
+        d3, d5 = self.distortion
+        s2 = (self.pixel_scale / 3600.0) ** 2
+        order = 5 if d5 else 3
+        a = np.zeros((order + 1, order + 1))
+        b = np.zeros((order + 1, order + 1))
+        # u (u^2 + v^2) and u (u^2 + v^2)^2 expanded; B is A with u and v swapped
+        for (p, q), c in {(3, 0): d3 * s2, (1, 2): d3 * s2,
+                          (5, 0): d5 * s2**2, (3, 2): 2 * d5 * s2**2, (1, 4): d5 * s2**2}.items():
+            if c:
+                a[p, q] = c
+                b[q, p] = c
+        return a, b
+
+    def initial_wcs(self, ccd: int, ra0: float, dec0: float, rotation: float) -> WCS:
+        """TAN-SIP WCS from the pointing and camera geometry, with the optical distortion.
+
+        :meth:`nominal_wcs` (what a raw header holds) plus :meth:`distortion_sip` about the
+        boresight: at the true pointing and rotation it equals :meth:`pixel_to_sky`. This is the
+        starting WCS of the astrometric fit (as LSST builds its initial SkyWcs from the boresight
+        and the camera model), which then only corrects pointing, rotation and scale. The inverse
+        polynomials (AP, BP) are left out: world → pixel is ``all_world2pix``. Without
+        distortion (``d3 = d5 = 0``), the nominal TAN.
+        """
+        w = self.nominal_wcs(ccd, ra0, dec0, rotation)
+        if not any(self.distortion):
+            return w
+        a, b = self.distortion_sip()
+        w.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]
+        w.sip = Sip(a, b, None, None, w.wcs.crpix)
+        w.wcs.set()
         return w
 
     def ccd_corners_sky(self, ccd: int, ra0: float, dec0: float, rotation: float, margin: float = 0.0):
