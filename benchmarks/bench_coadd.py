@@ -7,9 +7,9 @@ Run ``python benchmarks/bench_coadd.py`` (``--visits 5 10``, ``--repeat 1``). It
     distortion), Gaussian stars of 17-23 mag at seeing 0.5"-1.1", sky noise and a per-visit
     zeropoint; the stars' true positions and fluxes are the truth. (The single-frame pipeline
     is not run: this times the coadd stage only, on exact calexp WCSs and PSFs.)
-(b) times ours in a fresh child process on one core (``warp_exposures`` per visit, written to disk,
-    then ``assemble_coadd`` reading the warps a block of rows at a time) and reads the child's peak
-    RSS;
+(b) times ours in a fresh child process on one core (``tune_memory`` as the job scripts call it,
+    ``warp_exposures`` per visit, written to disk, then ``assemble_coadd`` reading the warps a
+    block of rows at a time) and reads the child's peak RSS;
 (c) times SWarp (LANCZOS3, COMBINE_TYPE WEIGHTED, one constant weight map per input = 1 / its
     clipped-mean variance, one thread, TPV headers from ``sip_tpv`` since SWarp ignores SIP,
     ``FLXSCALE`` to zeropoint 27, the same output grid through ``<out>.head``) on the same calexps;
@@ -17,6 +17,10 @@ Run ``python benchmarks/bench_coadd.py`` (``--visits 5 10``, ``--repeat 1``). It
     aperture fluxes against truth; writes ``benchmarks/out/coadd.json``.
 
 Goals (issue 10): ratio <= 1.0; our peak memory for 10 visits <= 1.2 x that for 5.
+
+``--warp-only`` (with ``--repeat N``, default 3) times one warp job instead: ``warp_exposures`` of the
+first visit's two CCDs onto the patch, each repeat in a fresh child process on one core, and prints
+the median wall and CPU seconds and the median peak RSS (imports and the two calexps included).
 """
 from __future__ import annotations
 
@@ -142,6 +146,8 @@ def run_ours(visits: dict, out: Path) -> dict:
     code = f"""
 import json, time, resource
 from pathlib import Path
+from snakedrp.runtime import tune_memory
+tune_memory()                     # as the make_warp and assemble_coadd scripts do
 from snakedrp.coadd.assemble import assemble_coadd, open_warp
 from snakedrp.coadd.warp import warp_exposures
 from snakedrp.repo.exposure import Exposure
@@ -168,6 +174,36 @@ print(json.dumps(dict(warp=t1 - t0, assemble=t2 - t1, seconds=t2 - t0,
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_warp(files: list, repeat: int) -> dict:
+    """Children on one core: ``warp_exposures`` of one visit's calexps; median wall, CPU [s] and peak RSS [MB]."""
+    code = f"""
+import json, resource, sys, time
+sys.path.insert(0, {str(HERE)!r})
+from snakedrp.runtime import tune_memory
+tune_memory()
+from bench_coadd import patch_wcs
+from snakedrp.coadd.warp import warp_exposures
+from snakedrp.repo.exposure import Exposure
+wcs, shape = patch_wcs()
+files = {json.dumps([str(f) for f in files])}
+calexps = [Exposure.read(f) for f in files]
+t0, c0 = time.perf_counter(), time.process_time()
+warp_exposures(calexps, [dict(visit=0, ccd=k) for k in range(len(files))], wcs, shape)
+print(json.dumps(dict(seconds=time.perf_counter() - t0, cpu=time.process_time() - c0,
+                      peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+"""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    core = max(os.sched_getaffinity(0))
+    runs = []
+    for _ in range(repeat):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False,
+                              preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-3000:])
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return {key: float(np.median([r[key] for r in runs])) for key in runs[0]} | {"runs": runs}
 
 
 def tpv_header(wcs):
@@ -256,7 +292,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--visits", type=int, nargs="+", default=[5, 10])
     parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument("--warp-only", action="store_true", help="time one warp job (one visit, two CCDs) only")
+    parser.add_argument("--repeat", type=int, default=3, help="repeats of --warp-only (medians are printed)")
     args = parser.parse_args(argv)
+    if args.warp_only:
+        visits_all, _ = make_calexps(1, args.out / "calexps")
+        warp = run_warp(next(iter(visits_all.values())), args.repeat)
+        print(f"one warp (2 CCDs of {CCD_SHAPE[1]}x{CCD_SHAPE[0]} -> {PATCH_INNER + 2 * PATCH_BORDER}^2 patch), "
+              f"median of {args.repeat}: {warp['seconds']:.2f} s wall, {warp['cpu']:.2f} s CPU, "
+              f"peak {warp['peak_mb']:.0f} MB (runs: " + ", ".join(f"{r['seconds']:.2f}" for r in warp["runs"]) + " s)")
+        return
     from astropy.io import fits
     from astropy.wcs import WCS
 

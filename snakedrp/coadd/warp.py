@@ -5,9 +5,11 @@ WCS, distortion included) is computed on a coarse grid (every ``grid_spacing`` p
 interpolated bilinearly in between, as LSST's warper does: the iterative SIP inversion costs
 ~1 µs per point, more than the whole resampling of a pixel, and the mapping is smooth to 1e-4
 pixel over 16 pixels. Image and variance are then resampled with a separable Lanczos kernel
-(weights from a table at 1/1024-pixel phase steps), the variance with the squared weights;
-reproject's ``reproject_interp`` is not used because it offers no Lanczos kernel and no
-variance or mask propagation, and transforms every pixel exactly (2.4–5.5 s per CCD here).
+(weights from a table at 1/1024-pixel phase steps), the variance with the squared weights; the
+three planes share one set of taps and weights (:class:`LanczosResampler`), and each block of
+patch rows is resampled only over the columns the CCD reaches. reproject's ``reproject_interp``
+is not used because it offers no Lanczos kernel and no variance or mask propagation, and
+transforms every pixel exactly (2.4–5.5 s per CCD here).
 
 Mask bits propagate: an output pixel gets every bit of the input pixels its kernel touches (so
 a bad pixel spreads over the kernel's 6×6 footprint); output pixels that no CCD covers with its
@@ -28,6 +30,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
+from scipy import sparse
 
 from snakedrp.coadd.config import WarpConfig
 from snakedrp.coadd.coadd_psf import CoaddPsf, CoaddPsfInput
@@ -96,29 +99,147 @@ def _lerp_axis(values: np.ndarray, start: int, spacing: int, n: int, axis: int) 
     f = (t - k).astype(values.dtype)
     lo = np.take(values, k, axis=axis)
     hi = np.take(values, k + 1, axis=axis)
-    shape = [1, 1]
+    shape = [1] * values.ndim
     shape[axis] = n
     f = f.reshape(shape)
     return lo + (hi - lo) * f
 
 
 def _dilate_or(mask: np.ndarray, width: int) -> np.ndarray:
-    """``out[y, x]`` = OR of ``mask[y:y + width, x:x + width]`` (the pixels a kernel with top-left tap ``(x, y)`` touches)."""
+    """``out[y, x]`` = OR of ``mask[y:y + width, x:x + width]`` (the pixels a kernel with top-left tap ``(x, y)`` touches).
+
+    Windows double along each axis (1, 2, 4, ... pixels wide), so a window of ``width`` takes
+    about ``log2(width)`` passes per axis; the window is cut at the far borders.
+    """
     out = mask.copy()
-    ny, nx = mask.shape
-    for s in range(1, width):
-        out[:, : nx - s] |= mask[:, s:]
-    rows = out.copy()
-    for s in range(1, width):
-        out[: ny - s, :] |= rows[s:, :]
+    for axis in (1, 0):
+        n = out.shape[axis]
+        span = 1
+        while span < width:
+            step = min(span, width - span)
+            head = [slice(None)] * 2
+            tail = [slice(None)] * 2
+            head[axis], tail[axis] = slice(0, n - step), slice(step, n)
+            out[tuple(head)] |= out[tuple(tail)]      # numpy buffers the overlapping operand
+            span += step
     return out
+
+
+class LanczosResampler:
+    """Separable Lanczos resampling of one calexp's image, variance and mask at given positions.
+
+    The x pass is a sparse matrix (6 taps per output pixel for Lanczos-3) applied to the
+    ``2 order`` row-shifted views of the image: scipy's compiled CSR product does the gather and
+    the weighted sum in one sweep, where numpy fancy indexing of 36 taps took 4x longer; the
+    y pass then combines the ``2 order`` row sums with the y weights.
+
+    Parameters
+    ----------
+    image, variance : numpy.ndarray
+        ``(ny, nx)`` calexp planes [electrons, electrons^2]; pixels that are not finite in
+        either plane count as NO_DATA and BAD.
+    mask : numpy.ndarray
+        ``(ny, nx)`` integer mask bits of the calexp.
+    order : int
+        Lanczos order: the kernel has ``2 order`` taps along each axis.
+    """
+
+    #: Output pixels resampled at once: the chunk's sparse matrices and the image rows it reads
+    #: stay in the CPU cache (the products run 2.5x faster than on 128 patch rows at once).
+    chunk = 32768
+
+    def __init__(self, image: np.ndarray, variance: np.ndarray, mask: np.ndarray, order: int):
+        image = np.ascontiguousarray(image, np.float32)
+        variance = np.ascontiguousarray(variance, np.float32)
+        mask = np.asarray(mask, np.int32)
+        finite = np.isfinite(image) & np.isfinite(variance)
+        if not finite.all():
+            image = np.where(finite, image, np.float32(0.0))
+            variance = np.where(finite, variance, np.float32(0.0))
+            mask = np.where(finite, mask, mask | (mask_bit("NO_DATA") | mask_bit("BAD")))
+        self.order = int(order)
+        self.shape = image.shape
+        width = 2 * self.order
+        ny, nx = self.shape
+        # the x pass reads the image from row j on, j < width: every view has this many pixels
+        self._n_view = (ny - width + 1) * nx
+        self._image = image.ravel()
+        self._variance = variance.ravel()
+        self._spread = _dilate_or(mask, width).ravel() if mask.any() else None
+        self._index_dtype = np.int32 if ny * nx < 2**31 else np.int64
+        table = kernel_table(self.order)
+        self._wy = table                                     # (taps, phase): y weights of all pixels as rows
+        self._wx = np.ascontiguousarray(table.T)             # (phase, taps): x weights of one pixel contiguous
+        self._tap_offsets = np.tile(np.arange(width, dtype=self._index_dtype), self.chunk)
+        self._indptr = np.arange(0, width * self.chunk + 1, width, dtype=self._index_dtype)
+
+    def valid(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Whether the whole kernel at calexp positions ``(x, y)`` [pixel, zero-based] lies on the CCD (False for NaN)."""
+        ny, nx = self.shape
+        lo = self.order - 1
+        return (x >= lo) & (x < nx - self.order) & (y >= lo) & (y < ny - self.order)
+
+    def __call__(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Image, variance and mask bits at calexp positions ``(x, y)``.
+
+        Parameters
+        ----------
+        x, y : numpy.ndarray
+            ``(n,)`` zero-based calexp pixel positions, all :meth:`valid`.
+
+        Returns
+        -------
+        image, variance : numpy.ndarray
+            ``(n,)`` float32: the Lanczos sum of the image, and of the variance with the squared
+            weights (input pixels taken as independent).
+        bits : numpy.ndarray
+            ``(n,)`` int32: OR of the mask bits of every input pixel the kernel touches.
+        """
+        n = len(x)
+        image = np.empty(n, np.float32)
+        variance = np.empty(n, np.float32)
+        bits = np.zeros(n, np.int32)
+        for c0 in range(0, n, self.chunk):
+            part = slice(c0, min(n, c0 + self.chunk))
+            self._resample(x[part], y[part], image[part], variance[part], bits[part])
+        return image, variance, bits
+
+    def _resample(self, x, y, image, variance, bits):
+        """One chunk of :meth:`__call__`, written into the ``(n,)`` arrays ``image``, ``variance`` and ``bits``."""
+        order, width = self.order, 2 * self.order
+        nx = self.shape[1]
+        n = len(x)
+        fx, fy = np.floor(x), np.floor(y)
+        qx = np.rint((x - fx) * N_PHASE).astype(np.intp)
+        qy = np.rint((y - fy) * N_PHASE).astype(np.intp)
+        corner = fy.astype(self._index_dtype)
+        corner -= order - 1
+        corner *= nx
+        corner += fx.astype(self._index_dtype)
+        corner -= order - 1
+        taps = np.repeat(corner, width)
+        taps += self._tap_offsets[: width * n]
+        indptr = self._indptr[: n + 1]
+        shape = (n, self._n_view)
+        wx = np.take(self._wx, qx, axis=0).ravel()
+        x_pass = sparse.csr_array((wx, taps, indptr), shape=shape)
+        x_pass2 = sparse.csr_array((np.square(wx), taps, indptr), shape=shape)
+        wy = np.take(self._wy, qy, axis=1)
+        wy2 = np.square(wy)
+        image[:] = 0.0
+        variance[:] = 0.0
+        for j in range(width):
+            rows = slice(j * nx, j * nx + self._n_view)
+            image += wy[j] * (x_pass @ self._image[rows])
+            variance += wy2[j] * (x_pass2 @ self._variance[rows])
+        if self._spread is not None:
+            np.take(self._spread, corner, out=bits)
 
 
 def _resample_ccd(calexp: Exposure, scale: float, wcs: WCS, shape, config: WarpConfig,
                   image: np.ndarray, variance: np.ndarray, mask: np.ndarray) -> dict | None:
     """Resample one calexp into the output planes where they are still NO_DATA; returns its bookkeeping or None."""
     order = KERNEL_ORDER[config.kernel]
-    width = 2 * order
     ny_in, nx_in = calexp.shape
     ny, nx = shape
     bx, by = _border(ny_in, nx_in, 0.0)
@@ -137,25 +258,17 @@ def _resample_ccd(calexp: Exposure, scale: float, wcs: WCS, shape, config: WarpC
     dxdx, dxdy = np.gradient(sx, s, axis=1), np.gradient(sx, s, axis=0)
     dydx, dydy = np.gradient(sy, s, axis=1), np.gradient(sy, s, axis=0)
     det = np.abs(dxdx * dydy - dxdy * dydx) if config.conserve_flux else np.ones_like(sx)
-    # interpolate along x once for all grid rows; rows are interpolated block by block
-    sx_c = _lerp_axis(sx, x0, s, x1 - x0, axis=1)
-    sy_c = _lerp_axis(sy, x0, s, x1 - x0, axis=1)
-    det_c = _lerp_axis(det, x0, s, x1 - x0, axis=1)
+    # interpolate along x once for all grid rows (calexp x, y and area ratio stacked); rows are
+    # interpolated block by block from each grid row and its step to the next
+    along_x = _lerp_axis(np.stack([sx, sy, det]), x0, s, x1 - x0, axis=2)
+    step_y = np.diff(along_x, axis=1)
+    # columns where a grid row lands on the CCD: a pixel between two grid rows can land on it
+    # only if one of them does (a CCD is far wider than the grid spacing; the margin covers corners)
+    margin = order + 1
+    sx_c, sy_c = along_x[0], along_x[1]
+    on_ccd = (sx_c > -margin) & (sx_c < nx_in - 1 + margin) & (sy_c > -margin) & (sy_c < ny_in - 1 + margin)
 
-    img = np.asarray(calexp.image, np.float32)
-    var = np.asarray(calexp.variance, np.float32)
-    in_mask = np.asarray(calexp.mask, np.int32).copy()
-    finite = np.isfinite(img) & np.isfinite(var)
-    if not finite.all():
-        in_mask[~finite] |= mask_bit("NO_DATA") | mask_bit("BAD")
-    # image and variance side by side: one gather fetches both
-    pair = np.empty((ny_in, nx_in), np.complex64)
-    pair.real = np.where(finite, img, 0.0)
-    pair.imag = np.where(finite, var, 0.0)
-    pair = pair.ravel()
-    spread = _dilate_or(in_mask, width).ravel()
-    table = kernel_table(order)
-    table2 = table**2
+    resampler = LanczosResampler(calexp.image, calexp.variance, calexp.mask, order)
     no_data, edge = np.int32(mask_bit("NO_DATA")), np.int32(mask_bit("EDGE"))
     n_filled = 0
     var_sum = 0.0
@@ -163,51 +276,35 @@ def _resample_ccd(calexp: Exposure, scale: float, wcs: WCS, shape, config: WarpC
     rows = int(config.rows_per_block)
     for b0 in range(y0, y1, rows):
         b1 = min(y1, b0 + rows)
+        k_lo, k_hi = (b0 - y0) // s, min(len(gy) - 1, (b1 - 1 - y0) // s + 1)
+        cols = np.flatnonzero(on_ccd[k_lo:k_hi + 1].any(axis=0))
+        if len(cols) == 0:
+            continue
+        c0, c1 = cols[0], cols[-1] + 1
         t = (np.arange(b0, b1) - y0) / s
         k = np.minimum(np.floor(t).astype(int), len(gy) - 2)
         f = (t - k)[:, None]
-        xs = sx_c[k] + (sx_c[k + 1] - sx_c[k]) * f
-        ys = sy_c[k] + (sy_c[k + 1] - sy_c[k]) * f
-        fx, fy = np.floor(xs), np.floor(ys)
-        ix0 = fx.astype(np.int64) - (order - 1)
-        iy0 = fy.astype(np.int64) - (order - 1)
-        out_nodata = (mask[b0:b1, x0:x1] & no_data) != 0
-        ok = (ix0 >= 0) & (ix0 <= nx_in - width) & (iy0 >= 0) & (iy0 <= ny_in - width) & out_nodata
+        xs, ys, dets = along_x[:, k, c0:c1] + step_y[:, k, c0:c1] * f
+        block = np.s_[b0:b1, x0 + c0:x0 + c1]
+        ok = resampler.valid(xs, ys) & ((mask[block] & no_data) != 0)
         if not ok.any():
             continue
-        jy, jx = np.nonzero(ok)
-        qx = np.rint((xs[ok] - fx[ok]) * N_PHASE).astype(np.int64)
-        qy = np.rint((ys[ok] - fy[ok]) * N_PHASE).astype(np.int64)
-        wx, wy = table[:, qx], table[:, qy]
-        wx2, wy2 = table2[:, qx], table2[:, qy]
-        base = iy0[ok] * nx_in + ix0[ok]
-        acc_i = np.zeros(len(base), np.float32)
-        acc_v = np.zeros(len(base), np.float32)
-        for j in range(width):
-            row_i = np.zeros(len(base), np.float32)
-            row_v = np.zeros(len(base), np.float32)
-            start = base + j * nx_in
-            for i in range(width):
-                g = pair[start + i]
-                row_i += wx[i] * g.real
-                row_v += wx2[i] * g.imag
-            acc_i += wy[j] * row_i
-            acc_v += wy2[j] * row_v
-        dets = det_c[k] + (det_c[k + 1] - det_c[k]) * f
-        factor = (scale * dets[ok]).astype(np.float32)
-        oy, ox = jy + b0, jx + x0
-        bits = spread[base]
         xk, yk = xs[ok], ys[ok]
+        acc_i, acc_v, bits = resampler(xk, yk)
+        factor = (scale * dets[ok]).astype(np.float32)
         near = np.minimum(np.minimum(xk, nx_in - 1 - xk), np.minimum(yk, ny_in - 1 - yk)) < config.edge_width
         bits = np.where(near, bits | edge, bits)
         # a kernel touching a pixel without data (NaN in the calexp) gives no data either
         lost = (bits & no_data) != 0
-        image[oy, ox] = np.where(lost, np.nan, acc_i * factor)
-        variance[oy, ox] = np.where(lost, np.nan, acc_v * factor**2)
-        mask[oy, ox] = bits
-        ok_var = variance[oy, ox]
-        n_filled += int((~lost).sum())
-        var_sum += float(np.nansum(ok_var, dtype=np.float64))
+        acc_i *= factor
+        acc_v *= factor**2
+        acc_i[lost] = np.nan
+        acc_v[lost] = np.nan
+        image[block][ok] = acc_i
+        variance[block][ok] = acc_v
+        mask[block][ok] = bits
+        n_filled += len(lost) - int(lost.sum())
+        var_sum += float(np.nansum(acc_v, dtype=np.float64))
 
     if n_filled == 0:
         return None
