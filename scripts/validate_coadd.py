@@ -65,8 +65,9 @@ def validate_patch(path, n_image_path, inputs_path, skymap, camera, objects, vis
         near_objects = objects_mask(objects, band, calexp.wcs, calexp.shape, fwhm)
         for row in trail_visits:
             trail = trail_pixels(row, camera, calexp.wcs, calexp.shape)
-            if trail.any():
-                out["trail"].append(trail_figure(calexp, trail, near_objects, n_image, config))
+            figure = trail_figure(calexp, trail, near_objects, n_image, config) if trail.any() else None
+            if figure is not None:
+                out["trail"].append(figure)
     logger.info("%s tract=%d patch=%s: %d stars, FWHM %.2f px, %s; %s%s", filt, tract, patch, len(stars["dra"]), fwhm,
                 out["clipped"].line(), out["noise"].line(),
                 "".join("; " + m.line() for m in out["trail"] + ([out["depth"]] if out["depth"] else [])))

@@ -34,10 +34,6 @@ from snakedrp.validate.figures import Metric
 FWHM_PER_SIGMA = 2.3548
 
 
-def _metric(*args):
-    return Metric(*args)
-
-
 @dataclass
 class CoaddValidateConfig(Config):
     """Accuracy goals of the coadds, checked against the simulator's truth."""
@@ -103,8 +99,9 @@ def trail_figure(calexp: Exposure, trail: np.ndarray, objects_mask: np.ndarray, 
 
     Returns
     -------
-    Metric
-        ``|trail - strips| / sigma``.
+    Metric or None
+        ``|trail - strips| / sigma``; None where the patch holds too few usable trail pixels
+        (> 50) or control strips (3) to measure it (the trail only grazes the patch).
     """
     n_data = n_image + ((calexp.mask & mask_bit("CLIPPED")) != 0)
     usable = (np.isfinite(calexp.image) & np.isfinite(calexp.variance)
@@ -128,12 +125,12 @@ def trail_figure(calexp: Exposure, trail: np.ndarray, objects_mask: np.ndarray, 
     control = np.array([c for c in control if np.isfinite(c[0])]).reshape(-1, 2)
     n_pix = int((trail & usable).sum())
     if len(control) < 3 or not np.isfinite(on):
-        return _metric("satellite trail residual", np.nan, config.trail_nsigma_goal, "sigma", n_pix)
+        return None
     scatter = float(np.std(control[:, 0], ddof=1))
     correlation = max(1.0, scatter / float(np.sqrt(np.mean(control[:, 1] ** 2))))
     sigma = np.hypot(correlation * on_err, scatter / np.sqrt(len(control)))
     value = abs(on - float(np.mean(control[:, 0]))) / sigma
-    return _metric("satellite trail residual", value, config.trail_nsigma_goal, "sigma", n_pix)
+    return Metric("satellite trail residual", value, config.trail_nsigma_goal, "sigma", n_pix)
 
 
 def clipped_stars_figure(calexp: Exposure, objects: Table, band: str, fwhm: float, config: CoaddValidateConfig):
@@ -155,7 +152,7 @@ def clipped_stars_figure(calexp: Exposure, objects: Table, band: str, fwhm: floa
         ys, xs = iy + yy[disk], ix + xx[disk]
         ok = (xs >= 0) & (xs < nx) & (ys >= 0) & (ys < ny)
         n_bad += bool(clipped[ys[ok], xs[ok]].any())
-    return _metric(f"stars < {config.clipped_mag_max:g} mag with CLIPPED pixels", n_bad, 0, "", n)
+    return Metric(f"stars < {config.clipped_mag_max:g} mag with CLIPPED pixels", n_bad, 0, "", n)
 
 
 def noise_figure(calexp: Exposure, config: CoaddValidateConfig):
@@ -165,7 +162,7 @@ def noise_figure(calexp: Exposure, config: CoaddValidateConfig):
     use = (calexp.mask == 0) & np.isfinite(calexp.image) & np.isfinite(var) & (var > 0)
     z = calexp.image[use] / np.sqrt(var[use])
     robust = 1.4826 * np.median(np.abs(z - np.median(z)))
-    return _metric("coadd noise / variance prediction - 1", 100 * abs(robust - 1), config.noise_goal, "%", int(use.sum()))
+    return Metric("coadd noise / variance prediction - 1", 100 * abs(robust - 1), config.noise_goal, "%", int(use.sum()))
 
 
 def neighbour_segmentation(calexp: Exposure, config: CoaddValidateConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -304,9 +301,9 @@ def star_metrics(stars: dict, config: CoaddValidateConfig, label: str = "") -> l
     fwhm = 100 * abs(np.median(ratios[good_r]) - 1) if good_r.any() else np.nan
     astrometry = float(np.sqrt(np.mean(stars["dra"] ** 2 + stars["ddec"] ** 2))) if n else np.nan
     flux = 1000 * abs(np.median(dmag[good_m])) if good_m.any() else np.nan
-    return [_metric(f"{label}coadd PSF model FWHM / star FWHM - 1", fwhm, config.psf_fwhm_goal, "%", int(good_r.sum())),
-            _metric(f"{label}coadd star positions vs truth RMS", astrometry, config.astrometry_rms_goal, "mas", n),
-            _metric(f"{label}bright-star coadd magnitude - truth", flux, config.flux_bias_goal, "mmag", int(good_m.sum()))]
+    return [Metric(f"{label}coadd PSF model FWHM / star FWHM - 1", fwhm, config.psf_fwhm_goal, "%", int(good_r.sum())),
+            Metric(f"{label}coadd star positions vs truth RMS", astrometry, config.astrometry_rms_goal, "mas", n),
+            Metric(f"{label}bright-star coadd magnitude - truth", flux, config.flux_bias_goal, "mmag", int(good_m.sum()))]
 
 
 def star_figures(calexp: Exposure, objects: Table, band: str, config: CoaddValidateConfig) -> list:
@@ -421,7 +418,7 @@ def depth_figure(calexp: Exposure, visit_depths: dict, stars: dict, config: Coad
         return None, float("nan"), float("nan")
     predicted = predicted_depth(calexp, visit_depths, xc, yc)
     measured = measured_depth(calexp, config, where, psf_ratio, at=(xc, yc))
-    metric = _metric("coadd 5-sigma depth - prediction", abs(measured - predicted), config.depth_goal, "mag",
+    metric = Metric("coadd 5-sigma depth - prediction", abs(measured - predicted), config.depth_goal, "mag",
                      len(visit_depths))
     return metric, measured, predicted
 
