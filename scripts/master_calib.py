@@ -5,7 +5,6 @@ from snakedrp.isr import calibs
 from snakedrp import log as sdlog
 from snakedrp.repo.camera import Camera
 from snakedrp.config import provenance_cards
-from snakedrp.repo.exposure import Exposure
 from snakedrp.repo.raw import RawError, RawFrame
 
 if TYPE_CHECKING:
@@ -27,10 +26,12 @@ def main(inputs, outputs, params, wildcards, log_path):
     camera = Camera.from_yaml(inputs.camera)
     try:
         raws = [RawFrame.read(path) for path in inputs.raws]
-        masters = {name: Exposure.read(inputs[name]) for name in needs}
+        masters = {name: calibs.read_master(inputs[name], name, ccd=int(wildcards.ccd)) for name in needs}
         master = build(raws, camera, config=config, **masters)
     except (RawError, calibs.CalibError) as err:
-        raise SystemExit(f"master_{kind} {dict(wildcards)}: {err}") from None
+        line = f"master_{kind} {' '.join(f'{k}={v}' for k, v in wildcards.items())}: {err}"
+        logger.error("%s", line)
+        raise SystemExit(line) from None
     for card in provenance_cards("calibs", config):
         master.metadata[card[0]] = card[1:]
     master.write(getattr(outputs, kind))

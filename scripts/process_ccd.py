@@ -7,35 +7,49 @@ from snakedrp.single_frame.calibrate import CalibrateError
 from snakedrp.repo.camera import Camera
 from snakedrp.single_frame.characterize import CharacterizeError
 from snakedrp.config import provenance_cards
+from snakedrp.isr.calibs import CalibError, read_master
 from snakedrp.meas.cosmicray import CosmicRayError
-from snakedrp.repo.exposure import Exposure
 from snakedrp.repo.io import write_hdulist, write_table
 from snakedrp.isr.isr import IsrError
 from snakedrp.single_frame.process_ccd import ProcessCcdConfig, ProcessCcdTask
-from snakedrp.repo.raw import RawError, RawFrame
+from snakedrp.repo.raw import RawError, RawFrame, check_raw
+from snakedrp.repo.refcat import RefcatError
 from snakedrp.runtime import tune_memory
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake
 
-FAILURES = (RawError, IsrError, CharacterizeError, CosmicRayError, CalibrateError)
+#: Errors whose message starts with the file at fault (the raw, a master calibration, a refcat shard).
+FILE_FAILURES = (RawError, CalibError, RefcatError)
+#: Errors about the data of the raw frame (no stars, failed fits ...).
+DATA_FAILURES = (IsrError, CharacterizeError, CosmicRayError, CalibrateError)
 CALIBS = ("bias", "dark", "flat", "fringe")
 
 
 def main(inputs, outputs, params, wildcards, log_path):
     tune_memory()
     logger = sdlog.configure(log_path)
-    where = f"visit={wildcards.visit} ccd={wildcards.ccd}"
+    visit, ccd = int(wildcards.visit), int(wildcards.ccd)
+    where = f"visit={visit} ccd={ccd}"
     config = ProcessCcdConfig.from_dict(params.config)
     camera = Camera.from_yaml(inputs.camera)
     try:
         raw = RawFrame.read(inputs.raw)
-        calibs = {name: Exposure.read(inputs[name]) for name in CALIBS if name in inputs.keys()}
+        check_raw(raw, camera, visit=visit, ccd=ccd)
+        calibs = {name: read_master(inputs[name], name, ccd=ccd, filter=raw.filter if name in ("flat", "fringe") else None)
+                  for name in CALIBS if name in inputs.keys()}
         result = ProcessCcdTask(config).run(raw, camera=camera, calibs=calibs,
                                             refcat_dir=Path(inputs.refcat).parent)
-    except FAILURES as err:
-        logger.error("process_ccd %s: %s", where, err)
-        raise SystemExit(f"process_ccd {where}: {err}") from None
+    except (*FILE_FAILURES, *DATA_FAILURES) as err:
+        # one line: the data ID, the file at fault, the reason
+        if isinstance(err, FILE_FAILURES):
+            line = f"process_ccd {where}: {err}"
+        else:  # the tasks' messages start with "visit V ccd C: "
+            line = f"process_ccd {where}: {inputs.raw}: {str(err).removeprefix(f'visit {visit} ccd {ccd}: ')}"
+        logger.error("%s", line)
+        raise SystemExit(line) from None
+    for amp, reason in result.unusable_amplifiers.items():
+        logger.warning("process_ccd %s: %s: amplifier %s masked NO_DATA: %s", where, inputs.raw, amp, reason)
     cards = provenance_cards("process_ccd", config)
     for key, *value in cards:
         result.calexp.metadata[key] = tuple(value)

@@ -93,10 +93,7 @@ def test_ccd_without_bright_stars_misses_the_photometric_goal():
 # ------------------------------------------------------------------ the conditions matrix (workflow)
 #: Cases known to miss a goal, with the reason; they still run, and pass the test only while they
 #: miss (strict xfail), so a fix shows up at once.
-KNOWN_MISSES = {
-    "sparse": "WCS error ~70 mas with ~17 reference matches per CCD: the SIP fit has too few stars "
-              "(order 2: 60-80 mas, order 1: 143 mas); it needs a fit on top of the camera's known distortion",
-}
+KNOWN_MISSES: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(reason=KNOWN_MISSES[c], strict=True))

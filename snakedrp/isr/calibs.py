@@ -40,6 +40,7 @@ from scipy import ndimage
 
 from snakedrp.repo.camera import Camera
 from snakedrp.repo.exposure import Exposure, mask_bit, mask_bits
+from snakedrp.repo.io import FitsReadError, check_fits_file
 from snakedrp.isr.isr import IsrConfig, IsrError, IsrTask
 from snakedrp.pexconfig import Config, option, subconfig
 from snakedrp.repo.raw import RawFrame
@@ -127,7 +128,9 @@ def combine_clipped(images: list[np.ndarray], variances: list[np.ndarray] | None
     -------
     CombineResult
         ``variance`` is the sample variance (ddof 1) of the surviving pixels over their number;
-        with a single surviving input it is the median of the other pixels' variances.
+        with a single surviving input it is that input's own variance when ``variances`` are
+        given (a master of one frame has that frame's noise), else the median of the other
+        pixels' variances.
     """
     ny, nx = images[0].shape
     mean = np.empty((ny, nx), np.float32)
@@ -161,9 +164,12 @@ def combine_clipped(images: list[np.ndarray], variances: list[np.ndarray] | None
             mean[b] = _masked_mean(x, keep)
             var = _masked_var(x, keep) / np.maximum(n, 1)
         var[n < 2] = np.nan
+        if noise2 is not None:
+            own = n == 1
+            var[own] = np.where(keep, noise2, 0).sum(axis=0)[own]
         variance[b] = var
         n_used[b] = n
-    single = (n_used == 1)
+    single = (n_used == 1) & ~np.isfinite(variance)
     if single.any():
         finite = np.isfinite(variance)
         variance[single] = np.median(variance[finite]) if finite.any() else np.nan
@@ -421,4 +427,38 @@ def construct_fringe(raws: list[RawFrame], camera: Camera, *, bias: Exposure | N
     combined.mean[np.isfinite(combined.mean)] -= np.float32(np.mean(combined.mean[good], dtype=np.float64))
     master = _master(combined, used, mask, kind="fringe", ccd=ccd, unit="", combine=fc, fill=0.0, filter=raws[0].filter)
     master.metadata["FRNGUNIT"] = ("per unit sky", "template x sky level [e-] = fringe [e-]")
+    return master
+
+
+# ------------------------------------------------------------------ reading a master
+def read_master(path, kind: str, *, ccd: int | None = None, filter: str | None = None) -> Exposure:
+    """Read a master calibration written by this module, checking that it is whole and the one asked for.
+
+    Parameters
+    ----------
+    path : str or Path
+    kind : str
+        ``bias``, ``dark``, ``flat`` or ``fringe``; compared with the header's OBSTYPE.
+    ccd, filter : optional
+        Compared with the header's CCD and FILTER when given.
+
+    Raises
+    ------
+    CalibError
+        Missing, unreadable or truncated file, or a master of another kind, CCD or filter; the
+        message starts with the path.
+    """
+    try:
+        check_fits_file(path)
+        master = Exposure.read(path)
+    except FitsReadError as err:
+        problem = str(err).removeprefix(f"{path}: ")
+        raise CalibError(f"{path}: master {kind} is unusable: {problem}") from None
+    except Exception as err:  # a FITS file of another layout: missing extensions, bad cards ...
+        raise CalibError(f"{path}: master {kind} is unusable: {type(err).__name__}: {err}") from None
+    meta = master.metadata
+    expected = {"OBSTYPE": kind, "CCD": ccd, "FILTER": filter}
+    for key, value in expected.items():
+        if value is not None and key in meta and str(meta[key]) != str(value):
+            raise CalibError(f"{path}: master {kind} has {key} = {meta[key]!r}, expected {value!r}")
     return master

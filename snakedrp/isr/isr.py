@@ -19,8 +19,10 @@ Steps, in the order :meth:`IsrTask.run` applies them (each a function here, each
 9. ``divide_flat``        master flat, median 1 (docs/ARCHITECTURE.md).
 10. ``fit_fringe_amplitude`` + ``subtract_fringe``  only for filters the camera marks as
     fringing: least-squares amplitude of the fringe template against box medians of the image.
-11. ``mask_nonfinite``    NaN/inf pixels → NO_DATA|BAD, value 0, variance inf; a whole CCD
-    without usable data raises :class:`IsrError`.
+11. ``mask_nonfinite``    NaN/inf pixels → NO_DATA|BAD, value 0, variance inf; so are the
+    amplifiers that :func:`find_unusable_amplifiers` finds without signal in the raw frame (no
+    finite pixel, one value everywhere, saturated everywhere); a whole CCD without usable data
+    raises :class:`IsrError`.
 12. ``interpolate_over_masked``  linear interpolation across columns over BAD (and SAT) pixels,
     which gain INTRP.
 13. ``mask_edge``         EDGE on a border of ``edge_width`` pixels.
@@ -32,7 +34,7 @@ and metadata with the raw keys plus ``ISR*`` keys saying which steps ran.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from astropy.io import fits
@@ -90,6 +92,7 @@ class IsrConfig(Config):
     do_defect: bool = option(True, "Mask the camera's defect boxes as BAD?")
     do_interpolate: bool = option(True, "Interpolate across columns over BAD pixels (and SAT, see do_saturation_interpolation); sets INTRP")
     do_saturation_interpolation: bool = option(True, "Also interpolate over SAT pixels (saturated cores, bleed trails)?")
+    # also masks the amplifiers without signal (find_unusable_amplifiers)
     do_nan_masking: bool = option(True, "Mask NaN/inf pixels as NO_DATA|BAD (value 0, variance inf)?")
     edge_width: int = option(2, "Mask this many pixels along the CCD border as EDGE (0: none) [pixel]", min=0, max=500)
 
@@ -122,10 +125,14 @@ class IsrResult:
     fringe_amplitude : float or None
         Fitted amplitude of the fringe template (e-, i.e. sky level, for a per-unit-sky
         template); None when no fringe was subtracted.
+    unusable_amplifiers : dict of str to str
+        Amplifier name → why it holds no signal (see :func:`find_unusable_amplifiers`); its
+        pixels are NO_DATA|BAD. Empty when every amplifier is usable.
     """
 
     exposure: Exposure
     fringe_amplitude: float | None = None
+    unusable_amplifiers: dict[str, str] = field(default_factory=dict)
 
 
 #: Rows per block in whole-image arithmetic: the temporaries stay in cache (2x faster than
@@ -160,6 +167,40 @@ def detect_saturation(data: np.ndarray, amplifiers, shape: tuple[int, int], *, a
         else:
             saturated[amp.raw_data.slices] = hit
     return saturated
+
+
+def find_unusable_amplifiers(data: np.ndarray, amplifiers) -> dict[str, str]:
+    """Amplifiers whose raw data section carries no signal, with the reason.
+
+    Unusable is an amplifier with no finite pixel, one that reads one value everywhere (a
+    dead or stuck readout: all zeros, say; real data always have read noise), or one at or
+    above its saturation level everywhere. Two passes (min, max) over the raw frame.
+
+    Parameters
+    ----------
+    data : ndarray, shape (ny_raw, nx_raw)
+        The raw frame [ADU].
+
+    Returns
+    -------
+    dict
+        Amplifier name → reason, in the camera's order; empty if all are usable.
+    """
+    out = {}
+    for amp in amplifiers:
+        pix = data[amp.raw_data.slices]
+        lo, hi = float(pix.min()), float(pix.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            finite = pix[np.isfinite(pix)]
+            if finite.size == 0:
+                out[amp.name] = "no finite pixel (NaN/inf everywhere)"
+                continue
+            lo, hi = float(finite.min()), float(finite.max())
+        if lo >= amp.saturation:
+            out[amp.name] = f"every pixel saturated (>= {amp.saturation:g} ADU)"
+        elif lo == hi:
+            out[amp.name] = f"every pixel reads {lo:g} ADU (a dead or stuck readout)"
+    return out
 
 
 def mask_saturation(mask: np.ndarray, saturated: np.ndarray, *, grow: int = 1, bleed_grow: int = 4) -> int:
@@ -501,6 +542,7 @@ class IsrTask:
         mask = np.zeros(shape, np.int32)
 
         saturated = detect_saturation(raw.data, amps, shape, assembled=assembled) if cfg.do_saturation else None
+        unusable = find_unusable_amplifiers(raw.data, amps) if cfg.do_nan_masking else {}
 
         work = raw.data
         if cfg.do_overscan:
@@ -521,6 +563,11 @@ class IsrTask:
         else:
             image = work.astype(np.float32, copy=work is raw.data)
         meta["ISRASSEM"] = (assembled, "amplifiers trimmed and assembled")
+        for amp, region in zip(amps, regions):
+            if amp.name in unusable:
+                image[region] = np.nan  # masked NO_DATA|BAD with the other non-finite pixels below
+        if unusable:
+            meta["NODATAMP"] = (",".join(unusable), "amplifiers without signal, masked NO_DATA")
 
         n_sat = mask_saturation(mask, saturated, grow=cfg.saturated_grow, bleed_grow=cfg.saturated_bleed_grow) \
             if cfg.do_saturation else 0
@@ -593,7 +640,9 @@ class IsrTask:
                 nodata = mask_bit("NO_DATA")
                 usable = [not np.all(mask[sl] & nodata) for sl in regions]
                 if not any(usable):
-                    raise IsrError(f"{where}: no usable pixel (every amplifier is NaN/inf); the CCD cannot be processed")
+                    why = "; ".join(f"amplifier {a.name}: {unusable.get(a.name, 'NaN/inf everywhere after calibration')}"
+                                    for a in amps)
+                    raise IsrError(f"{where}: no usable pixel ({why}); the CCD cannot be processed")
         meta["ISRNAN"] = (cfg.do_nan_masking, "NaN/inf pixels masked NO_DATA|BAD")
         meta["NNODATA"] = (n_nodata, "pixels masked NO_DATA")
 
@@ -609,4 +658,4 @@ class IsrTask:
 
         exposure = Exposure(image=image, mask=mask, variance=variance, wcs=_wcs_from_header(header, shape),
                             metadata=meta)
-        return IsrResult(exposure=exposure, fringe_amplitude=amplitude)
+        return IsrResult(exposure=exposure, fringe_amplitude=amplitude, unusable_amplifiers=unusable)

@@ -16,7 +16,7 @@ from snakedrp.pexconfig import Config, option
 from snakedrp.repo.butler import Butler
 from snakedrp.repo.camera import Camera
 from snakedrp.repo.io import atomic_path
-from snakedrp.repo.raw import RawError, read_raw_header
+from snakedrp.repo.raw import RawError, camera_problem, read_raw_header
 from snakedrp.repo.registry import COLUMNS, HEADER_KEYS, PYTHON_TYPES, REGISTRY_NAME, Registry, write_registry
 
 log = logging.getLogger("snakedrp.ingest")
@@ -77,12 +77,9 @@ def _row_from_header(header, camera) -> dict:
             row[col] = PYTHON_TYPES[COLUMNS[col]](header[key])
         except (TypeError, ValueError):
             raise RawError(f"header key {key} = {header[key]!r} is not a valid {COLUMNS[col].lower()}") from None
-    if camera is not None:
-        if str(header["CAMERA"]) != camera.name:
-            raise RawError(f"CAMERA {header['CAMERA']!r} is not this repository's camera {camera.name!r}")
-        if row["ccd"] not in camera.ccds:
-            raise RawError(f"CCD {row['ccd']} is not a detector of camera {camera.name!r} "
-                           f"(ids {', '.join(map(str, camera.ccd_ids))})")
+    problem = camera_problem(header, camera) if camera is not None else None
+    if problem is not None:
+        raise RawError(f"visit={row['visit']} ccd={row['ccd']}: {problem}")
     return row
 
 

@@ -1,4 +1,5 @@
-"""File writing helpers: every product is written atomically (temporary file, then rename).
+"""File helpers: every product is written atomically (temporary file, then rename), and
+:func:`check_fits_file` tells a damaged FITS input (unreadable, truncated) in one line.
 
 FITS files are written here directly, block by block, rather than through astropy's writers:
 astropy byte-swaps every image twice (in place and back) and builds binary tables column
@@ -15,11 +16,13 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
+from astropy.utils.exceptions import AstropyUserWarning
 
 #: FITS block size [bytes]; every header and data unit is padded to a multiple of it.
 FITS_BLOCK = 2880
@@ -42,6 +45,37 @@ _RESERVED = ("XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "PCOUNT", "GCOUN
              "THEAP", "SIMPLE", "EXTEND", "END")
 _COLUMN_KEYS = ("TTYPE", "TFORM", "TUNIT", "TNULL", "TSCAL", "TZERO", "TDISP", "TBCOL", "TDIM",
                 "TCTYP", "TCUNI", "TCRPX", "TCRVL", "TCDLT", "TRPOS", "TCOMM")
+
+
+class FitsReadError(OSError):
+    """A FITS file cannot be used: missing, unreadable or truncated; the message starts with its path."""
+
+
+def check_fits_file(path: str | Path) -> None:
+    """Check that ``path`` is a FITS file whose every header and data unit is complete.
+
+    Reads the headers only. Astropy opens a truncated file with a warning and fails later, on
+    the first data access, with an unrelated message ("buffer is too small"); this says what is
+    wrong, naming the file.
+
+    Raises
+    ------
+    FitsReadError
+        The file is missing, not FITS, or shorter than its headers declare.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyUserWarning)  # "may have been truncated": measured below
+            with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
+                needed = max(hdu._data_offset + hdu._data_size for hdu in hdul)
+    except FileNotFoundError:
+        raise FitsReadError(f"{path}: no such file") from None
+    except Exception as err:  # astropy raises several types for damaged files
+        raise FitsReadError(f"{path}: not a readable FITS file ({type(err).__name__}: {err})") from None
+    if size < needed:
+        raise FitsReadError(f"{path}: truncated ({size} bytes, headers and data need {needed})")
 
 
 @contextlib.contextmanager

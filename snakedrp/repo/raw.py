@@ -7,11 +7,13 @@ CCD pixel grid, built from the telescope pointing without the optical distortion
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
+from astropy.utils.exceptions import AstropyUserWarning
 
 #: Header keys every raw frame must carry, with their meaning.
 REQUIRED_KEYS: dict[str, str] = {
@@ -46,10 +48,13 @@ class RawFrame:
     data : ndarray, float32, shape (ny_raw, nx_raw)
         ADU in the camera's raw layout.
     header : astropy.io.fits.Header
+    path : str or None
+        The file it was read from (None for a frame made in memory); error messages name it.
     """
 
     data: np.ndarray
     header: fits.Header
+    path: str | None = None
 
     @property
     def visit(self) -> int:
@@ -77,7 +82,7 @@ class RawFrame:
             raise
         except Exception as err:  # astropy raises several types for damaged files
             raise RawError(f"{path}: cannot read pixel data ({type(err).__name__}: {err})") from None
-        return cls(data=data, header=header)
+        return cls(data=data, header=header, path=str(path))
 
 
 def _adu_float32(stored: np.ndarray, header: fits.Header) -> np.ndarray:
@@ -98,10 +103,12 @@ def read_raw_header(path: str | Path) -> fits.Header:
     """Read a raw file's header, checking it is complete and that the file is not truncated."""
     path = Path(path)
     try:
-        with fits.open(path, memmap=False) as hdul:
-            header = hdul[0].header.copy()
-            # truncation shows as a file shorter than header + data
-            expected = hdul[0]._data_offset + hdul[0]._data_size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyUserWarning)  # "may have been truncated": measured below
+            with fits.open(path, memmap=False) as hdul:
+                header = hdul[0].header.copy()
+                # truncation shows as a file shorter than header + data
+                expected = hdul[0]._data_offset + hdul[0]._data_size
     except Exception as err:
         raise RawError(f"{path}: not a readable FITS file ({type(err).__name__}: {err})") from None
     if path.stat().st_size < expected:
@@ -112,3 +119,45 @@ def read_raw_header(path: str | Path) -> fits.Header:
     if header["OBSTYPE"] not in OBSTYPES:
         raise RawError(f"{path}: OBSTYPE {header['OBSTYPE']!r} is not one of {', '.join(OBSTYPES)}")
     return header
+
+
+def camera_problem(header, camera) -> str | None:
+    """What makes a raw header foreign to ``camera`` (its CAMERA, CCD or FILTER), or None.
+
+    The header must hold :data:`REQUIRED_KEYS`. Bias and dark frames carry ``FILTER = NONE``;
+    every other exposure needs one of the camera's filters (the filter chooses the flat, the
+    fringe template and the reference band).
+    """
+    if str(header["CAMERA"]) != camera.name:
+        return f"CAMERA {header['CAMERA']!r} is not this repository's camera {camera.name!r}"
+    try:
+        ccd = int(header["CCD"])
+    except (TypeError, ValueError):
+        return f"header key CCD = {header['CCD']!r} is not a valid integer"
+    if ccd not in camera.ccds:
+        return f"CCD {ccd} is not a detector of camera {camera.name!r} (ids {', '.join(map(str, camera.ccd_ids))})"
+    if str(header["OBSTYPE"]) not in ("bias", "dark") and str(header["FILTER"]) not in camera.filters:
+        return (f"FILTER {header['FILTER']!r} is not a filter of camera {camera.name!r} "
+                f"({', '.join(camera.filters)})")
+    return None
+
+
+def check_raw(raw: RawFrame, camera, *, visit: int | None = None, ccd: int | None = None) -> None:
+    """Check that ``raw`` belongs to ``camera`` and, if given, is the exposure ``(visit, ccd)``.
+
+    A file whose header names another exposure than its data ID is a duplicate of that
+    exposure or a misfiled frame; processing it would write one exposure's pixels under the
+    other's name.
+
+    Raises
+    ------
+    RawError
+        Naming the file (``raw.path``) and the problem.
+    """
+    name = raw.path or "raw frame"
+    if visit is not None and ccd is not None and (raw.visit, raw.ccd) != (int(visit), int(ccd)):
+        raise RawError(f"{name}: the header says visit={raw.visit} ccd={raw.ccd}, not visit={visit} ccd={ccd} "
+                       "(a duplicate of that exposure, or a misfiled file)")
+    problem = camera_problem(raw.header, camera)
+    if problem is not None:
+        raise RawError(f"{name}: {problem}")

@@ -16,7 +16,7 @@ import numpy as np
 from astropy.table import Table, vstack
 from astropy_healpix import HEALPix
 
-from snakedrp.repo.io import write_table, write_text
+from snakedrp.repo.io import FitsReadError, check_fits_file, write_table, write_text
 
 INDEX_NAME = "index.json"
 
@@ -104,7 +104,7 @@ def read_index(directory: str | Path) -> dict:
 
 
 def refcat_shards(directory: str | Path, ra: float, dec: float, radius: float) -> list[Path]:
-    """Paths of the existing shards that overlap the circle of ``radius`` [deg] about ``(ra, dec)``."""
+    """Paths of the shards ``index.json`` lists that overlap the circle of ``radius`` [deg] about ``(ra, dec)``."""
     directory = Path(directory)
     index = read_index(directory)
     present = {int(s["pixel"]) for s in index["shards"]}
@@ -112,24 +112,47 @@ def refcat_shards(directory: str | Path, ra: float, dec: float, radius: float) -
     return [directory / f"{int(p)}.fits" for p in wanted if int(p) in present]
 
 
+def read_shard(path: str | Path, n_rows: int | None = None) -> Table:
+    """One shard, checked: present, a whole FITS table, and ``n_rows`` long if given (the index's count).
+
+    Raises
+    ------
+    RefcatError
+        Naming the shard and the problem (missing, unreadable, truncated, empty or short).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise RefcatError(f"{path}: shard listed in {INDEX_NAME} is missing")
+    try:
+        check_fits_file(path)
+        table = Table.read(path, format="fits")
+    except FitsReadError as err:
+        raise RefcatError(f"{err} (shard listed in {INDEX_NAME})") from None
+    except Exception as err:  # a FITS file without a table, bad cards ...
+        raise RefcatError(f"{path}: not a reference-catalog shard ({type(err).__name__}: {err})") from None
+    if n_rows is not None and len(table) != n_rows:
+        raise RefcatError(f"{path}: shard has {len(table)} rows, {INDEX_NAME} lists {n_rows}")
+    return table
+
+
 def load_refcat(directory: str | Path, ra: float, dec: float, radius: float) -> Table:
     """Reference stars within ``radius`` [deg] of ``(ra, dec)`` [deg], reading only overlapping shards.
 
     Returns an astropy Table with the catalog's columns and units (empty, with the columns,
-    when no star is in the circle).
+    when no star is in the circle). A listed shard that is missing, damaged or holds another
+    number of rows than the index says raises :class:`RefcatError` (a partial catalog would
+    bias the astrometric and photometric fits without a word).
     """
-    paths = refcat_shards(directory, ra, dec, radius)
-    tables = []
-    for path in paths:
-        if not path.exists():
-            raise RefcatError(f"{path}: shard listed in {INDEX_NAME} is missing")
-        tables.append(Table.read(path, format="fits"))
+    directory = Path(directory)
+    index = read_index(directory)
+    counts = {int(s["pixel"]): s.get("n") for s in index["shards"]}
+    wanted = [int(p) for p in pixels_in_cone(index["nside"], ra, dec, radius) if int(p) in counts]
+    tables = [read_shard(directory / f"{p}.fits", counts[p]) for p in wanted]
     if not tables:
-        index = read_index(directory)
         first = index["shards"][0]["pixel"] if index["shards"] else None
         if first is None:
             return Table(names=("id", "ra", "dec"), dtype=(np.int64, float, float))
-        return Table.read(Path(directory) / f"{first}.fits", format="fits")[:0]
+        return read_shard(directory / f"{first}.fits")[:0]
     table = vstack(tables, metadata_conflicts="silent") if len(tables) > 1 else tables[0]
     keep = angular_distance(ra, dec, table["ra"], table["dec"]) <= radius
     return table[keep]

@@ -13,7 +13,7 @@ From Python, as in the seed notebook::
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from snakedrp.single_frame.characterize import CharacterizeConfig, CharacterizeT
 from snakedrp.repo.exposure import Exposure
 from snakedrp.isr.isr import IsrConfig, IsrTask
 from snakedrp.pexconfig import Config, subconfig
-from snakedrp.repo.raw import RawFrame
+from snakedrp.repo.raw import RawFrame, check_raw
 from snakedrp.repo.refcat import load_refcat
 
 
@@ -60,6 +60,8 @@ class ProcessCcdResult:
     apcorr : ApCorrMap or None
         Aperture correction.
     n_cosmic_rays : int
+    unusable_amplifiers : dict of str to str
+        Amplifiers ISR found without signal (name → reason), masked NO_DATA in the calexp.
     """
 
     calexp: Exposure
@@ -69,13 +71,12 @@ class ProcessCcdResult:
     matches: Table | None
     apcorr: ApCorrMap | None
     n_cosmic_rays: int
+    unusable_amplifiers: dict[str, str] = field(default_factory=dict)
 
 
-def refcat_for_exposure(directory, wcs, shape: tuple[int, int], margin_arcsec: float) -> Table:
-    """Reference stars within the circle around a CCD (from its WCS) grown by ``margin_arcsec``.
-
-    Reads only the refcat shards that touch that circle.
-    """
+def refcat_circle(wcs, shape: tuple[int, int], margin_arcsec: float) -> tuple[float, float, float]:
+    """``(ra, dec, radius)`` [deg]: the circle about a CCD's centre (from its WCS) through its
+    farthest corner, grown by ``margin_arcsec``; the sky whose reference stars the CCD loads."""
     ny, nx = shape
     xs = np.array([0, nx - 1, nx - 1, 0, (nx - 1) / 2.0])
     ys = np.array([0, 0, ny - 1, ny - 1, (ny - 1) / 2.0])
@@ -83,7 +84,12 @@ def refcat_for_exposure(directory, wcs, shape: tuple[int, int], margin_arcsec: f
     ra0, dec0 = ra[-1], dec[-1]
     cosd = np.cos(np.deg2rad(dec0))
     dist = np.hypot(((ra[:4] - ra0 + 180) % 360 - 180) * cosd, dec[:4] - dec0)
-    return load_refcat(directory, float(ra0), float(dec0), float(dist.max() + margin_arcsec / 3600.0))
+    return float(ra0), float(dec0), float(dist.max() + margin_arcsec / 3600.0)
+
+
+def refcat_for_exposure(directory, wcs, shape: tuple[int, int], margin_arcsec: float) -> Table:
+    """Reference stars within :func:`refcat_circle`; reads only the refcat shards that touch it."""
+    return load_refcat(directory, *refcat_circle(wcs, shape, margin_arcsec))
 
 
 class ProcessCcdTask:
@@ -106,14 +112,27 @@ class ProcessCcdTask:
         ----------
         raw : RawFrame
         camera : Camera
+            Its geometry and optical distortion give the starting WCS (``Camera.initial_wcs`` at
+            the header pointing ``TELRA``, ``TELDEC``, ``ROTANG``).
         calibs : dict
             Master calibrations by name: ``bias``, ``dark``, ``flat``, ``fringe`` (those the
             ISR switches need).
         refcat : Table, optional
             Reference stars around the CCD; or give ``refcat_dir`` to load the covering shards.
+
+        Raises
+        ------
+        RawError
+            A raw frame of another camera, or of a filter the camera does not have.
         """
+        check_raw(raw, camera)
         isr = self.isr.run(raw, camera=camera, **(calibs or {}))
-        char = self.characterize.run(isr.exposure)
+        # the raw header's WCS lacks the optical distortion: start from the camera model's, so that
+        # the astrometric fit only corrects pointing, rotation and scale (few reference stars suffice)
+        h = raw.header
+        exposure = replace(isr.exposure, wcs=camera.initial_wcs(raw.ccd, float(h["TELRA"]), float(h["TELDEC"]),
+                                                                float(h["ROTANG"])))
+        char = self.characterize.run(exposure)
         if refcat is None and refcat_dir is not None:
             refcat = refcat_for_exposure(refcat_dir, char.exposure.wcs, char.exposure.shape,
                                          self.config.calibrate.refcat_margin)
@@ -122,7 +141,7 @@ class ProcessCcdTask:
         return ProcessCcdResult(calexp=cal.exposure, sources=cal.sources, psf_sources=char.psf_sources,
                                 background=char.background, matches=cal.matches,
                                 apcorr=cal.apcorr if cal.apcorr is not None else char.apcorr,
-                                n_cosmic_rays=char.n_cosmic_rays)
+                                n_cosmic_rays=char.n_cosmic_rays, unusable_amplifiers=isr.unusable_amplifiers)
 
     def run_data_id(self, butler, *, visit: int, ccd: int, refcat: str = "sim_gaia") -> ProcessCcdResult:
         """Read the raw, calibrations and reference catalog of ``(visit, ccd)`` through a butler and run."""
