@@ -429,9 +429,6 @@ def test_malformed_id_stops_before_any_job_in_one_line(pristine, data_id, words)
     assert snapshot(pristine) == before
 
 
-@pytest.mark.xfail(strict=True, reason="rules/common.smk get_calib_raws raises in the input function, which stops "
-                   "the whole DAG; it should return [] and let master_calib.py fail that job in one line "
-                   "(construct_* already says 'no input frames')")
 def test_master_calibration_without_raws_fails_only_its_jobs(pristine, tmp_path):
     repo = copy_repo(pristine, tmp_path / "repo")
     registry = repo / REGISTRY_NAME
