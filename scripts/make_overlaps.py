@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from astropy.io import fits
 
 from snakedrp import log as sdlog
-from snakedrp.coadd.overlaps import Footprint, calexp_polygon, find_overlaps
+from snakedrp.coadd.overlaps import Footprint, calexp_polygon, coadd_exclusion, find_overlaps
 from snakedrp.coadd.skymap import SkyMap, parse_patch
 from snakedrp.repo.io import write_table
 
@@ -19,9 +19,15 @@ if TYPE_CHECKING:
 def main(inputs, outputs, params, wildcards, log_path):
     logger = sdlog.configure(log_path)
     skymap = SkyMap.read(inputs.skymap)
-    footprints = [Footprint(visit=int(v), ccd=int(c), filter=wildcards.filter,
-                            polygon=calexp_polygon(fits.getheader(path, "IMAGE")))
-                  for (v, c), path in zip(params.data_ids, inputs.calexps)]
+    footprints = []
+    for (v, c), path in zip(params.data_ids, inputs.calexps):
+        excluded = coadd_exclusion(fits.getheader(path, 0))
+        if excluded:
+            logger.warning("make_overlaps %s: %s (visit=%d ccd=%d): %s: left out of the coadds",
+                           wildcards.filter, path, int(v), int(c), excluded)
+            continue
+        footprints.append(Footprint(visit=int(v), ccd=int(c), filter=wildcards.filter,
+                                    polygon=calexp_polygon(fits.getheader(path, "IMAGE"))))
     table = find_overlaps(skymap, footprints)
     patches = sorted({(int(t), str(p)) for t, p in zip(table["tract"], table["patch"])},
                      key=lambda tp: (tp[0], parse_patch(tp[1])))

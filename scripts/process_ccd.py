@@ -50,6 +50,10 @@ def main(inputs, outputs, params, wildcards, log_path):
         raise SystemExit(line) from None
     for amp, reason in result.unusable_amplifiers.items():
         logger.warning("process_ccd %s: %s: amplifier %s masked NO_DATA: %s", where, inputs.raw, amp, reason)
+    if "WCSFAIL" in result.calexp.metadata:
+        logger.warning("process_ccd %s: %s: astrometric fit failed (%s): calexp written with the camera's WCS "
+                       "and no zeropoint, flagged WCSFAIL (left out of the coadds)", where, inputs.raw,
+                       result.calexp.metadata["WCSFAIL"])
     cards = provenance_cards("process_ccd", config)
     for key, *value in cards:
         result.calexp.metadata[key] = tuple(value)
@@ -63,10 +67,11 @@ def main(inputs, outputs, params, wildcards, log_path):
     for key, *value in cards:
         background[0].header[key] = tuple(value)
     write_hdulist(background, outputs.background)
-    zp = result.calexp.zeropoint
+    zp = result.calexp.zeropoint if result.calexp.zeropoint is not None else float("nan")
     logger.info("%s: %d sources, %d PSF stars, %d cosmic rays, zeropoint %.4f +- %.4f, astrometric rms %.1f mas",
                 where, len(result.sources), len(result.psf_sources), result.n_cosmic_rays, zp,
-                result.calexp.zeropoint_err, result.calexp.metadata.get("ASTRMS", float("nan")))
+                result.calexp.zeropoint_err if result.calexp.zeropoint_err is not None else float("nan"),
+                result.calexp.metadata.get("ASTRMS", float("nan")))
 
 
 main(snakemake.input, snakemake.output, snakemake.params, snakemake.wildcards, snakemake.log[0])

@@ -11,6 +11,7 @@ from snakedrp import simulate
 from snakedrp.repo.camera import Camera
 from snakedrp.repo.exposure import Exposure
 from snakedrp.repo.io import write_text
+from snakedrp.validate.figures import Metric
 from snakedrp.validate.single_frame import (ValidateConfig, ValidationFailed, finish, information, summarize,
                                             validate_exposure)
 
@@ -55,11 +56,16 @@ def main(inputs, outputs, params, log_path):
     camera = Camera.from_yaml(inputs.camera)
     objects, visits, exposures = Table.read(inputs.objects), Table.read(inputs.visits), Table.read(inputs.exposures)
     true_zp = {(int(r["visit"]), int(r["ccd"])): float(r["zeropoint"]) for r in exposures}
-    figures = []
+    figures, failed = [], []
     for calexp_path, src_path, icsrc_path, truth_path, cr_path in zip(
             inputs.calexps, inputs.srcs, inputs.icsrcs, inputs.truth, inputs.cr):
         calexp = Exposure.read(calexp_path)
         visit, ccd = int(calexp.metadata["VISIT"]), int(calexp.metadata["CCD"])
+        if "WCSFAIL" in calexp.metadata:
+            failed.append(f"visit={visit} ccd={ccd}")
+            logger.warning("%s (visit=%d ccd=%d): astrometric fit failed (%s): left out of the figures", calexp_path,
+                           visit, ccd, calexp.metadata["WCSFAIL"])
+            continue
         visit_row = visits[np.flatnonzero(np.asarray(visits["visit"]) == visit)[0]]
         psf_image, pixel_to_sky, true_mag, true_neff = truth_functions(visit_row, camera, ccd, objects, calexp.shape)
         figures.append(validate_exposure(calexp, Table.read(src_path), Table.read(icsrc_path), Table.read(truth_path),
@@ -73,6 +79,8 @@ def main(inputs, outputs, params, log_path):
                     float(np.median(f.photometry_mmag)) if len(f.photometry_mmag) else float("nan"),
                     f.zeropoint_error_mmag)
     metrics = summarize(figures, config)
+    # a calexp without a fitted WCS is a calibration failure, counted against the run
+    metrics.append(Metric("calexps whose astrometric fit failed", len(failed), 0, "", len(figures) + len(failed)))
     for m in metrics:
         logger.info(m.line())
     info = information(figures)

@@ -307,3 +307,19 @@ def test_new_visits_rebuild_only_their_warps_and_patches(tmp_path):
         assert {("HSC-R", int(j["tract"]), j["patch"]) for j in jobs[rule]} == {("HSC-R", t, p) for t, p in touched}
         assert all(j["filter"] == "HSC-R" for j in jobs[rule])
     assert set(jobs) <= {"make_warp", "assemble_coadd", "detect_coadd", "coadd"}, set(jobs)
+
+
+def test_calexp_with_failed_astrometry_drops_out_of_the_coadd(tmp_path):
+    repo = make_fake_repo(tmp_path / "repo")
+    butler = Butler(repo, rerun="ci")
+    path = butler.output_path("calexp", visit=102, ccd=1, filter="HSC-R")
+    calexp = Exposure.read(path)
+    calexp.metadata["WCSFAIL"] = ("no pattern match", "astrometric fit failed: camera WCS, no zeropoint")
+    calexp.write(path)
+    run_overlaps(repo, ["HSC-R"])
+    table = Table.read(overlap_tables(repo, ["HSC-R"])[0])
+    pairs = set(zip(table["visit"].tolist(), table["ccd"].tolist()))
+    assert (102, 1) not in pairs and {(100, 0), (100, 1), (102, 0)} <= pairs
+    logs = "".join(p.read_text() for p in (repo / "rerun/ci/logs").rglob("*.log"))
+    assert re.search(rf"WARNING: make_overlaps HSC-R: {re.escape(path)} \(visit=102 ccd=1\): astrometric fit "
+                     r"failed \(no pattern match\): left out of the coadds", logs), logs[-2000:]

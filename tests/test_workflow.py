@@ -29,6 +29,7 @@ from snakedrp.repo.camera import Camera
 from snakedrp.repo.exposure import MASK_PLANES, Exposure
 from snakedrp.single_frame.process_ccd import ProcessCcdConfig, ProcessCcdTask
 from snakedrp.repo.raw import RawFrame
+from snakedrp.repo.refcat import load_refcat
 from snakedrp.repo.ingest import IngestConfig, IngestError, ingest
 from snakedrp.repo.registry import REGISTRY_NAME, Registry
 
@@ -407,6 +408,27 @@ def test_refcat_not_covering_the_ccd(ci_repo, ci_science):
     message = str(err.value)
     assert re.search(rf"visit[ =]{e['visit']}\b", message) and re.search(rf"ccd[ =]{e['ccd']}\b", message), message
     assert "reference catalog does not cover" in message
+
+
+def test_failed_astrometric_fit_gives_a_flagged_calexp(ci_repo, ci_science):
+    # the reference stars of the CCD moved 0.5 deg: no pattern match, no WCS fit
+    e = ci_science[1]
+    butler = Butler(ci_repo, rerun="ci")
+    raw = butler.get("raw", visit=e["visit"], ccd=e["ccd"])
+    calibs = {name: butler.get(name, ccd=e["ccd"], filter=e["filter"]) for name in ("bias", "dark", "flat")}
+    if butler.camera.filters[e["filter"]].fringe:
+        calibs["fringe"] = butler.get("fringe", ccd=e["ccd"], filter=e["filter"])
+    calexp = Exposure.read(product_path(ci_repo, "calexp", visit=e["visit"], ccd=e["ccd"]))
+    ra, dec = calexp.wcs.all_pix2world([calexp.shape[1] / 2], [calexp.shape[0] / 2], 0)
+    refcat = load_refcat(ci_repo / "ref_cats/sim_gaia", float(ra[0]), float(dec[0]), 0.15)
+    refcat["ra"] = refcat["ra"] + 0.5
+    result = ProcessCcdTask().run(raw, camera=butler.camera, calibs=calibs, refcat=refcat)
+    assert "WCSFAIL" in result.calexp.metadata and result.calexp.zeropoint is None
+    assert len(result.matches) == 0 and "WCSFAIL" in result.sources.meta
+    config = ProcessCcdConfig()
+    config.calibrate.require_astrometry = True
+    with pytest.raises(CalibrateError, match=rf"visit {e['visit']} ccd {e['ccd']}: astrometry failed"):
+        ProcessCcdTask(config).run(raw, camera=butler.camera, calibs=calibs, refcat=refcat)
 
 
 # ------------------------------------------------------------------ 8: the Task API and show_config

@@ -96,3 +96,13 @@ def overlap_index(table: Table) -> dict[tuple[int, str], dict[int, list[int]]]:
                                         np.asarray(table["tract"]), np.asarray(table["patch"])):
         out.setdefault((int(tract), str(patch)), {}).setdefault(int(visit), []).append(int(ccd))
     return {key: {v: sorted(c) for v, c in sorted(visits.items())} for key, visits in sorted(out.items())}
+
+
+def coadd_exclusion(metadata) -> str | None:
+    """Why a calexp must stay out of the coadds, from its primary header, or None.
+
+    A calexp whose astrometric fit failed (``WCSFAIL``, see ``calibrate.require_astrometry``)
+    carries only the camera's WCS and no zeropoint: warped, it would smear its stars.
+    """
+    reason = metadata.get("WCSFAIL")
+    return f"astrometric fit failed ({reason})" if reason else None

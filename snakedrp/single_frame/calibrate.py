@@ -41,6 +41,7 @@ class CalibrateConfig(Config):
 
     do_astrometry: bool = option(True, "Fit the WCS against the reference catalog?")
     do_photometry: bool = option(True, "Fit the photometric zeropoint against the reference catalog?")
+    require_astrometry: bool = option(False, "Fail the exposure when the astrometric fit fails (requireAstrometry)? false: the calexp is written with the camera's WCS and no zeropoint, flagged WCSFAIL, and is left out of the coadds and the validation figures")
     refcat_margin: float = option(30.0, "Reference stars loaded out to this far beyond the CCD [arcsec]", min=0.0)
     star_size_max: float = option(1.15, "Unresolved if adaptive-moment size / PSF size is below this", min=1.0)
     recentre_apcorr: bool = option(True, "Move the aperture correction's constant term onto the median over the bright unresolved src stars of calib_flux / psf_flux - apcorr (robust to the neighbours in the calibration aperture of a crowded field)?")
@@ -100,7 +101,9 @@ class CalibrateTask:
         Raises
         ------
         CalibrateError
-            No sources, too few reference matches, failed fit; names visit and ccd.
+            No sources, no reference stars, failed zeropoint fit (a failed WCS fit too with
+            ``require_astrometry``; without, the exposure comes back flagged ``WCSFAIL``); names
+            visit and ccd.
         """
         cfg = self.config
         where = f"visit {exposure.metadata.get('VISIT', '?')} ccd {exposure.metadata.get('CCD', '?')}"
@@ -148,7 +151,17 @@ class CalibrateTask:
             try:
                 astro = match_and_fit(sources, refcat, exposure.wcs, cfg.astrometry, shape=(ny, nx))
             except AstrometryError as err:
-                raise CalibrateError(f"{where}: astrometry failed: {err}") from None
+                if cfg.require_astrometry:
+                    raise CalibrateError(f"{where}: astrometry failed: {err}") from None
+                # the calexp is still written (a failed fit is a fact about the data, and a missing
+                # product would stop every coadd it overlaps), flagged so that nothing trusts it
+                metadata["WCSFAIL"] = (str(err)[:60], "astrometric fit failed: camera WCS, no zeropoint")
+                sources.meta["WCSFAIL"] = str(err)[:60]
+                out = replace(exposure, zeropoint=None, zeropoint_err=None, metadata=metadata)
+                no_matches = Table({"source_id": np.zeros(0, np.int64), "ref_id": np.zeros(0, np.int64),
+                                    "separation_mas": np.zeros(0), "used": np.zeros(0, bool)},
+                                   meta={"WCSFAIL": str(err)[:60]})
+                return CalibrateResult(exposure=out, sources=sources, matches=no_matches, apcorr=apcorr)
             wcs, matches = astro.wcs, astro.matches
             ra, dec = wcs.all_pix2world(x, y, 0)
             # in place: new columns would drop the unit and description measure_sources gave them

@@ -193,6 +193,8 @@ def read_visit_sources(paths, data_ids, config: MetricsConfig) -> Table:
     keep = ("coord_ra", "coord_dec", "psf_mag", "psf_mag_err", "psf_snr", "extendedness", "x_centroid", "y_centroid")
     parts = []
     for path, data_id in zip(paths, data_ids):
+        if "WCSFAIL" in fits.getheader(path, 1):  # no fitted WCS nor zeropoint (calibrate.require_astrometry)
+            continue
         src = _read_columns(path, lambda n: n in keep or n.startswith("flag_") or n in ("centroid_flag", "psf_flux_flag"))
         rows = src[star_candidates(src, config)]
         part = Table({name: np.asarray(rows[name], float) for name in keep})
