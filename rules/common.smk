@@ -362,7 +362,10 @@ def coadd_patches():
         wanted &= {d["filter"] for d in COADD_IDS}  # do not wait for other filters' overlaps
     rows = [dict(tract=tract, patch=patch, filter=f) for f in sorted(wanted) for tract, patch in patch_overlaps(f)]
     if COADD_IDS:
-        rows = dataid.select(rows, COADD_IDS, keys=COADD_ID_KEYS, what="patch with coadd inputs")
+        try:
+            rows = dataid.select(rows, COADD_IDS, keys=COADD_ID_KEYS, what="patch with coadd inputs")
+        except dataid.DataIdError as err:  # known only once the overlaps exist: one line, no job
+            sys.exit(f"snakedrp: data ID error: {err}")
     return rows
 
 

@@ -251,6 +251,7 @@ def test_patch_block_and_select_id_narrow_the_jobs(tmp_path):
 @pytest.mark.parametrize("data_id, words", [
     ("tract=99999999 patch=1,1", ["no tract 99999999", "0.."]),
     ("tract=9811 patch=99,1", ["no patch 99,1"]),
+    ("tract=9811 patch=0,0 filter=HSC-R", ["patch=0,0", "matches no patch with coadd inputs"]),  # no overlap
     ("tract=9811 patch=1,1 filter=HSC-Z", ["filter=HSC-Z", "HSC-I, HSC-R"]),
     ("tract=9811 visit=100", ["unknown key 'visit'", "select_id"]),
 ])
