@@ -20,8 +20,8 @@ far above what a seeing change could make (``protect_ratio``), so a trail is rem
 sources but not over a star's core. Where the other warps' coverage ends inside a star, their
 reference lacks the core, and pieces of a wider-seeing warp's wing look like compact outliers off
 every source: they are kept when they lie on a compact source of the warp's own image peaking
-where the reference has no data (:func:`sources_beyond_reference`). A pixel that is an outlier in more than ``clip_max_epochs``
-warps is real (a variable region) and kept everywhere.
+where the reference has no data (:func:`sources_beyond_reference`). A pixel that is an outlier
+in more than ``clip_max_epochs`` warps is real (a variable region) and kept everywhere.
 
 Memory does not grow with the number of warps: a first pass reads each warp's variance (a
 subsample) for its weight; the second pass reads a block of rows of every warp at a time, the
