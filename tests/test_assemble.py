@@ -239,6 +239,15 @@ def _cut_coverage(warp, keep):
     warp.mask[~keep] |= mask_bit("NO_DATA")
 
 
+def _coverage_ending_at_stars(x, y, shape):
+    """Coverage that ends 3 pixels short of each star's centre (x, y [pixel]), over 25 pixels on."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    covered = np.ones(shape, bool)
+    for xc, yc in zip(x, y):
+        covered &= ~((np.abs(yy - yc) < 25) & (xx > xc - 3) & (xx < xc + 25))
+    return covered
+
+
 def test_star_at_the_edge_of_the_other_warps_coverage_keeps_its_wings():
     # two warps (sharp and wide seeing); the sharp one's coverage ends 3 pixels short of each bright
     # star's centre, so the reference of the wide one has the wing but not the core there
@@ -247,9 +256,7 @@ def test_star_at_the_edge_of_the_other_warps_coverage_keeps_its_wings():
     ra, dec, flux = sky
     x, y = wcs.all_world2pix(ra, dec, 0)
     yy, xx = np.mgrid[: shape[0], : shape[1]]
-    covered = np.ones(shape, bool)
-    for xc, yc in zip(x, y):
-        covered &= ~((np.abs(yy - yc) < 25) & (xx > xc - 3) & (xx < xc + 25))
+    covered = _coverage_ending_at_stars(x, y, shape)
     _cut_coverage(warps[0], covered)
     result = assemble_coadd(warps)
     clipped = (result.coadd.mask & mask_bit("CLIPPED")) != 0
@@ -266,9 +273,7 @@ def test_trail_across_the_edge_of_the_other_warps_coverage_is_still_clipped():
     ra, dec, flux = sky
     x, y = wcs.all_world2pix(ra, dec, 0)
     yy, xx = np.mgrid[: shape[0], : shape[1]]
-    covered = np.ones(shape, bool)
-    for xc, yc in zip(x, y):
-        covered &= ~((np.abs(yy - yc) < 25) & (xx > xc - 3) & (xx < xc + 25))
+    covered = _coverage_ending_at_stars(x, y, shape)
     for w in warps[:2]:
         _cut_coverage(w, covered)
     trail = np.nan_to_num(warps[2].image - clean[2].image) > 30.0
