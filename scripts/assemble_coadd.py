@@ -7,23 +7,25 @@ from snakedrp import log as sdlog
 from snakedrp.coadd.assemble import assemble_coadd, open_warp
 from snakedrp.coadd.config import AssembleConfig
 from snakedrp.config import provenance_cards
-from snakedrp.repo.io import write_hdulist, write_table
+from snakedrp.repo.io import FitsReadError, check_fits_file, write_hdulist, write_table
 from snakedrp.runtime import tune_memory
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake
 
 
-def main(inputs, outputs, params, log_path):
+def main(inputs, outputs, params, wildcards, log_path):
     tune_memory()
     logger = sdlog.configure(log_path)
     config = AssembleConfig.from_dict(params.config["coadd"]["assemble"])
-    where = f"tract={params.tract} patch={params.patch}"
+    where = f"filter={wildcards.filter} tract={params.tract} patch={params.patch}"
     # read a block of rows of every warp at a time: memory does not grow with the number of visits
-    warps = [open_warp(path) for path in inputs.warps]
     try:
+        for path in inputs.warps:
+            check_fits_file(path)        # a damaged warp is named here, not by astropy mid-assembly
+        warps = [open_warp(path) for path in inputs.warps]
         result = assemble_coadd(warps, config=config)
-    except ValueError as err:
+    except (FitsReadError, ValueError) as err:
         logger.error("assemble_coadd %s: %s", where, err)
         raise SystemExit(f"assemble_coadd {where}: {err}") from None
     for k in result.dropped:
@@ -47,4 +49,4 @@ def main(inputs, outputs, params, log_path):
                 coadd.metadata["NCLIPPED"], int(sorted(result.n_image.ravel())[result.n_image.size // 2]))
 
 
-main(snakemake.input, snakemake.output, snakemake.params, snakemake.log[0])
+main(snakemake.input, snakemake.output, snakemake.params, snakemake.wildcards, snakemake.log[0])

@@ -6,15 +6,14 @@ Slurm and compares the two by data, so the demo is simulated and processed local
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]  # the Snakefile's directory
+import snakemake_run
+
+ROOT = snakemake_run.ROOT
 FULL_RUN_TIMEOUT = 25 * 60  # s; the run takes 3-4 min on 2 cores, CI allows 30 min for everything
 #: --config words of the ci demo run (after repo=...); a run to compare with it uses the same
 CI_RUN_CONFIG = ("rerun=ci", "validation={strict: true}")
@@ -35,17 +34,9 @@ def ci_repo(tmp_path_factory, ci_timings) -> Path:
     given = os.environ.get("SNAKEDRP_TEST_CI_REPO")
     repo = Path(given).resolve() if given else tmp_path_factory.mktemp("workflow") / "repo"
     reuse = ("clobber_config=true",) if given else ()
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "-q", "--config", f"repo={repo}", *CI_RUN_CONFIG,
-           *reuse]
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=FULL_RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"the ci demo did not finish within {FULL_RUN_TIMEOUT} s:\n{out[-3000:]}")
+    proc = snakemake_run.run("--cores", "2", "-q", "--config", f"repo={repo}", *CI_RUN_CONFIG, *reuse,
+                             timeout=FULL_RUN_TIMEOUT, what="the ci demo", merge_output=True)
     ci_timings["full ci run [s]"] = time.monotonic() - t0
-    assert proc.returncode == 0, f"the ci demo failed (exit {proc.returncode}):\n{out[-6000:]}"
+    assert proc.returncode == 0, f"the ci demo failed (exit {proc.returncode}):\n{proc.stdout[-6000:]}"
     return repo

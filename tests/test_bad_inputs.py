@@ -24,9 +24,7 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -49,9 +47,10 @@ from snakedrp.repo.registry import REGISTRY_NAME, Registry, write_registry
 from snakedrp.single_frame.calibrate import CalibrateConfig
 from snakedrp.single_frame.process_ccd import refcat_circle
 
+import snakemake_run
+
 pytestmark = pytest.mark.workflow
 
-ROOT = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT = 15 * 60  # s; each run takes 1-2 minutes on 2 cores
 DRY_TIMEOUT = 3 * 60
 CCDS = (0, 1)
@@ -84,16 +83,7 @@ def snakemake(repo: Path, *args: str, config: tuple[str, ...] = (), timeout: flo
 
     ``args`` (flags, targets) come before ``--config``, which takes every following word as key=value.
     """
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args, "--config", f"repo={repo}", *CONFIG, *config]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return snakemake_run.run("--cores", "2", *args, "--config", f"repo={repo}", *CONFIG, *config, timeout=timeout)
 
 
 def copy_repo(src: Path, dest: Path) -> Path:

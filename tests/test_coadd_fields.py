@@ -6,34 +6,24 @@ coadd validation with ``validation.strict`` true, so a missed coadd goal fails t
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+import snakemake_run
+
 pytestmark = pytest.mark.workflow
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 8 * 60  # s; about 4 minutes on 2 cores
 FIELD = "{seed: 7, ra: 10.0, dec: -30.0, rotation: 25.0, ccds: [0, 1], n_visits: 3, filters: [HSC-R]}"
 
 
 def test_second_field_with_rings_skymap_passes_coadd_validation(tmp_path, capsys):
     repo = tmp_path / "field7"
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--config", f"repo={repo}", f"simulate={FIELD}",
-           # dotted options travel inside set= (snakemake --config takes identifiers only as keys)
-           "set=coadd.skymap.type=rings validation.strict=true"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"the second field did not finish within {TIMEOUT} s:\n{err[-3000:]}")
+    proc = snakemake_run.run("--cores", "2", "--config", f"repo={repo}", f"simulate={FIELD}",
+                             # dotted options travel inside set= (snakemake --config takes identifiers only as keys)
+                             "set=coadd.skymap.type=rings validation.strict=true",
+                             timeout=TIMEOUT, what="the second field")
+    err = proc.stderr
     report_path = repo / "rerun" / "ci" / "validation" / "coadd.json"
     log = repo / "rerun" / "ci" / "logs" / "validate_coadd" / "all.log"
     with capsys.disabled():

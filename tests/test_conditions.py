@@ -17,12 +17,7 @@ validation's :func:`snakedrp.validate.single_frame.finish` on a few figures.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +26,8 @@ from snakedrp.simulate.presets import CONDITIONS
 from snakedrp.validate.single_frame import (ExposureFigures, ValidateConfig, ValidationFailed, finish,
                                             summarize)
 
-ROOT = Path(__file__).resolve().parents[1]
+import snakemake_run
+
 CASE_TIMEOUT = 6 * 60  # s; a case takes about a minute on 2 cores
 SMALL = dict(ccds=[0], n_visits=2, filters=["HSC-R"])
 #: name -> simulate overrides on top of SMALL (flow-style YAML for --config)
@@ -102,17 +98,11 @@ KNOWN_MISSES: dict[str, str] = {}
 def test_conditions_matrix(case, tmp_path, capsys):
     repo = tmp_path / "repo"
     simulate = _flow({**SMALL, **CASES[case]})
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "-q", "--config", f"repo={repo}",
-           f"simulate={simulate}", "validation={strict: true}", "coadd={enabled: false}"]
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=CASE_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"case {case} did not finish within {CASE_TIMEOUT} s:\n{err[-3000:]}")
+    proc = snakemake_run.run("--cores", "2", "-q", "--config", f"repo={repo}", f"simulate={simulate}",
+                             "validation={strict: true}", "coadd={enabled: false}",
+                             timeout=CASE_TIMEOUT, what=f"case {case}")
+    out, err = proc.stdout, proc.stderr
     elapsed = time.monotonic() - t0
     log = repo / "rerun/ci/logs/validate_single_frame.log"
     text = log.read_text() if log.exists() else ""

@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,9 +19,10 @@ import pytest
 
 from snakedrp.repo.compare import compare_trees, product_files
 
+import snakemake_run
+
 pytestmark = pytest.mark.workflow
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = "simulate={ccds: [0], n_visits: 2, filters: [HSC-R]}"
 RUN_TIMEOUT = 15 * 60          # s; one small run takes about a minute on 2 cores
 KILL_WAIT = 10 * 60            # s; longest wait for the stage to be killed in
@@ -30,19 +30,11 @@ KILL_WAIT = 10 * 60            # s; longest wait for the stage to be killed in
 
 def snakemake(repo: Path, *args: str, cores: int = 2) -> subprocess.Popen:
     """Start snakemake on ``repo`` (small demo config) in its own process group."""
-    cmd = [sys.executable, "-m", "snakemake", "--cores", str(cores), "-q", "--config", f"repo={repo}", SMALL, *args]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return snakemake_run.start("--cores", cores, "-q", "--config", f"repo={repo}", SMALL, *args, merge_output=True)
 
 
 def finish(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> str:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"snakemake did not finish within {timeout} s:\n{out[-3000:]}")
-    return out
+    return snakemake_run.finish(proc, timeout, "snakemake").stdout
 
 
 def run(repo: Path, *args: str, cores: int = 2) -> str:

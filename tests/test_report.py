@@ -8,33 +8,22 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+import snakemake_run
+
 pytestmark = pytest.mark.workflow
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 15 * 60  # s; validate's jobs take ~1-2 min on 2 cores
 SINGLE_FRAME_PLOTS = ("zeropoints.png", "astrometry_quiver.png", "residuals_vs_mag.png", "colour_diagrams.png",
                       "completeness.png")
 
 
 def snakemake(*args):
-    cmd = [sys.executable, "-m", "snakemake", *map(str, args)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"{' '.join(cmd)} did not finish within {TIMEOUT} s")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return snakemake_run.run(*args, timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")

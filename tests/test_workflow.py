@@ -12,9 +12,7 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +31,11 @@ from snakedrp.repo.refcat import load_refcat
 from snakedrp.repo.ingest import IngestConfig, IngestError, ingest
 from snakedrp.repo.registry import REGISTRY_NAME, Registry
 
+import snakemake_run
+
 pytestmark = pytest.mark.workflow
 
 ROOT = Path(__file__).resolve().parents[1]  # the Snakefile's directory
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 SHORT_TIMEOUT = 5 * 60  # s; dry runs, lint, show_config, two process_ccd jobs
 CALIB_RULES = ("master_bias", "master_dark", "master_flat", "master_fringe")
 UPSTREAM_RULES = ("simulate_field", "simulate_raw", "ingest", *CALIB_RULES)
@@ -45,20 +44,8 @@ LINKED = ("raw", "CALIB", "truth", "ref_cats")  # repository inputs hard-linked 
 
 # ------------------------------------------------------------------ helpers
 def run_snakemake(*args, timeout: float = SHORT_TIMEOUT) -> subprocess.CompletedProcess:
-    """Run snakemake from the workflow directory; stdout and stderr captured as text.
-
-    On timeout the whole process group (snakemake and its jobs) is killed and the test fails.
-    """
-    cmd = [*SNAKEMAKE, *map(str, args)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s; last output:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    """Run snakemake from the workflow directory; stdout and stderr captured as text."""
+    return snakemake_run.run(*args, timeout=timeout)
 
 
 def output_of(proc: subprocess.CompletedProcess) -> str:
@@ -392,13 +379,18 @@ def test_ccd_without_stars_fails_alone(repo_copy):
     assert where in log.read_text()
 
 
+def _raw_and_calibs(repo: Path, exposure: dict):
+    """The butler, raw frame and master calibrations of one science exposure of the demo."""
+    butler = Butler(repo, rerun="ci")
+    visit, ccd, band = exposure["visit"], exposure["ccd"], exposure["filter"]
+    raw = butler.get("raw", visit=visit, ccd=ccd)
+    names = ("bias", "dark", "flat", "fringe") if butler.camera.filters[band].fringe else ("bias", "dark", "flat")
+    return butler, raw, {name: butler.get(name, ccd=ccd, filter=band) for name in names}
+
+
 def test_refcat_not_covering_the_ccd(ci_repo, ci_science):
     e = ci_science[0]
-    butler = Butler(ci_repo, rerun="ci")
-    raw = butler.get("raw", visit=e["visit"], ccd=e["ccd"])
-    calibs = {name: butler.get(name, ccd=e["ccd"], filter=e["filter"]) for name in ("bias", "dark", "flat")}
-    if butler.camera.filters[e["filter"]].fringe:
-        calibs["fringe"] = butler.get("fringe", ccd=e["ccd"], filter=e["filter"])
+    butler, raw, calibs = _raw_and_calibs(ci_repo, e)
     refcat_dir = ci_repo / "ref_cats/sim_gaia"
     index = json.loads((refcat_dir / "index.json").read_text())
     refcat = Table.read(refcat_dir / f"{index['shards'][0]['pixel']}.fits")[:0]  # the columns, no star
@@ -413,11 +405,7 @@ def test_refcat_not_covering_the_ccd(ci_repo, ci_science):
 def test_failed_astrometric_fit_gives_a_flagged_calexp(ci_repo, ci_science):
     # the reference stars of the CCD moved 0.5 deg: no pattern match, no WCS fit
     e = ci_science[1]
-    butler = Butler(ci_repo, rerun="ci")
-    raw = butler.get("raw", visit=e["visit"], ccd=e["ccd"])
-    calibs = {name: butler.get(name, ccd=e["ccd"], filter=e["filter"]) for name in ("bias", "dark", "flat")}
-    if butler.camera.filters[e["filter"]].fringe:
-        calibs["fringe"] = butler.get("fringe", ccd=e["ccd"], filter=e["filter"])
+    butler, raw, calibs = _raw_and_calibs(ci_repo, e)
     calexp = Exposure.read(product_path(ci_repo, "calexp", visit=e["visit"], ccd=e["ccd"]))
     ra, dec = calexp.wcs.all_pix2world([calexp.shape[1] / 2], [calexp.shape[0] / 2], 0)
     refcat = load_refcat(ci_repo / "ref_cats/sim_gaia", float(ra[0]), float(dec[0]), 0.15)
