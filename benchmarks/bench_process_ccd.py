@@ -229,7 +229,8 @@ def run_ours(ccd: HscCcd, outdir: str) -> dict:
     saved = pc.refcat_for_exposure
     pc.refcat_for_exposure = timed("refcat", refcat_for_exposure)
     try:
-        result = task.run(raw, camera=camera, calibs=calibs, refcat_dir=repo / "ref_cats" / HSC["refcat"])
+        result = task.run(raw, camera=camera, calibs=calibs, refcat_dir=repo / "ref_cats" / HSC["refcat"],
+                          release_calibs=True)  # as scripts/process_ccd.py
     finally:
         pc.refcat_for_exposure = saved
 

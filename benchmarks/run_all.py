@@ -6,9 +6,8 @@
 Runs, one after another, each in a process of its own (so that one's memory never counts in
 another's): ``bench_process_ccd.py`` (single frame vs SExtractor + PSFEx + SCAMP),
 ``bench_coadd.py`` (coadd vs SWarp), ``bench_dag.py`` (dry run of large DAGs vs a bare
-Snakefile), when present (a missing one is listed as skipped), and measures the start-up of one
-job (a fresh interpreter importing what a process_ccd job imports). Each benchmark writes its
-JSON into ``benchmarks/out/``; this script reads them, prints the table, and writes it with the
+Snakefile, and the start-up one job pays), when present (a missing one is listed as skipped).
+Each benchmark writes its JSON into ``benchmarks/out/``; this script reads them, prints the table, and writes it with the
 date and machine to ``benchmarks/out/run_all.md``. Machines here vary by up to ±40 % between
 runs: compare numbers from one run.
 """
@@ -19,7 +18,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -27,9 +25,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
-# the modules a process_ccd job imports before it reads its first pixel
-STARTUP_IMPORTS = ("import snakedrp.single_frame.process_ccd, snakedrp.repo.butler, snakedrp.runtime, "
-                   "astropy.io.fits, galsim, sep, pyarrow.parquet")
 
 
 def run_child(cmd: list[str]) -> dict:
@@ -86,26 +81,31 @@ def dag(args) -> list[dict]:
     if not script.exists():
         return [row("DAG dry run", "—", note="skipped: benchmarks/bench_dag.py not present")]
     out = OUT / "dag.json"
+    out.unlink(missing_ok=True)
     visits = ["100"] if args.quick else ["100", "1000"]
-    child = run_child([sys.executable, str(script), "--visits", *visits, "--ccds", "100", "--json", str(out)])
+    child = run_child([sys.executable, str(script), "--visits", *visits, "--ccds", "100", "--startup",
+                       "--repeat", "3", "--json", str(out)])
     if not out.exists():
         return [row("DAG dry run", "—", note=f"failed (exit {child['rc']})")]
+    result = json.loads(out.read_text())
     rows = []
-    for r in json.loads(out.read_text()):
+    for r in result["dag"]:
         o, b = r["ours"], r["bare"]
         jobs = sum(o["jobs"].values())
-        rows.append(row("DAG dry run", f"{r['visits']} visits x {r['ccds']} CCDs ({jobs} jobs)", o["wall"], b["wall"],
-                        o["rss"], b["rss"], "bare Snakefile, same jobs"))
+        rows.append(row("DAG dry run", f"{r['visits']} visits x {r['ccds']} CCDs ({jobs} jobs)", o["cpu"], b["cpu"],
+                        o["rss"], b["rss"], "bare Snakefile, same jobs", f"CPU s; wall {o['wall']:.0f} / {b['wall']:.0f} s"))
+    figures = result["startup"]
+    # bench_dag's names: the job script's start, and one Snakefile parse (what a cluster job pays first)
+    script = next(v for k, v in figures.items() if k.startswith("job script start"))
+    parse = {side: next(v for k, v in figures.items() if k.startswith(f"Snakefile parse, {side}"))
+             for side in ("ours", "bare")}
+    rows.append(row("per-job start-up", "a job script before its work (interpreter + Snakemake's preamble)",
+                    script["wall"], figures["python -c pass"]["wall"], script["rss"], figures["python -c pass"]["rss"],
+                    "bare `python -c pass`", "median of 3; the script's numerics imports come with its work"))
+    rows.append(row("per-job start-up", "Snakefile parse a cluster job pays (snakemake -n of one calexp)",
+                    parse["ours"]["wall"], parse["bare"]["wall"], parse["ours"]["rss"], parse["bare"]["rss"],
+                    "bare Snakefile", "median of 3"))
     return rows
-
-
-def startup(args) -> list[dict]:
-    runs = [run_child([sys.executable, "-c", STARTUP_IMPORTS]) for _ in range(3)]
-    bare = [run_child([sys.executable, "-c", "pass"]) for _ in range(3)]
-    return [row("per-job start-up", "fresh interpreter + a process_ccd job's imports",
-                statistics.median(r["wall"] for r in runs), statistics.median(r["wall"] for r in bare),
-                max(r["rss_mb"] for r in runs), max(r["rss_mb"] for r in bare), "bare `python -c pass`",
-                "median of 3")]
 
 
 def _fmt(value, spec=".2f"):
@@ -122,7 +122,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-BENCHMARKS = {"process_ccd": process_ccd, "coadd": coadd, "dag": dag, "startup": startup}
+BENCHMARKS = {"process_ccd": process_ccd, "coadd": coadd, "dag": dag}
 
 
 def main(argv=None) -> int:

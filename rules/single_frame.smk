@@ -5,8 +5,8 @@
 rule process_ccd:
     input:
         unpack(get_process_ccd_calibs),
-        raw=get_raw,
-        refcat=get_refcat_index,
+        raw=RAW_TEMPLATE,
+        refcat=REFCAT_INDEX,
         camera=str(CAMERA_PATH),
     output:
         calexp=butler_template("calexp"),

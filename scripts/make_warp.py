@@ -32,6 +32,9 @@ def main(inputs, outputs, params, log_path):
     for key, *value in provenance_cards("coadd.warp", config):
         warp.metadata[key] = tuple(value)
     warp.write(outputs.warp)
+    if result.empty:
+        logger.warning("make_warp %s: no pixel of the %d calexps lands on the patch (off it or without data): "
+                       "the warp is NO_DATA everywhere and assemble_coadd leaves it out", where, len(calexps))
     for row in result.inputs:
         logger.info("%s: ccd %d -> %d pixels, flux scale %.4f, mean variance %.3g", where, row["ccd"],
                     row["n_pixels"], row["flux_scale"], row["variance_mean"])

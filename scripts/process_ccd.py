@@ -39,7 +39,7 @@ def main(inputs, outputs, params, wildcards, log_path):
         calibs = {name: read_master(inputs[name], name, ccd=ccd, filter=raw.filter if name in ("flat", "fringe") else None)
                   for name in CALIBS if name in inputs.keys()}
         result = ProcessCcdTask(config).run(raw, camera=camera, calibs=calibs,
-                                            refcat_dir=Path(inputs.refcat).parent)
+                                            refcat_dir=Path(inputs.refcat).parent, release_calibs=True)
     except (*FILE_FAILURES, *DATA_FAILURES) as err:
         # one line: the data ID, the file at fault, the reason
         if isinstance(err, FILE_FAILURES):

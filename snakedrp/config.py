@@ -15,17 +15,14 @@ from pathlib import Path
 
 import yaml
 
-from snakedrp.coadd.config import AssembleConfig, DetectCoaddConfig, WarpConfig
-from snakedrp.coadd.skymap import SkyMapConfig
-from snakedrp.single_frame.calibrate import CalibrateConfig
-from snakedrp.isr.calibs import CalibsConfig
-from snakedrp.single_frame.characterize import CharacterizeConfig
-from snakedrp.isr.isr import IsrConfig
+# the light config modules only: every Snakefile parse and job imports this one
+from snakedrp.coadd.config import AssembleConfig, DetectCoaddConfig, SkyMapConfig, WarpConfig
+from snakedrp.isr.config import CalibsConfig, IsrConfig
 from snakedrp.pexconfig import Config, ConfigError, merge_into, option, subconfig
-from snakedrp.repo.ingest import IngestConfig
-from snakedrp.simulate import SimulateConfig
-from snakedrp.validate.metrics import MetricsConfig
-from snakedrp.validate.single_frame import ValidateConfig
+from snakedrp.repo.config import IngestConfig
+from snakedrp.simulate.presets import SimulateConfig
+from snakedrp.single_frame.config import CalibrateConfig, CharacterizeConfig
+from snakedrp.validate.config import MetricsConfig, ValidateConfig
 
 #: Packages whose versions every product records.
 KEY_PACKAGES = ("snakedrp", "numpy", "scipy", "astropy", "galsim", "sep", "astroscrappy")

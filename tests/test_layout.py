@@ -14,7 +14,7 @@ PACKAGE = ROOT / "snakedrp"
 
 #: Layer of each top-level name under snakedrp; a module may import only its own layer or lower.
 LAYERS = {
-    "pexconfig": 0, "log": 0, "runtime": 0, "stamps": 0, "poly": 0,
+    "pexconfig": 0, "log": 0, "runtime": 0, "stamps": 0, "poly": 0, "yamlio": 0,
     "repo": 1,
     "meas": 2, "calib": 2, "isr": 2, "simulate": 2,
     "single_frame": 3, "coadd": 3, "multiband": 3, "validate": 3,

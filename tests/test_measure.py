@@ -427,3 +427,17 @@ def test_psf_model_image_sums_the_models():
     assert abs(image[20:45, 10:40].sum() - 1500.0) < 1.0          # two whole models (overlapping boxes add)
     assert 90.0 < image[:, :3].sum() < 110.0                       # the third is cut by the edge: half of it
     assert np.unravel_index(np.argmax(image), image.shape) == (31, 20)
+
+
+def test_psf_grid_is_made_once_per_model_and_shape():
+    # measure_sources asks for the grid of one PSF model several times per CCD; the nodes'
+    # kernels and moments are the same each time
+    from snakedrp.meas.psf_flux import PsfGrid
+
+    psf, other = GaussianPsf(SIGMA_PSF), GaussianPsf(SIGMA_PSF)
+    grid = PsfGrid.of(psf, (600, 400), 128.0)
+    assert PsfGrid.of(psf, (600, 400), 128.0) is grid
+    assert PsfGrid.of(other, (600, 400), 128.0) is not grid
+    assert PsfGrid.of(psf, (600, 400), 256.0) is not grid
+    fresh = PsfGrid(psf, (600, 400), 128.0)
+    assert np.array_equal(grid.kernels, fresh.kernels) and np.array_equal(grid.sigma_nodes, fresh.sigma_nodes)

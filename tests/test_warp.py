@@ -229,12 +229,34 @@ def test_two_ccds_fill_one_warp_and_round_trip(tmp_path):
     np.testing.assert_allclose(back.psf.kernel(150, 150), result.exposure.psf.kernel(150, 150), rtol=1e-5, atol=1e-9)
 
 
-def test_no_overlap_raises():
+def test_calexp_off_the_patch_gives_an_empty_warp_that_assemble_leaves_out(tmp_path):
+    from snakedrp.coadd.assemble import assemble_coadd, open_warp
+
     sky = make_sky(3)
-    far = make_calexp(sky, offset=(1.0, 1.0))
     wcs, shape = patch_grid()
-    with pytest.raises(ValueError, match="no calexp"):
-        warp_exposures([far], [{"visit": 1, "ccd": 0}], wcs, shape)
+    far = make_calexp(sky, offset=(1.0, 1.0), visit=2)                 # a degree away from the patch
+    result = warp_exposures([far], [{"visit": 2, "ccd": 0}], wcs, shape)
+    warp = result.exposure
+    assert result.empty and warp.shape == shape and warp.psf is None
+    assert (warp.mask == mask_bit("NO_DATA")).all()
+    assert np.isnan(warp.image).all() and np.isnan(warp.variance).all()
+    assert list(result.inputs["visit"]) == [2] and list(result.inputs["n_pixels"]) == [0]
+    assert np.isnan(result.inputs["variance_mean"][0]) and warp.metadata["NCCDWARP"] == 0
+    # a calexp on the patch whose pixels are all without data gives the same
+    blank = make_calexp(sky, visit=3)
+    blank.image[:] = np.nan
+    blank_result = warp_exposures([blank], [{"visit": 3, "ccd": 0}], wcs, shape)
+    assert blank_result.empty and (blank_result.exposure.mask & mask_bit("NO_DATA") != 0).all()
+    assert np.isnan(blank_result.exposure.image).all()
+
+    good = warp_exposures([make_calexp(sky)], [{"visit": 1, "ccd": 0}], wcs, shape)
+    assert not good.empty
+    warp.write(tmp_path / "warp-2.fits")
+    good.exposure.write(tmp_path / "warp-1.fits")
+    coadd = assemble_coadd([open_warp(tmp_path / "warp-1.fits"), open_warp(tmp_path / "warp-2.fits")])
+    assert coadd.dropped == (1,) and list(coadd.inputs["visit"]) == [1]
+    alone = assemble_coadd([good.exposure])
+    np.testing.assert_array_equal(coadd.coadd.image, alone.coadd.image)
 
 
 def test_identity_warp_returns_the_input():

@@ -67,7 +67,7 @@ from snakedrp.calib.wcs_fit import (
     rotation_deg,
     sip_forward,
 )
-from snakedrp.pexconfig import Config, ConfigError, option
+from snakedrp.calib.config import AstrometryConfig
 
 #: (x, y) column pairs tried in order for source centroids, and for their errors.
 XY_COLUMNS = (("x_centroid", "y_centroid"), ("x", "y"))
@@ -79,56 +79,6 @@ FLUX_COLUMNS = (("psf_flux", "psf_flux_err"), ("flux", "flux_err"), ("calib_flux
 #: under their own names where they do not collide.
 MATCH_COLUMNS = ("source_id", "ref_id", "source_row", "ref_row", "x", "y", "ra", "dec",
                  "separation_mas", "used")
-
-
-@dataclass
-class AstrometryConfig(Config):
-    """Reference matching (offset vote, then nearest neighbours) and the TAN-SIP fit."""
-
-    max_offset: float = option(10.0, "Largest offset of the guess WCS searched by the matcher [arcsec]",
-                               min=0.5, max=3600.0)
-    max_rotation: float = option(0.05, "Largest rotation error of the guess WCS searched by the matcher [deg]",
-                                 min=0.0, max=180.0)
-    max_radial_distortion: float = option(
-        1.0, "Largest |d3| of a radial distortion theta = rho (1 + d3 rho^2) about the guess's tangent point "
-             "searched by the matcher (0: none) [deg^-2]", min=0.0)
-    n_pattern_sources: int = option(150, "Brightest usable sources used by the pattern matcher", min=5)
-    n_pattern_refs: int = option(100, "Brightest reference stars on the CCD used by the pattern matcher", min=5)
-    vote_bin: float = option(0.5, "Offset-vote bin of the fine stage; the coarse stage uses 4x [arcsec]",
-                             min=0.02, max=60.0)
-    min_pattern_matches: int = option(6, "Fewest pairs in the winning offset-vote bin", min=3)
-    pattern_false_alarm: float = option(1e-3, "Largest chance probability of the winning coarse offset-vote bin "
-                                              "(Poisson, times the number of bins and trials)", min=0.0, max=1.0)
-    match_radius: float = option(0.5, "Final nearest-neighbour match radius [arcsec]", min=0.01, max=60.0)
-    source_snr_min: float = option(5.0, "Sources below this S/N are not matched", min=0.0)
-    ignore_flags: list[str] = option([], "flag_* columns that do not exclude a source from matching")
-    sip_order: int = option(3, "Highest polynomial order fitted to the matches: of the whole distortion for a TAN "
-                                 "guess, of the correction on top of the guess's SIP distortion otherwise",
-                            min=1, max=7)
-    keep_guess_distortion: bool = option(
-        True, "With a TAN-SIP guess (the camera's optical distortion, Camera.initial_wcs), keep its SIP and fit only "
-              "a correction on top of it?")
-    order_significance: float = option(
-        0.001, "A richer model (shift+rotation+scale, then polynomial orders 1, 2, ...) replaces a simpler one only "
-              "when its chi^2 drop has a chance probability (F-test) below this", min=0.0, max=1.0)
-    inverse_sip_order_max: int = option(7, "Highest order tried for the inverse SIP (AP/BP), and for the forward SIP "
-                                             "holding the guess's distortion with the correction", min=1, max=9)
-    inverse_tolerance: float = option(0.002, "SIP goal: max pixel error on the CCD of world->pixel, and of the "
-                                             "forward SIP holding the guess's distortion with the correction [pixel]",
-                                      min=0.0)
-    rejection_iterations: int = option(3, "Fit / sigma-clip / re-match iterations", min=0, max=20)
-    clip_sigma: float = option(3.0, "Matches beyond this many (robustly rescaled) sigma are rejected", min=1.0)
-    systematic_error: float = option(2.0, "Added in quadrature to each match's error in the weights [mas]",
-                                     min=0.0)
-    min_matches: int = option(10, "Fewest matches (after rejection) for a solution", min=3)
-    min_matches_per_term: float = option(2.0, "A model is tried only with matches >= this x its terms per axis "
-                                              "(2 for shift+rotation+scale)", min=1.0)
-    max_rms: float = option(200.0, "Fail when the RMS of the used matches exceeds this [mas]", min=0.0)
-
-    def validate(self) -> None:
-        super().validate()
-        if self.match_radius > self.max_offset:
-            raise ConfigError(f"match_radius ({self.match_radius}) must not exceed max_offset ({self.max_offset})")
 
 
 @dataclass(frozen=True)

@@ -149,9 +149,12 @@ def _vote_search(sx, sy, model: RefModel, idx: np.ndarray, cfg: AstrometryConfig
     coarse_best = best
     # chance of so many pairs in the best of all blocks and trials if no pair were real
     n_blocks = (max(int(np.ceil(2 * max_off / coarse)), 2) - 1) ** 2
-    from scipy.stats import poisson  # here: scipy.stats costs ~1 s to import, and only the match needs it
+    # P(N >= count) for N ~ Poisson(background): the ufunc scipy.stats.poisson.sf calls, without the
+    # ~1 s import of scipy.stats
+    from scipy.special import pdtrc
 
-    false_alarm = float(poisson.sf(best.count - 1, max(best.background, 1e-3))) * n_blocks * len(d3_grid) * len(rot_grid)
+    p_chance = float(pdtrc(best.count - 1, max(best.background, 1e-3))) if best.count >= 1 else 1.0
+    false_alarm = p_chance * n_blocks * len(d3_grid) * len(rot_grid)
 
     # fine stage: around the coarse winner, a quarter of the steps and bins
     fine_d3 = _grid(best.d3, min(d3_step, cfg.max_radial_distortion), d3_step / 4)

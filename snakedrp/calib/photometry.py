@@ -22,49 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 from astropy.table import Table
 
-from snakedrp.pexconfig import Config, ConfigError, option
+from snakedrp.calib.config import PhotometryConfig
 
 MAG_PER_LN = 2.5 / np.log(10.0)
 
 
 class PhotometryError(RuntimeError):
     """Too few usable stars for a zeropoint; the message says why (the caller adds visit, CCD)."""
-
-
-@dataclass
-class PhotometryConfig(Config):
-    """Zeropoint from matched unresolved reference stars (iterative clipped weighted mean)."""
-
-    flux_column: str = option("psf_flux", "Instrumental flux column [e-]; its error is <flux_column>_err")
-    snr_min: float = option(20.0, "Stars below this S/N (flux / flux_err) are not used", min=0.0)
-    mag_min: float = option(10.0, "Reference stars brighter than this are not used (saturation) [mag]")
-    mag_max: float = option(23.0, "Reference stars fainter than this are not used [mag]")
-    ref_mag_err_max: float = option(0.1, "Reference stars with larger magnitude errors are not used [mag]", min=0.0)
-    extendedness_column: str = option("extendedness", "Column of the source's extendedness (0 star, 1 galaxy); "
-                                      "ignored when absent")
-    extendedness_max: float = option(0.5, "Sources with extendedness at or above this are not used", min=0.0)
-    ignore_flags: list[str] = option([], "flag_* columns that do not exclude a star")
-    clip_sigma: float = option(3.0, "Stars beyond this many (robustly rescaled) sigma are rejected", min=1.0)
-    iterations: int = option(5, "Most clipping iterations (stops earlier when the used set is stable)",
-                             min=1, max=50)
-    min_stars: int = option(5, "Fewest stars for a zeropoint", min=1)
-    exclude_blended: bool = option(True, "Leave deblended children (is_blended) out of the fit when at least min_blend_free other stars remain?")
-    min_blend_free: int = option(20, "... that many unblended stars", min=1)
-    star_error_floor: float = option(0.0, "Added in quadrature to each star's magnitude error [mag]", min=0.0)
-    zeropoint_err_floor: float = option(0.001, "Systematic floor added in quadrature to the zeropoint error [mag]",
-                                        min=0.0)
-    colour_terms: dict = option({}, "Per filter name: [c, band1, band2] adds c * (mag_band1 - mag_band2) to the "
-                                    "reference magnitude (default: no colour terms)")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.mag_min >= self.mag_max:
-            raise ConfigError(f"mag_min ({self.mag_min}) must be below mag_max ({self.mag_max})")
-        for name, term in self.colour_terms.items():
-            ok = (isinstance(term, (list, tuple)) and len(term) == 3 and isinstance(term[0], (int, float))
-                  and isinstance(term[1], str) and isinstance(term[2], str))
-            if not ok:
-                raise ConfigError(f"option colour_terms.{name} must be [coefficient, band1, band2], got {term!r}")
 
 
 @dataclass(frozen=True)

@@ -140,30 +140,39 @@ def warp_variance(warp: Exposure, config: AssembleConfig, rows: int = 256) -> fl
 class _LeaveOneOutMedian:
     """Per-pixel medians over axis 0 of a stack (N, h, w), leaving out one entry at a time.
 
-    One sort serves every entry: with the ``good`` values sorted (NaN last) and each entry's rank
-    known, the median of the others is read at shifted positions of the same sorted stack.
+    One sort serves every entry. With the good values of a pixel sorted (``s``, NaN last, ``m``
+    of them), the median of the others is read at two positions of ``s``: those of the median of
+    ``m - 1`` values, each moved up by one where the left-out value ``v`` is not above it
+    (``s[p] >= v``; which of equal values is left out does not change the rest), or, for an entry
+    without data, those of the median of all ``m``. The four candidate values of the first case
+    and the two of the second are gathered once, so that :meth:`without` only selects.
     """
 
     def __init__(self, stack: np.ndarray, good: np.ndarray):
         data = np.where(good, stack, np.float32(np.nan))
-        order = np.argsort(data, axis=0, kind="stable")
-        self.sorted = np.take_along_axis(data, order, axis=0)
-        self.rank = np.empty_like(order)
-        np.put_along_axis(self.rank, order, np.arange(len(stack))[:, None, None], axis=0)
+        # np.sort along the short axis 0 (no index array to gather through, no rank array)
+        ordered = np.sort(data, axis=0)
+        self.data = data
         self.count = good.sum(axis=0)
         self.good = good
+        top = len(stack) - 1
+
+        def at(position):
+            index = np.minimum(np.clip(position, 0, None), top)[None]
+            return np.take_along_axis(ordered, index, axis=0)[0]
+
+        lo, hi = (self.count - 2) // 2, (self.count - 1) // 2          # median of m - 1 values
+        self._lo, self._lo_up = at(lo), at(np.clip(lo, 0, None) + 1)
+        self._hi, self._hi_up = at(hi), at(np.clip(hi, 0, None) + 1)
+        self._lo_all, self._hi_all = at((self.count - 1) // 2), at(self.count // 2)   # median of m values
 
     def without(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Median of the good entries other than ``k`` and their number."""
-        n_other = self.count - self.good[k]
-        r = self.rank[k]
-        lo = np.clip((n_other - 1) // 2, 0, None)
-        hi = np.clip(n_other // 2, 0, None)
-        lo = lo + (lo >= r)
-        hi = hi + (hi >= r)
-        top = len(self.sorted) - 1
-        a = np.take_along_axis(self.sorted, np.minimum(lo, top)[None], axis=0)[0]
-        b = np.take_along_axis(self.sorted, np.minimum(hi, top)[None], axis=0)[0]
+        good = self.good[k]
+        value = self.data[k]
+        n_other = self.count - good
+        a = np.where(good, np.where(self._lo < value, self._lo, self._lo_up), self._lo_all)
+        b = np.where(good, np.where(self._hi < value, self._hi, self._hi_up), self._hi_all)
         return 0.5 * (a + b), n_other
 
 
@@ -370,6 +379,16 @@ def find_artifacts(image: np.ndarray, variance: np.ndarray, good: np.ndarray, co
     return clipped
 
 
+def _sum_over_warps(term, n: int) -> np.ndarray:
+    """``term(0) + term(1) + ... + term(n - 1)``, added in that order (``term(k)``: an ``(h, w)`` array of warp ``k``)."""
+    if n == 1:
+        return np.array(term(0), copy=True)
+    total = term(0) + term(1)                 # a new array: ``term`` may return stored planes
+    for k in range(2, n):
+        total += term(k)
+    return total
+
+
 def _block_height(n_warps: int, nx: int, config: AssembleConfig) -> int:
     bytes_per_pixel = 40                      # image, variance, mask, masks and temporaries per warp
     rows = int(config.block_memory_mb * 2**20 / max(1, n_warps * nx * bytes_per_pixel))
@@ -438,19 +457,25 @@ def assemble_coadd(warps: Sequence[Exposure], *, config: AssembleConfig | None =
         img, var, msk, good, clipped = img[:, core], var[:, core], msk[:, core], good[:, core], clipped[:, core]
         n_clipped += clipped.sum(axis=(1, 2))
         use = good & ~clipped
-        gw = np.where(use, w32, np.float32(0.0))
-        sw = gw.sum(axis=0)
+        # sums over the warps one warp at a time, in warp order (as numpy sums over axis 0): no
+        # (n_warp, h, w) temporaries
+        sw = _sum_over_warps(lambda k: np.where(use[k], w32[k], np.float32(0.0)), n)
         has = sw > 0
         safe = np.where(has, sw, 1.0)
-        image[b0:b1] = np.where(has, (gw * np.where(use, img, 0.0)).sum(axis=0) / safe, np.nan)
-        variance[b0:b1] = np.where(has, (gw**2 * np.where(use, var, 0.0)).sum(axis=0) / safe**2, np.nan)
+        sum_i = _sum_over_warps(lambda k: np.where(use[k], w32[k], np.float32(0.0)) * np.where(use[k], img[k], 0.0), n)
+        image[b0:b1] = np.where(has, sum_i / safe, np.nan)
+        sum_v = _sum_over_warps(lambda k: np.where(use[k], w32[k], np.float32(0.0)) ** 2 * np.where(use[k], var[k], 0.0), n)
+        variance[b0:b1] = np.where(has, sum_v / safe**2, np.nan)
         n_image[b0:b1] = use.sum(axis=0)
         out = np.where(has, 0, no_data).astype(np.int32)
         out |= np.where(clipped.any(axis=0), np.int32(mask_bit("CLIPPED")), 0).astype(np.int32)
-        data_w = np.where((msk & no_data) == 0, w32, np.float32(0.0))
-        total = np.maximum(data_w.sum(axis=0), np.float32(1e-30))
+        data_w = [np.where((msk[k] & no_data) == 0, w32[k], np.float32(0.0)) for k in range(n)]
+        total = np.maximum(_sum_over_warps(data_w.__getitem__, n), np.float32(1e-30))
+        present = np.bitwise_or.reduce(msk, axis=None)
         for bit in propagate:
-            frac = np.where((msk & bit) != 0, data_w, 0.0).sum(axis=0) / total
+            if not present & bit:                 # no warp has it in the block: its weight fraction is 0
+                continue
+            frac = _sum_over_warps(lambda k: np.where((msk[k] & bit) != 0, data_w[k], 0.0), n) / total
             out |= np.where(frac > config.mask_propagation_threshold, bit, 0).astype(np.int32)
         mask[b0:b1] = out
 

@@ -1,23 +1,54 @@
-"""Configs of the coadd stage's pixel algorithms: warping, assembly, coadd detection.
+"""Configs of the coadd stage: the sky map, warping, assembly, coadd detection.
 
-The skymap's own config (``SkyMapConfig``) lives in :mod:`snakedrp.coadd.skymap`; the stage's
-config section (``CoaddConfig``) gathers these classes with it.
+The stage's config section (``CoaddConfig``, in :mod:`snakedrp.config`) gathers these classes.
+:mod:`snakedrp.coadd.skymap`, ``warp``, ``assemble`` and ``detect_coadd`` import them from here.
+This module imports only :mod:`snakedrp.pexconfig`, the standard library and other light modules,
+so that :mod:`snakedrp.config`, which every Snakefile parse and job script imports, stays light.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from snakedrp.meas.background import BackgroundConfig
-from snakedrp.meas.detect import DetectionConfig
-from snakedrp.pexconfig import Config, option, subconfig
+from snakedrp.meas.config import BackgroundConfig, DetectionConfig
+from snakedrp.pexconfig import Config, ConfigError, option, subconfig
+from snakedrp.repo.mask_planes import MASK_PLANES
 
 
 def _check_planes(section: str, planes) -> None:
-    from snakedrp.repo.exposure import MASK_PLANES
-
     unknown = [p for p in planes if p not in MASK_PLANES]
     if unknown:
         raise ValueError(f"{section}: unknown mask plane(s) {unknown}; known: {list(MASK_PLANES)}")
+
+
+#: Projections a tract may use (FITS WCS codes).
+PROJECTIONS = ("TAN", "STG")
+
+
+@dataclass
+class SkyMapConfig(Config):
+    """The sky map of the deep coadds (makeSkyMap / makeDiscreteSkyMap)."""
+
+    type: str = option("discrete", "discrete: one tract about the selected calexps; rings: fixed all-sky "
+                       "tracts on declination rings (ids stable as visits are added)",
+                       choices=("discrete", "rings"))
+    projection: str = option("TAN", "Tract projection (FITS WCS code)", choices=PROJECTIONS)
+    pixel_scale: float = option(0.0, "Coadd pixel scale [arcsec/pixel]; 0 = the camera's pixel scale",
+                                min=0.0, max=60.0)
+    patch_inner: int = option(2000, "Side of a patch's inner box [pixels] (patches are square)",
+                              min=16, max=100000)
+    patch_border: int = option(100, "Border around each patch's inner box [pixels]; neighbours overlap "
+                               "by twice this", min=0, max=10000)
+    margin: float = option(10.0, "discrete: margin added around the calexps' footprints [arcsec]",
+                           min=0.0, max=3600.0)
+    n_rings: int = option(120, "rings: number of declination rings between the polar caps", min=1, max=10000)
+    tract_overlap: float = option(60.0, "rings: each tract's grid reaches this far beyond its cell on "
+                                  "every side [arcsec]", min=0.0, max=18000.0)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.patch_border >= 2 * self.patch_inner:
+            raise ConfigError(f"coadd.skymap.patch_border ({self.patch_border}) must be less than twice "
+                              f"patch_inner ({self.patch_inner})")
 
 
 @dataclass

@@ -44,45 +44,16 @@ from astropy.wcs import WCS
 from spherical_geometry import vector
 from spherical_geometry.polygon import SphericalPolygon
 
-from snakedrp.pexconfig import Config, ConfigError, option
+from snakedrp.coadd.config import PROJECTIONS, SkyMapConfig
 from snakedrp.repo.dataid import DataIdError, patch_id
 from snakedrp.repo.io import write_text
 
 #: Version tag written into sky-map files.
 FORMAT = "snakedrp-skymap-1"
-#: Projections a tract may use (FITS WCS codes).
-PROJECTIONS = ("TAN", "STG")
 
 
 class SkyMapError(ValueError):
     """A tract or patch id that the sky map does not have, or a malformed sky-map file."""
-
-
-@dataclass
-class SkyMapConfig(Config):
-    """The sky map of the deep coadds (makeSkyMap / makeDiscreteSkyMap)."""
-
-    type: str = option("discrete", "discrete: one tract about the selected calexps; rings: fixed all-sky "
-                       "tracts on declination rings (ids stable as visits are added)",
-                       choices=("discrete", "rings"))
-    projection: str = option("TAN", "Tract projection (FITS WCS code)", choices=PROJECTIONS)
-    pixel_scale: float = option(0.0, "Coadd pixel scale [arcsec/pixel]; 0 = the camera's pixel scale",
-                                min=0.0, max=60.0)
-    patch_inner: int = option(2000, "Side of a patch's inner box [pixels] (patches are square)",
-                              min=16, max=100000)
-    patch_border: int = option(100, "Border around each patch's inner box [pixels]; neighbours overlap "
-                               "by twice this", min=0, max=10000)
-    margin: float = option(10.0, "discrete: margin added around the calexps' footprints [arcsec]",
-                           min=0.0, max=3600.0)
-    n_rings: int = option(120, "rings: number of declination rings between the polar caps", min=1, max=10000)
-    tract_overlap: float = option(60.0, "rings: each tract's grid reaches this far beyond its cell on "
-                                  "every side [arcsec]", min=0.0, max=18000.0)
-
-    def validate(self) -> None:
-        super().validate()
-        if self.patch_border >= 2 * self.patch_inner:
-            raise ConfigError(f"coadd.skymap.patch_border ({self.patch_border}) must be less than twice "
-                              f"patch_inner ({self.patch_inner})")
 
 
 # ------------------------------------------------------------------ geometry helpers

@@ -56,11 +56,17 @@ class WarpResult:
         :class:`CoaddPsf` of the CCDs.
     inputs : Table
         One row per CCD that landed on the patch: visit, ccd, calexp zeropoint, flux scale,
-        pixels filled, bounding box and mean variance on the warp.
+        pixels filled, bounding box and mean variance on the warp. When none landed (see
+        :attr:`empty`), one row per calexp with ``n_pixels`` 0, bounding box -1 and NaN variance.
     """
 
     exposure: Exposure
     inputs: Table
+
+    @property
+    def empty(self) -> bool:
+        """Whether no pixel of the calexps landed on the patch (the warp is NO_DATA everywhere)."""
+        return int(np.sum(self.inputs["n_pixels"])) == 0
 
 
 @lru_cache(maxsize=8)
@@ -339,13 +345,17 @@ def warp_exposures(calexps: list[Exposure], calexp_ids: list[dict], wcs: WCS, sh
     Returns
     -------
     WarpResult
-        The warp (float32 planes of ``shape``) and its per-CCD inputs table. Raises ValueError
-        when no CCD lands on the patch.
+        The warp (float32 planes of ``shape``) and its per-CCD inputs table. When no pixel lands
+        on the patch (the CCDs lie off it, or every pixel they would give is without data) the
+        warp is still valid: NO_DATA everywhere, image and variance NaN, no PSF, and
+        :attr:`WarpResult.empty` is True; the assembly leaves such a warp out.
     """
     config = config or WarpConfig()
     zeropoint = float(config.zeropoint if zeropoint is None else zeropoint)
     if len(calexps) != len(calexp_ids):
         raise ValueError(f"{len(calexps)} calexps but {len(calexp_ids)} data IDs")
+    if not calexps:
+        raise ValueError("no calexps to warp")
     ny, nx = (int(v) for v in shape)
     image = np.full((ny, nx), np.nan, np.float32)
     variance = np.full((ny, nx), np.nan, np.float32)
@@ -366,14 +376,19 @@ def warp_exposures(calexps: list[Exposure], calexp_ids: list[dict], wcs: WCS, sh
         if calexp.psf is not None:
             psf_inputs.append(CoaddPsfInput(visit, ccd, 1.0, calexp.psf, calexp.wcs, info["polygon"]))
     if not rows:
-        raise ValueError("no calexp of the visit lands on the patch")
+        # a visit whose overlap was decided from the CCDs' nominal bounding boxes can miss the
+        # patch once resampled: that is a valid, empty warp, not a failed job
+        rows = [dict(visit=int(data_id["visit"]), ccd=int(data_id["ccd"]), calexp_zeropoint=float(calexp.zeropoint),
+                     flux_scale=10.0 ** (0.4 * (zeropoint - float(calexp.zeropoint))), depth=calexp_depth(calexp),
+                     n_pixels=0, x_min=-1, x_max=-1, y_min=-1, y_max=-1, variance_mean=float("nan"))
+                for calexp, data_id in zip(calexps, calexp_ids)]
     inputs = _inputs_table(rows)
     metadata = fits.Header()
     first = calexps[0].metadata
     for key in ("VISIT", "FILTER", "EXPTIME", "DATE-OBS", "MJD-OBS", "CAMERA"):
         if key in first:
             metadata[key] = (first[key], first.comments[key])
-    metadata["NCCDWARP"] = (len(rows), "CCDs resampled onto the patch")
+    metadata["NCCDWARP"] = (int(np.count_nonzero(inputs["n_pixels"])), "CCDs resampled onto the patch")
     depths = np.array([r["depth"] for r in rows])
     if np.isfinite(depths).any():
         metadata["DEPTH"] = (float(np.nanmedian(depths)), "median 5-sigma PSF depth of the input calexps [AB mag]")

@@ -41,8 +41,8 @@ from scipy import ndimage
 from snakedrp.repo.camera import Camera
 from snakedrp.repo.exposure import Exposure, mask_bit, mask_bits
 from snakedrp.repo.io import FitsReadError, check_fits_file
-from snakedrp.isr.isr import IsrConfig, IsrError, IsrTask
-from snakedrp.pexconfig import Config, option, subconfig
+from snakedrp.isr.isr import IsrError, IsrTask
+from snakedrp.isr.config import CalibsConfig, CombineConfig, FringeCombineConfig
 from snakedrp.repo.raw import RawFrame
 
 log = logging.getLogger(__name__)
@@ -55,36 +55,6 @@ COMBINE_ROWS = 256
 
 class CalibError(ValueError):
     """A master calibration cannot be built (too few or inconsistent inputs); names the ccd."""
-
-
-@dataclass
-class CombineConfig(Config):
-    """Pixel-by-pixel sigma-clipped mean of the processed input frames."""
-
-    clip_sigma: float = option(3.0, "Leave out input pixels farther than this many sigma from the stack centre", min=1.0)
-    clip_iterations: int = option(3, "Clipping iterations about the mean of the surviving inputs (after one about the median)", min=0, max=20)
-    clip_noise: str = option("variance", "Sigma of the clipping: each input's ISR variance (works for few inputs) or the std of the surviving inputs",
-                             choices=("variance", "std"))
-    min_inputs: int = option(3, "Fewest input frames (after dropping unusable ones) to build the master", min=1)
-
-
-@dataclass
-class FringeCombineConfig(CombineConfig):
-    """Combination of night-sky frames into the fringe template, with per-frame source masking."""
-
-    source_threshold: float = option(5.0, "Per frame, leave out pixels this many robust sigma above the sky (stars, galaxies); 0: off", min=0.0)
-    source_grow: int = option(2, "Grow the per-frame source mask by this many pixels [pixel]", min=0, max=50)
-
-
-@dataclass
-class CalibsConfig(Config):
-    """Master calibrations: per-frame ISR options and the combination of each calibration type."""
-
-    bias: CombineConfig = subconfig(CombineConfig, "Master bias (ADU)")
-    dark: CombineConfig = subconfig(CombineConfig, "Master dark (e-/s)")
-    flat: CombineConfig = subconfig(CombineConfig, "Master flat (median 1)")
-    fringe: FringeCombineConfig = subconfig(FringeCombineConfig, "Fringe template (per unit sky, zero mean)")
-    isr: IsrConfig = subconfig(IsrConfig, "Per-frame ISR of calibration inputs (overscan, saturation, NaN masking); each construct_* sets the bias/gain/dark/flat/fringe switches itself")
 
 
 @dataclass(frozen=True)

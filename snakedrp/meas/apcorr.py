@@ -22,39 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from astropy.io import fits
 
-from snakedrp.pexconfig import Config, option
+from snakedrp.meas.config import ApCorrConfig, ApertureLossConfig
 from snakedrp.poly import poly_basis, poly_terms
-
-
-@dataclass
-class ApCorrConfig(Config):
-    """Aperture correction from PSF flux to the calibration aperture."""
-
-    degree: int = option(1, "Degree of the 2-D polynomial in (x, y) of the correction (0 = a constant)", min=0, max=4)
-    snr_min: float = option(100.0, "Minimum PSF-flux S/N of the stars used", min=1.0)
-    clip_sigma: float = option(3.0, "Clip stars this many sigma (errors scaled by the robust scatter) off the fit", min=1.0)
-    n_iter: int = option(5, "Fit / clip iterations", min=1, max=20)
-    min_stars: int = option(3, "Fewest stars for a fit; with fewer, the degree is lowered, and with no star at all ApCorrError is raised", min=1)
-    stars_per_term: float = option(3.0, "Lower the degree until there are this many stars per polynomial term", min=1.0)
-    error_floor: float = option(0.002, "Added in quadrature to each star's ratio error, so that a few very bright stars do not decide the fit alone", min=0.0)
-    median_center: bool = option(True, "Shift the fit onto the weighted median of the residuals: faint neighbours only ever add light to the large aperture")
-
-
-
-
-@dataclass
-class ApertureLossConfig(Config):
-    """Light beyond the calibration aperture, measured by the curve of growth of bright unresolved stars."""
-
-    enabled: bool = option(True, "Measure the light beyond the calibration aperture and add it to the PSF fluxes (so that they are total fluxes)?")
-    radius_max: float = option(2.5, "The curve of growth reaches out to this many calibration-aperture radii (2.5 x 4 FWHM = 10 FWHM)", min=1.1, max=10.0)
-    radius_max_pixels: float = option(150.0, "... and at most this radius [pixel]", min=5.0)
-    n_annuli: int = option(8, "Annuli of the curve of growth between the calibration aperture and its outer radius (logarithmic steps)", min=1, max=50)
-    snr_min: float = option(200.0, "Fewest S/N of the calibration-aperture flux of a curve-of-growth star", min=1.0)
-    max_stars: int = option(60, "Use at most this many of the brightest stars for the curve of growth", min=1)
-    min_stars: int = option(3, "Fewest stars for a curve of growth; with fewer the aperture loss is 1 (and flagged)", min=1)
-    tail_index: float = option(1.7, "Index g of the power-law wing of the curve of growth, C(inf) - C(r) ~ r**-g, fitted to each star's annuli with a local sky level and extrapolated beyond the last radius. Kolmogorov seeing alone gives 5/3, an Airy pattern alone 1; their convolution ~1.7 from 4 to 6 FWHM", min=0.5, max=5.0)
-    loss_max: float = option(0.2, "A total / calibration-aperture flux farther than this from 1 is rejected as a failed curve of growth", min=0.0)
 
 
 class ApCorrError(RuntimeError):
@@ -238,8 +207,6 @@ def measure_aperture_loss(image: np.ndarray, variance: np.ndarray, bad: np.ndarr
     return ApertureLoss(factor=factor, error=float(error), measured=measured, tail=tail,
                         radius_max=float(np.median(edges[:, -1])), radii=radii, curve=curve, n_stars=n,
                         sky=sky_term)
-
-
 
 
 class ApCorrMap:

@@ -19,30 +19,7 @@ import sep
 from astropy.io import fits
 
 from snakedrp.repo.exposure import mask_bits
-from snakedrp.pexconfig import Config, option
-
-
-@dataclass
-class BackgroundConfig(Config):
-    """Sky background model (sep / SExtractor mesh + bicubic spline)."""
-
-    box_size: int = option(128, "Side of the background mesh boxes [pixel]", min=8)
-    filter_size: int = option(3, "Median filter over this many mesh boxes (odd) in x and y [boxes]", min=1, max=15)
-    filter_threshold: float = option(0.0, "Median-filter a box only if it differs from the median by more than this [image units]", min=0.0)
-    ignored_mask_planes: list[str] = option(
-        ["BAD", "SAT", "CR", "NO_DATA", "DETECTED"],
-        "Mask planes whose pixels do not enter the background statistics")
-
-    def validate(self) -> None:
-        super().validate()
-        from snakedrp.repo.exposure import MASK_PLANES
-
-        unknown = [p for p in self.ignored_mask_planes if p not in MASK_PLANES]
-        if unknown:
-            raise ValueError(f"background.ignored_mask_planes: unknown mask plane(s) {unknown}; "
-                             f"known: {list(MASK_PLANES)}")
-        if self.filter_size % 2 == 0:
-            raise ValueError(f"background.filter_size must be odd, got {self.filter_size}")
+from snakedrp.meas.config import BackgroundConfig
 
 
 # ---------------------------------------------------------------- natural cubic spline operators

@@ -29,29 +29,8 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from snakedrp.pexconfig import Config, option
+from snakedrp.meas.config import CosmicRayConfig
 from snakedrp.repo.psf_model import PsfModel
-
-
-@dataclass
-class CosmicRayConfig(Config):
-    """Cosmic-ray detection (PSF sharpness criterion) and repair (interpolation)."""
-
-    min_sigma: float = option(6.0, "A cosmic-ray seed pixel exceeds this many sigma of its noise (background-subtracted)", min=1.0)
-    min_signal: float = option(0.0, "A cosmic-ray seed pixel also exceeds this many electrons (0 = no such limit)", min=0.0)
-    sharpness_sigma: float = option(2.5, "Noise allowance in the sharpness test [sigma] (LSST cond3_fac)", min=0.0)
-    psf_ratio_factor: float = option(0.6, "Factor on the PSF's neighbour-to-peak ratio: < 1 keeps stars safe from a PSF model error (LSST cond3_fac2)", min=0.05, max=1.0)
-    extend_sigma: float = option(3.0, "Neighbours of cosmic-ray pixels are tested down to this significance [sigma]", min=0.0)
-    extend_sharpness_sigma: float = option(1.0, "Noise allowance [sigma] of the sharpness test for neighbours of cosmic-ray pixels", min=0.0)
-    max_extend_iter: int = option(20, "Most extension passes (each adds the next ring of a track)", min=0)
-    grow: int = option(1, "Grow the cosmic-ray mask by this many pixels (8-connected)", min=0, max=5)
-    grow_max_sigma: float = option(3.0, "Growth adds pixels fainter than this [sigma], and brighter ones only if sharper than the PSF against their clean neighbours", min=0.0)
-    grow_sharpness_sigma: float = option(1.5, "Noise allowance [sigma] when growth tests a brighter pixel against the median of its clean neighbours", min=0.0)
-    source_sigma: float = option(5.0, "Growth never adds a faint pixel inside a smooth source this significant (PSF-weighted S/N without the cosmic-ray pixels): protects faint stars' cores", min=0.0)
-    psf_grid: int = option(3, "Evaluate the PSF's neighbour ratios on an n x n grid over the CCD and use the smallest", min=1, max=10)
-    bad_mask_planes: list[str] = option(["BAD", "SAT", "NO_DATA"], "Pixels in these planes, and pixels next to them, are never cosmic rays")
-    interp_radius: int = option(2, "Repair: Gaussian-weighted mean of the clean pixels within this radius [pixel] (doubled if none)", min=1, max=10)
-    max_cr_fraction: float = option(0.05, "Raise CosmicRayError if more than this fraction of the pixels are flagged (a wrong PSF or variance)", min=0.0, max=1.0)
 
 
 class CosmicRayError(RuntimeError):

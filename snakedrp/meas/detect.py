@@ -28,7 +28,7 @@ from astropy.table import Table
 from scipy import ndimage
 
 from snakedrp.repo.exposure import mask_bit, mask_bits
-from snakedrp.pexconfig import Config, option
+from snakedrp.meas.config import DetectionConfig, ResidualDetectionConfig
 
 #: Bits of the ``flags`` column: sep's extraction flags plus our own.
 DETECTION_FLAGS: dict[str, int] = {
@@ -38,39 +38,6 @@ DETECTION_FLAGS: dict[str, int] = {
     "singular": int(sep.OBJ_SINGU),         # singular second moments
     "window_failed": 256,                   # x, y are the isophotal barycentre, not windowed
 }
-
-
-@dataclass
-class DetectionConfig(Config):
-    """Detection (PSF-matched filter + threshold) and deblending of sources."""
-
-    threshold: float = option(5.0, "Detection threshold: S/N of a pixel of the PSF-filtered image [sigma]", min=0.5)
-    min_area: int = option(5, "Minimum number of connected pixels above threshold in the filtered image [pixel]", min=1)
-    filter_size: int = option(-1, "Side of the Gaussian matched-filter kernel [pixel]: odd for a fixed side, 0 for no filtering, -1 to scale it with the PSF (2 ceil(filter_half_width x sigma) + 1, at most filter_size_max)", min=-1, max=61)
-    filter_half_width: float = option(1.0, "Half-side of the PSF-scaled filter in PSF sigmas: 1 keeps 90 % of the matched filter's S/N and lets the deblender split pairs ~4 sigma apart (1.5: 99 %, but such pairs merge; sep's cost grows with the side squared)", min=0.5, max=5.0)
-    filter_size_max: int = option(31, "Largest side of the PSF-scaled filter [pixel, odd]", min=3, max=61)
-    psf_sigma: float = option(2.0, "Filter (and centroid window) Gaussian sigma when the caller gives no PSF sigma [pixel]", min=0.3)
-    deblend_nthresh: int = option(16, "Number of deblending sub-thresholds (SExtractor DEBLEND_NTHRESH)", min=1)
-    deblend_cont: float = option(0.005, "Minimum flux fraction of a deblended child (DEBLEND_MINCONT); 1 disables deblending", min=0.0, max=1.0)
-    clean: bool = option(True, "Remove spurious detections in the wings of bright objects (SExtractor CLEAN)?")
-    clean_param: float = option(1.0, "Cleaning efficiency (SExtractor CLEAN_PARAM)", min=0.1)
-    grow: int = option(2, "Grow the DETECTED mask around each footprint by this many pixels (square) [pixel]", min=0, max=50)
-    detect_negative: bool = option(False, "Also detect negative sources and set DETECTED_NEGATIVE?")
-    bad_mask_planes: list[str] = option(["BAD", "NO_DATA"], "Mask planes whose pixels are treated as missing (zero data, infinite noise)")
-    max_window_shift: float = option(2.0, "Use the barycentre when the windowed centroid moves farther than this many PSF sigmas from it", min=0.1)
-    pixel_stack: int = option(1_000_000, "sep's pixel buffer: max pixels of objects open at once (raise for huge objects)", min=300_000)
-
-    def validate(self) -> None:
-        super().validate()
-        if self.filter_size > 0 and self.filter_size % 2 == 0:
-            raise ValueError(f"detection.filter_size must be odd, 0 or -1, got {self.filter_size}")
-        if self.filter_size_max % 2 == 0:
-            raise ValueError(f"detection.filter_size_max must be odd, got {self.filter_size_max}")
-        from snakedrp.repo.exposure import MASK_PLANES
-
-        unknown = [p for p in self.bad_mask_planes if p not in MASK_PLANES]
-        if unknown:
-            raise ValueError(f"detection.bad_mask_planes: unknown mask plane(s) {unknown}")
 
 
 @dataclass(frozen=True)
@@ -180,7 +147,9 @@ def estimate_psf_sigma(image: np.ndarray, variance: np.ndarray, mask: np.ndarray
 
     data = np.asarray(image)
     ny, nx = data.shape
-    bad = (np.asarray(mask) & mask_bits(*bad_mask_planes)) != 0
+    # the mask is looked at only around the peaks tried: no image-sized pass for it
+    mask = np.asarray(mask)
+    bad_bits = mask_bits(*bad_mask_planes)
     with np.errstate(invalid="ignore"):
         above = np.flatnonzero(data > peak_snr * np.sqrt(np.maximum(variance, 0)))
     iy, ix = np.divmod(above, nx)
@@ -201,11 +170,11 @@ def estimate_psf_sigma(image: np.ndarray, variance: np.ndarray, mask: np.ndarray
         if len(sizes) >= n_peaks or n_tried >= 4 * n_peaks:
             break
         y, x = int(iy[k]), int(ix[k])
-        if bad[y - 2:y + 3, x - 2:x + 3].any():
+        if (mask[y - 2:y + 3, x - 2:x + 3] & bad_bits).any():
             continue
         n_tried += 1
         y0, y1, x0, x1 = max(y - half, 0), min(y + half + 1, ny), max(x - half, 0), min(x + half + 1, nx)
-        stamp = np.where(bad[y0:y1, x0:x1], 0.0, data[y0:y1, x0:x1]).astype(np.float64)
+        stamp = np.where((mask[y0:y1, x0:x1] & bad_bits) != 0, 0.0, data[y0:y1, x0:x1]).astype(np.float64)
         res = galsim.hsm.FindAdaptiveMom(galsim.Image(stamp), guess_sig=max(float(fallback), 1.0),
                                          guess_centroid=galsim.PositionD(x - x0 + 1, y - y0 + 1), strict=False)
         if res.moments_status == 0 and res.moments_sigma > sigma_min:
@@ -382,11 +351,18 @@ def remove_cosmic_ray_detections(detections: DetectionResult, image: np.ndarray,
     if len(suspects) == 0:
         return detections
     kernel = detection_kernel(sigma, config)
-    image, variance = np.asarray(image), np.asarray(variance)
-    bad = unusable_pixels(image, variance, np.asarray(mask), config.bad_mask_planes)
+    image, variance, mask = np.asarray(image), np.asarray(variance), np.asarray(mask)
     # the best filtered S/N within a PSF sigma of the peak: a star hit by a cosmic ray keeps its
     # detection even when the hit, not the star's centre, was the filtered image's peak
     reach = int(math.ceil(sigma))
+    # the unusable pixels only where the filter reaches around the suspects (unusable_pixels is
+    # pixel by pixel), not over the whole image
+    ny, nx = image.shape
+    r = reach + (0 if kernel is None else kernel.shape[0] // 2)
+    bad = np.zeros((ny, nx), bool)
+    for y, x in zip(ypk[suspects], xpk[suspects]):
+        box = (slice(max(int(y) - r, 0), min(int(y) + r + 1, ny)), slice(max(int(x) - r, 0), min(int(x) + r + 1, nx)))
+        bad[box] = unusable_pixels(image[box], variance[box], mask[box], config.bad_mask_planes)
     snr = np.full(len(suspects), -np.inf)
     for dy in range(-reach, reach + 1):
         for dx in range(-reach, reach + 1):
@@ -522,17 +498,6 @@ def detect_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray,
     table.meta["PSFSIG"] = (sigma, "filter and window Gaussian sigma [pixel]")
     table.meta["FILTSIZE"] = (0 if kernel is None else int(kernel.shape[0]), "matched-filter side [pixel]")
     return DetectionResult(sources=table, segmentation=segmentation, mask=out_mask, n_negative=n_negative)
-
-
-@dataclass
-class ResidualDetectionConfig(Config):
-    """Second detection pass on the image with the PSF models of the measured point sources subtracted."""
-
-    enabled: bool = option(True, "Look for sources hidden in the footprints of bright point sources, on the image with their PSF models subtracted (DAOPHOT-style)?")
-    subtract_snr_min: float = option(30.0, "Subtract the PSF models of unresolved, unflagged sources above this PSF-flux S/N", min=1.0)
-    model_error: float = option(0.1, "Relative error of a subtracted PSF model: (model_error x model)^2 is added to the variance of the residual, so that model mismatch in bright cores is not detected", min=0.0, max=1.0)
-    n_passes: int = option(1, "Passes of subtraction and detection (a pass subtracts the sources the previous one found, and their refitted neighbours)", min=1, max=5)
-    min_separation_fwhm: float = option(1.0, "A residual peak closer than this many PSF FWHM to an existing source is that source, not a new one", min=0.1, max=10.0)
 
 
 def detect_in_residual(residual: np.ndarray, variance: np.ndarray, mask: np.ndarray, model: np.ndarray,

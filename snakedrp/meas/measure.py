@@ -27,65 +27,20 @@ aperture (about one neighbour per bright source). Conventions:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import sep
 from astropy.table import Table
 
 from snakedrp.meas.detect import unusable_pixels
-from snakedrp.repo.exposure import MASK_PLANES, mask_bits
-from snakedrp.pexconfig import Config, option
+from snakedrp.repo.exposure import mask_bits
+from snakedrp.meas.config import DEFAULT_PIXEL_FLAGS, MeasureConfig
 from snakedrp.meas.columns import xy_columns
 from snakedrp.repo.psf_model import PsfModel
 from snakedrp.meas.apertures import aperture_fluxes, aperture_name, footprint_boxes, kron_fluxes, neighbour_correction
 from snakedrp.meas.psf_flux import PsfGrid, blend_groups, draw_psf_models, joint_psf_fits, psf_fit
 from snakedrp.meas.shapes import adaptive_moments, guess_sigma
 from snakedrp.stamps import padded_cutouts
-
-#: Pixel-flag columns and the mask planes that set them by default (LSST base_PixelFlags names).
-DEFAULT_PIXEL_FLAGS: dict[str, list[str]] = {
-    "edge": ["EDGE", "NO_DATA"],
-    "interpolated": ["INTRP"],
-    "saturated": ["SAT"],
-    "cr": ["CR"],
-    "bad": ["BAD"],
-    "suspect": ["SUSPECT"],
-}
-
-
-@dataclass
-class MeasureConfig(Config):
-    """Source measurement: centroids, PSF/aperture/Kron fluxes, adaptive moments, pixel flags."""
-
-    aperture_radii: list[float] = option([3.0, 4.5, 6.0, 9.0, 12.0], "Circular aperture radii [pixel]; each costs ~(r / 12)^2 x 0.06 s per 5000 sources (the calibration aperture, ~4 FWHM, is extra)")
-    calib_aperture_fwhm: float = option(4.0, "Calibration aperture radius in units of the local PSF FWHM (the light beyond it is measured by the curve of growth, apcorr.cog_*)", min=0.5, max=20.0)
-    psf_fit_radius: float = option(3.0, "Half-side of the PSF-fit box in PSF sigmas (the box also gives centroid errors)", min=1.0, max=10.0)
-    psf_evaluation: str = option("auto", "PSF models: 'grid' = kernels on a grid over the CCD, bilinearly interpolated and Lanczos-3 shifted (vectorised, what PsfModel.draw does by default); 'draw' = psf.draw per source; 'auto' = 'draw' for models that override draw, else 'grid'", choices=("auto", "grid", "draw"))
-    psf_grid_spacing: float = option(512.0, "Spacing of the grid on which the PSF kernel is evaluated for 'grid' [pixel]", min=16.0)
-    calib_replace_neighbours: bool = option(True, "In the calibration aperture, replace other sources' footprint pixels by the source's PSF model (needs a segmentation)?")
-    calib_replace_snr_min: float = option(20.0, "... only for sources above this PSF-flux S/N (fainter ones are noise-limited)", min=0.0)
-    joint_blend_fit: bool = option(True, "Fit deblended children of one parent with overlapping fit boxes simultaneously?")
-    max_centroid_shift: float = option(2.0, "Keep the input position if the windowed centroid moves farther than this many PSF sigmas", min=0.1)
-    kron_factor: float = option(2.5, "Kron aperture = this x the Kron radius (SExtractor PHOT_AUTOPARAMS k)", min=0.5)
-    kron_radius_limit: float = option(6.0, "Integrate the first moment for the Kron radius out to this many isophotal radii", min=1.0)
-    kron_min_radius: float = option(3.5, "Kron apertures smaller than this radius are replaced by a circle of it [pixel]", min=0.5)
-    shape_snr_min: float = option(20.0, "Adaptive moments only for sources above this PSF-flux S/N (HSM costs up to 0.5 ms on noise)", min=0.0)
-    shape_stamp_size: int = option(25, "Side of the stamps for adaptive moments [pixel, odd]", min=9, max=201)
-    shape_max_iterations: int = option(100, "Maximum HSM adaptive-moment iterations", min=5)
-    bad_mask_planes: list[str] = option(["BAD", "SAT", "NO_DATA"], "Mask planes whose pixels carry no weight in fits and sums")
-    pixel_flags: dict[str, list[str]] = option(DEFAULT_PIXEL_FLAGS, "flag_<name> (and flag_<name>_center) set by these mask planes in the footprint (the 3x3 centre box)")
-
-    def validate(self) -> None:
-        super().validate()
-        planes = list(self.bad_mask_planes) + [p for v in self.pixel_flags.values() for p in v]
-        unknown = sorted({p for p in planes if p not in MASK_PLANES})
-        if unknown:
-            raise ValueError(f"measure: unknown mask plane(s) {unknown}; known: {list(MASK_PLANES)}")
-        if not self.aperture_radii or min(self.aperture_radii) <= 0:
-            raise ValueError("measure.aperture_radii must be a non-empty list of positive radii")
-        if self.shape_stamp_size % 2 == 0:
-            raise ValueError("measure.shape_stamp_size must be odd")
 
 
 # ---------------------------------------------------------------- the task
@@ -156,7 +111,7 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
     # the stamps below (and the neighbour sums) zero them, as a zeroed copy of the image would
     seg = None if segmentation is None else np.ascontiguousarray(segmentation, dtype=np.int32)
 
-    grid = PsfGrid(psf, (ny, nx), config.psf_grid_spacing)
+    grid = PsfGrid.of(psf, (ny, nx), config.psf_grid_spacing)
     finite0 = np.isfinite(x0) & np.isfinite(y0)
     x0c, y0c = np.where(finite0, x0, 0.0), np.where(finite0, y0, 0.0)
     sigma = grid.sigma(x0c, y0c)

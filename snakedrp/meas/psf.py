@@ -10,7 +10,7 @@ import numpy as np
 from astropy.table import Table
 
 from snakedrp.meas.columns import flux_columns, xy_columns
-from snakedrp.pexconfig import Config, ConfigError, option
+from snakedrp.meas.config import PsfConfig
 from snakedrp.poly import poly_basis, poly_terms
 from snakedrp.repo.exposure import mask_bits
 from snakedrp.repo.psf_model import PixelPsf
@@ -22,51 +22,6 @@ class PsfError(RuntimeError):
 
 
 # ---------------------------------------------------------------- configuration
-@dataclass
-class PsfConfig(Config):
-    """PSF star selection (size–flux locus) and the spatially varying pixel-basis PSF model."""
-
-    # --- star selection (snakedrp.meas.psf_select)
-    snr_min: float = option(50.0, "Minimum S/N (flux / flux_err) of a PSF star candidate", min=1.0)
-    max_candidates: int = option(600, "Measure the moments of at most this many of the highest-S/N candidates", min=10)
-    moments_stamp_size: int = option(25, "Stamp side for the candidates' adaptive moments [pixel, odd]", min=9, max=101)
-    fwhm_min: float = option(1.5, "Smallest plausible PSF FWHM [pixel]; smaller sources are artefacts", min=0.5)
-    fwhm_max: float = option(20.0, "Largest plausible PSF FWHM [pixel]", min=1.0)
-    locus_width: float = option(0.03, "Half-width in ln(size) of the local stellar clump among each candidate's neighbours (0.03 = +-3 %)", min=0.005, max=1.0)
-    locus_nsigma: float = option(3.0, "Keep stars within this many robust sigmas of the fitted size and ellipticity surfaces", min=1.0)
-    locus_min_width: float = option(0.005, "Floor on the accepted scatter in ln(size) about the size surface", min=0.0)
-    ellipticity_min_width: float = option(0.01, "Floor on the accepted scatter of (e1, e2) about the ellipticity surface", min=0.0)
-    isolation_flux_ratio: float = option(0.01, "A neighbour brighter than this fraction of a star's flux inside its kernel box (+1 FWHM) rejects the star", min=0.0)
-    core_radius_fwhm: float = option(2.0, "A star with a masked pixel within this many FWHM of its centre is rejected", min=0.0)
-    bad_mask_planes: list[str] = option(["BAD", "SAT", "CR", "INTRP", "EDGE", "NO_DATA", "SUSPECT"],
-                                        "Mask planes that make a pixel unusable for PSF modelling")
-    reserve_fraction: float = option(0.2, "Fraction of the selected stars reserved (not fitted) for validation", min=0.0, max=0.9)
-    reserve_seed: int = option(1, "Seed of the reserved-star draw (the draw is deterministic for a given star list)", min=0)
-    # --- the model (build_psf)
-    kernel_size: int = option(0, "PSF kernel side [pixel, odd]; 0 = automatic: 2 * ceil(kernel_radius_fwhm * FWHM) + 1", min=0, max=151)
-    kernel_radius_fwhm: float = option(3.0, "Automatic kernel half-size in units of the stars' FWHM", min=1.0, max=10.0)
-    kernel_size_min: int = option(15, "Smallest automatic kernel side [pixel]", min=5)
-    kernel_size_max: int = option(51, "Largest automatic kernel side [pixel]", min=5)
-    degree: int = option(2, "Degree of the polynomial variation of every kernel pixel over the CCD", min=0, max=5)
-    stars_per_term: float = option(4.0, "Lower the degree until there are at least this many fitted stars per polynomial term", min=1.0)
-    min_stars: int = option(8, "Fewest fitted (non-reserved) stars for a PSF model; fewer raises PsfError", min=1)
-    max_stars: int = option(200, "Fit at most this many of the highest-S/N stars", min=1)
-    n_iter: int = option(3, "Fit / clip iterations", min=1, max=20)
-    clip_sigma: float = option(4.0, "Reject stars whose residual chi^2 is this many robust sigmas above the median", min=1.0)
-    pixel_clip_sigma: float = option(5.0, "Ignore star pixels this many sigmas off the model (cosmic rays, neighbours)", min=2.0)
-    resample_order: int = option(5, "Lanczos order of the stars' sub-pixel re-centring and of PixelPsf.draw (3 narrows a 3-px FWHM PSF by ~0.4 %)", choices=(3, 4, 5, 6, 7))
-    model_error: float = option(0.02, "Fractional model error added to the pixel noise when clipping and weighting", min=0.0)
-
-    def validate(self) -> None:
-        super().validate()
-        if self.kernel_size and self.kernel_size % 2 == 0:
-            raise ConfigError(f"psf.kernel_size must be odd or 0 (automatic), got {self.kernel_size}")
-        if self.moments_stamp_size % 2 == 0:
-            raise ConfigError(f"psf.moments_stamp_size must be odd, got {self.moments_stamp_size}")
-        if self.kernel_size_min > self.kernel_size_max:
-            raise ConfigError("psf.kernel_size_min exceeds psf.kernel_size_max")
-        if self.fwhm_min >= self.fwhm_max:
-            raise ConfigError("psf.fwhm_min must be below psf.fwhm_max")
 
 
 def kernel_size_for(fwhm: float, config: PsfConfig) -> int:

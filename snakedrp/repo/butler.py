@@ -27,7 +27,6 @@ from typing import Any, Callable
 import yaml
 
 from snakedrp.repo.dataid import patch_in_path
-from snakedrp.repo.io import write_hdulist, write_table, write_text
 
 #: Placeholders a template may use (the data-ID keys / Snakemake wildcards).
 TEMPLATE_KEYS = ("visit", "ccd", "filter", "tract", "patch", "refcat")
@@ -142,8 +141,16 @@ def _read_table(path, dt):
     return Table.read(path, format="fits")
 
 
+def _io():
+    """snakedrp.repo.io, imported on first write: it needs astropy, and the Snakefile (parsed by
+    every job) makes a Butler only to name paths."""
+    from snakedrp.repo import io
+
+    return io
+
+
 def _write_table(obj, path, dt):
-    write_table(obj, path, parquet=dt.parquet)
+    _io().write_table(obj, path, parquet=dt.parquet)
 
 
 def _read_raw(path, dt):
@@ -160,7 +167,7 @@ def _write_raw(obj, path, dt):
     for key in ("BZERO", "BSCALE"):
         header.remove(key, ignore_missing=True)
     data = np.clip(np.round(obj.data), 0, 65535).astype(np.uint16)
-    write_hdulist(fits.HDUList([fits.PrimaryHDU(data=data, header=header)]), path)
+    _io().write_hdulist(fits.HDUList([fits.PrimaryHDU(data=data, header=header)]), path)
 
 
 def _read_camera(path, dt):
@@ -194,13 +201,13 @@ STORAGES: dict[str, tuple[Callable, Callable]] = {
     "exposure": (_read_exposure, _write_exposure),
     "table": (_read_table, _write_table),
     "raw": (_read_raw, _write_raw),
-    "camera": (_read_camera, lambda obj, path, dt: write_text(obj.to_yaml(), path)),
+    "camera": (_read_camera, lambda obj, path, dt: _io().write_text(obj.to_yaml(), path)),
     "yaml": (lambda path, dt: yaml.safe_load(Path(path).read_text()),
-             lambda obj, path, dt: write_text(yaml.safe_dump(obj, sort_keys=False), path)),
+             lambda obj, path, dt: _io().write_text(yaml.safe_dump(obj, sort_keys=False), path)),
     "json": (lambda path, dt: json.loads(Path(path).read_text()),
-             lambda obj, path, dt: write_text(json.dumps(obj, indent=1), path)),
-    "text": (lambda path, dt: Path(path).read_text(), lambda obj, path, dt: write_text(str(obj), path)),
-    "fits": (_read_fits, lambda obj, path, dt: write_hdulist(obj, path)),
+             lambda obj, path, dt: _io().write_text(json.dumps(obj, indent=1), path)),
+    "text": (lambda path, dt: Path(path).read_text(), lambda obj, path, dt: _io().write_text(str(obj), path)),
+    "fits": (_read_fits, lambda obj, path, dt: _io().write_hdulist(obj, path)),
     "object": (_read_object, _write_object),
 }
 
@@ -248,7 +255,7 @@ def resolve_chain(root: str | Path, rerun: str | None, *, record: bool = True) -
         chain.append(parent)
         parent = read_parent(root, parent)
     if len(names) == 2 and recorded is None and record:
-        write_text(names[0] + "\n", Path(root) / "rerun" / output / PARENT_FILE)
+        _io().write_text(names[0] + "\n", Path(root) / "rerun" / output / PARENT_FILE)
     return chain
 
 

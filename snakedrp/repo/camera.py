@@ -20,9 +20,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import yaml
-from astropy.wcs import WCS, Sip
+
+from snakedrp.yamlio import read_yaml
+
+if TYPE_CHECKING:  # astropy.wcs is imported where a WCS is made: the Snakefile reads cameras, every job parses it
+    from astropy.wcs import WCS
 
 
 @dataclass(frozen=True)
@@ -111,9 +117,7 @@ class Camera:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Camera":
         """Read a camera definition file."""
-        with open(path) as f:
-            spec = yaml.safe_load(f)
-        return cls.from_dict(spec)
+        return cls.from_dict(read_yaml(path))
 
     @classmethod
     def from_dict(cls, spec: dict) -> "Camera":
@@ -228,6 +232,8 @@ class Camera:
     @staticmethod
     def _tangent_wcs(ra0: float, dec0: float) -> WCS:
         # A TAN projection whose "pixels" are tangent-plane degrees, centred on the pointing.
+        from astropy.wcs import WCS
+
         w = WCS(naxis=2)
         w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
         w.wcs.crval = [ra0, dec0]
@@ -274,6 +280,8 @@ class Camera:
         s = np.deg2rad(rotation)
         sky = np.array([[np.cos(s), -np.sin(s)], [np.sin(s), np.cos(s)]]) @ np.diag([-1.0, 1.0])
         cd = sky @ pix_to_fp * self._deg_per_mm
+        from astropy.wcs import WCS
+
         w = WCS(naxis=2)
         w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
         w.wcs.crval = [ra0, dec0]
@@ -321,6 +329,8 @@ class Camera:
         w = self.nominal_wcs(ccd, ra0, dec0, rotation)
         if not any(self.distortion):
             return w
+        from astropy.wcs import Sip
+
         a, b = self.distortion_sip()
         w.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]
         w.sip = Sip(a, b, None, None, w.wcs.crpix)

@@ -23,21 +23,8 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from snakedrp.repo.io import write_hdulist
+from snakedrp.repo.mask_planes import MASK_PLANES
 from snakedrp.repo.psf_model import PsfModel, psf_from_hdu
-
-#: Mask plane bits, as the LSST stack numbers them.
-MASK_PLANES: dict[str, int] = {
-    "BAD": 0,
-    "SAT": 1,
-    "INTRP": 2,
-    "CR": 3,
-    "EDGE": 4,
-    "DETECTED": 5,
-    "DETECTED_NEGATIVE": 6,
-    "SUSPECT": 7,
-    "NO_DATA": 8,
-    "CLIPPED": 9,   # coadd artifact rejection: a warp pixel excluded as an outlier
-}
 
 
 def mask_bit(name: str) -> int:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from snakedrp.pexconfig import Config, option
+from snakedrp.repo.config import IngestConfig
 from snakedrp.repo.butler import Butler
 from snakedrp.repo.camera import Camera
 from snakedrp.repo.io import atomic_path
@@ -27,15 +27,6 @@ class IngestError(RuntimeError):
 
 
 # ------------------------------------------------------------------ ingest
-@dataclass
-class IngestConfig(Config):
-    """Ingest of raw files into the registry (the role of ingestImages.py)."""
-
-    on_error: str = option("skip", "What to do with an unreadable, truncated or incomplete raw file: "
-                           "skip it with a warning, or fail the ingest", choices=("skip", "fail"))
-    transfer: str = option("none", "How files are brought into the repository layout raw/<visit>/: "
-                           "none (registered where they are), symlink or copy", choices=("none", "symlink", "copy"))
-    append: bool = option(False, "Add to the existing registry instead of rebuilding it from the given files")
 
 
 @dataclass(frozen=True)

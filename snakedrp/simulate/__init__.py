@@ -54,15 +54,26 @@ others and the same seed gives byte-identical files.
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from snakedrp.repo.io import write_table
-from snakedrp.repo.refcat import write_refcat
-from .field import (FieldResult, make_field, make_objects, make_refcat, plan_exposures, plan_visits,
-                    sky_to_pixel_jacobian, true_psf, visit_seeings)
 from .presets import CONDITIONS, PRESETS, SimParams, SimulateConfig, resolve_config
-from .render import (RenderResult, Scene, render_exposure, render_scene, write_cr_mask, write_raw,
-                     write_sources)
+
+if TYPE_CHECKING:
+    from .field import (FieldResult, make_field, make_objects, make_refcat, plan_exposures, plan_visits,
+                        sky_to_pixel_jacobian, true_psf, visit_seeings)
+    from .render import (RenderResult, Scene, render_exposure, render_scene, write_cr_mask, write_raw,
+                         write_sources)
+
+# field and render import galsim and astropy (about 1 s): they are imported on first use, so that
+# snakedrp.config (SimulateConfig) and a parse that only resolves the config do not pay for them
+_LAZY = {
+    **dict.fromkeys(("FieldResult", "make_field", "make_objects", "make_refcat", "plan_exposures", "plan_visits",
+                     "sky_to_pixel_jacobian", "true_psf", "visit_seeings"), "field"),
+    **dict.fromkeys(("RenderResult", "Scene", "render_exposure", "render_scene", "write_cr_mask", "write_raw",
+                     "write_sources"), "render"),
+}
 
 __all__ = [
     "CONDITIONS", "PRESETS", "FieldResult", "RenderResult", "Scene", "SimParams", "SimulateConfig", "make_field",
@@ -72,9 +83,25 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 def write_field(field: FieldResult, truth_dir: str | Path, refcat_dir: str | Path, *, nside: int) -> None:
     """Write ``objects.fits``, ``visits.fits``, ``exposures.fits`` under ``truth_dir`` and the sharded
     reference catalog (``index.json`` last) under ``refcat_dir``."""
+    from snakedrp.repo.io import write_table
+    from snakedrp.repo.refcat import write_refcat
+
     truth_dir = Path(truth_dir)
     write_table(field.objects, truth_dir / "objects.fits")
     write_table(field.visits, truth_dir / "visits.fits")

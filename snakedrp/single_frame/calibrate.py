@@ -19,40 +19,20 @@ from dataclasses import dataclass, replace
 import numpy as np
 from astropy.table import Table, vstack
 
-from snakedrp.meas.apcorr import ApCorrMap, ApertureLoss, ApertureLossConfig, measure_aperture_loss
-from snakedrp.calib.astrometry import AstrometryConfig, AstrometryError, match_and_fit
-from snakedrp.meas.detect import (DetectionConfig, DetectionResult, ResidualDetectionConfig, detect_in_residual,
+from snakedrp.meas.apcorr import ApCorrMap, ApertureLoss, measure_aperture_loss
+from snakedrp.calib.astrometry import AstrometryError, match_and_fit
+from snakedrp.meas.detect import (DetectionResult, detect_in_residual,
                                   detect_sources, unusable_pixels)
 from snakedrp.meas.psf_flux import psf_model_image
 from snakedrp.repo.exposure import Exposure
-from snakedrp.meas.measure import MeasureConfig, calibrate_fluxes, measure_sources
-from snakedrp.pexconfig import Config, option, subconfig
+from snakedrp.meas.measure import calibrate_fluxes, measure_sources
+from snakedrp.single_frame.config import CalibrateConfig
 from snakedrp.stamps import kernel_moments
-from snakedrp.calib.photometry import PhotometryConfig, PhotometryError, fit_zeropoint
+from snakedrp.calib.photometry import PhotometryError, fit_zeropoint
 
 
 class CalibrateError(RuntimeError):
     """Calibration failed (no sources, no reference stars, ...); the message says why."""
-
-
-@dataclass
-class CalibrateConfig(Config):
-    """Calibrate a characterized exposure: detection, measurement, astrometry, photometry."""
-
-    do_astrometry: bool = option(True, "Fit the WCS against the reference catalog?")
-    do_photometry: bool = option(True, "Fit the photometric zeropoint against the reference catalog?")
-    require_astrometry: bool = option(False, "Fail the exposure when the astrometric fit fails (requireAstrometry)? false: the calexp is written with the camera's WCS and no zeropoint, flagged WCSFAIL, and is left out of the coadds and the validation figures")
-    refcat_margin: float = option(30.0, "Reference stars loaded out to this far beyond the CCD [arcsec]", min=0.0)
-    star_size_max: float = option(1.15, "Unresolved if adaptive-moment size / PSF size is below this", min=1.0)
-    recentre_apcorr: bool = option(True, "Move the aperture correction's constant term onto the median over the bright unresolved src stars of calib_flux / psf_flux - apcorr (robust to the neighbours in the calibration aperture of a crowded field)?")
-    recentre_snr_min: float = option(100.0, "... stars above this PSF-flux S/N", min=1.0)
-    redetect: bool = option(False, "Detect again on the characterized exposure (with calibrate.detection and the PSF model's width) instead of measuring characterization's detections?")
-    detection: DetectionConfig = subconfig(DetectionConfig, "Detection when calibrate detects: with redetect, or when CalibrateTask runs without detections")
-    residual_detection: ResidualDetectionConfig = subconfig(ResidualDetectionConfig, "Second detection pass, on the image with the measured point sources' PSF models subtracted (the threshold and filter of calibrate.detection)")
-    measure: MeasureConfig = subconfig(MeasureConfig, "Source measurement")
-    aperture_loss: ApertureLossConfig = subconfig(ApertureLossConfig, "Light beyond the calibration aperture (curve of growth of bright stars)")
-    astrometry: AstrometryConfig = subconfig(AstrometryConfig, "Reference matching and TAN-SIP fit")
-    photometry: PhotometryConfig = subconfig(PhotometryConfig, "Zeropoint fit")
 
 
 @dataclass(frozen=True)
@@ -115,17 +95,19 @@ class CalibrateTask:
             exposure = replace(exposure, mask=detections.mask)
         if len(detections.sources) == 0:
             raise CalibrateError(f"{where}: no source detected above {cfg.detection.threshold} sigma")
+        # the unusable pixels of the image, once: every later measurement sees the same pixels (see _unusable)
+        bad = unusable_pixels(exposure.image, exposure.variance, exposure.mask, cfg.measure.bad_mask_planes)
         sources = measure_sources(exposure.image, exposure.variance, exposure.mask, detections.sources,
                                   exposure.psf, cfg.measure, wcs=exposure.wcs,
-                                  segmentation=detections.segmentation, footprints=detections.sources)
+                                  segmentation=detections.segmentation, footprints=detections.sources, bad=bad)
         if cfg.residual_detection.enabled:
-            sources, detections = self._measure_residual_detections(exposure, detections, sources)
+            sources, detections = self._measure_residual_detections(exposure, detections, sources, bad=bad)
             exposure = replace(exposure, mask=detections.mask)
         x, y = np.asarray(sources["x_centroid"]), np.asarray(sources["y_centroid"])
         size_ratio = np.asarray(sources["shape_sigma"]) / np.asarray(sources["psf_sigma"])
         loss = aperture_loss
         if (loss is None and cfg.aperture_loss.enabled) or (apcorr is not None and cfg.recentre_apcorr):
-            apcorr, measured_loss = self._crowded_field_calibration(exposure, detections, sources, apcorr)
+            apcorr, measured_loss = self._crowded_field_calibration(exposure, detections, sources, apcorr, bad=bad)
             loss = loss if loss is not None else measured_loss
         loss = loss if loss is not None else ApertureLoss.none()
         factor = apcorr.evaluate(x, y) if apcorr is not None else np.ones(len(sources))
@@ -184,7 +166,8 @@ class CalibrateTask:
         return CalibrateResult(exposure=out, sources=sources, matches=matches, apcorr=apcorr)
 
     def _crowded_field_calibration(self, exposure: Exposure, detections: DetectionResult, sources: Table,
-                                   apcorr: ApCorrMap | None) -> tuple[ApCorrMap | None, ApertureLoss | None]:
+                                   apcorr: ApCorrMap | None, *, bad: np.ndarray | None = None
+                                   ) -> tuple[ApCorrMap | None, ApertureLoss | None]:
         """The aperture correction's constant and the aperture loss, from the bright unresolved stars of the src.
 
         In a crowded field a 4-FWHM calibration aperture (34 pixels at 1.5" seeing) holds tens of
@@ -197,6 +180,8 @@ class CalibrateTask:
         less the PSF models of every point source (:meth:`_point_sources`; beyond the model's
         kernel their wings remain, a per cent of a neighbour's light), resolved sources' footprints
         left out.
+
+        ``bad`` are the unusable pixels of the exposure as ``run`` found them (recomputed when not given).
 
         Returns
         -------
@@ -218,7 +203,7 @@ class CalibrateTask:
         is_point = np.zeros(int(max(seg.max(), np.max(sources["id"]))) + 1, bool)
         is_point[np.asarray(sources["id"])[point]] = True
         seg_resolved = np.where(is_point[seg], 0, seg).astype(np.int32)
-        bad = unusable_pixels(image, variance, exposure.mask, cfg.measure.bad_mask_planes)
+        bad = self._unusable(image, variance, exposure.mask, bad)
         s = sources[star]
         x, y = np.asarray(s["x_centroid"], float), np.asarray(s["y_centroid"], float)
         radius = np.asarray(s["calib_radius"], float)
@@ -253,8 +238,24 @@ class CalibrateTask:
         return ((size_ratio < cfg.star_size_max) & (snr >= cfg.residual_detection.subtract_snr_min)
                 & ~np.asarray(sources["psf_flux_flag"], bool))
 
+    def _unusable(self, data: np.ndarray, variance: np.ndarray, mask: np.ndarray,
+                  bad: np.ndarray | None) -> np.ndarray:
+        """:func:`unusable_pixels` of ``data`` for the measurement's planes; ``bad``, those of the
+        exposure's image, when they are the same pixels.
+
+        They are when ``data`` (the image, or the image less PSF models) and the image have no
+        non-finite pixel and the measurement's planes leave out the DETECTED planes, the only ones
+        in which the masks after a residual detection differ from the exposure's.
+        """
+        planes = self.config.measure.bad_mask_planes
+        if (bad is not None and not {"DETECTED", "DETECTED_NEGATIVE"} & set(planes)
+                and np.isfinite(data.sum(dtype=np.float64))):
+            return bad
+        return unusable_pixels(data, variance, mask, planes)
+
     def _measure_residual_detections(self, exposure: Exposure, detections: DetectionResult,
-                                     sources: Table) -> tuple[Table, DetectionResult]:
+                                     sources: Table, *, bad: np.ndarray | None = None
+                                     ) -> tuple[Table, DetectionResult]:
         """Find the sources hidden next to bright point sources and measure them (see :func:`detect_in_residual`).
 
         Each of ``residual_detection.n_passes`` passes subtracts the PSF models of the point sources
@@ -263,6 +264,7 @@ class CalibrateTask:
         does not pull their centroids and fluxes; the older sources of the blends they joined (B)
         are measured again on the image less the models of N, with the new footprints, before N,
         so that N sees B's refitted models. The src gets a ``detected_in_residual`` column.
+        ``bad`` are the unusable pixels of the exposure as ``run`` found them.
         """
         cfg = self.config
         rcfg = cfg.residual_detection
@@ -280,15 +282,19 @@ class CalibrateTask:
             if not point.any():
                 break
             model = models(point)
+            residual = image - model
             sigma = float(np.median(np.asarray(sources["psf_sigma"])[point]))
-            found, new_rows = detect_in_residual(image - model, variance, exposure.mask, model, detections,
+            found, new_rows = detect_in_residual(residual, variance, exposure.mask, model, detections,
                                                  np.asarray(sources["id"])[point], cfg.detection, rcfg,
                                                  psf_sigma=sigma)
+            del model
             if not len(new_rows):
                 break
             det = found.sources
             kw = dict(wcs=exposure.wcs, segmentation=found.segmentation, footprints=det)
-            new = measure_sources(image - model, variance, found.mask, det[new_rows], psf, cfg.measure, **kw)
+            new = measure_sources(residual, variance, found.mask, det[new_rows], psf, cfg.measure,
+                                  bad=self._unusable(residual, variance, found.mask, bad), **kw)
+            del residual
             n_old = len(sources)
             sources = sources.copy(copy_data=True)
             for name in ("parent", "blend_nchild", "is_blended"):
@@ -299,12 +305,17 @@ class CalibrateTask:
             hidden = np.flatnonzero(marker)
             parents = np.asarray(det["parent"])
             blends = np.flatnonzero(~marker & np.isin(parents, parents[hidden]))
-            again = measure_sources(image - models(hidden), variance, found.mask, det[blends], psf, cfg.measure, **kw)
+            residual = image - models(hidden)
+            again = measure_sources(residual, variance, found.mask, det[blends], psf, cfg.measure,
+                                    bad=self._unusable(residual, variance, found.mask, bad), **kw)
             for name in sources.colnames:
                 sources[name][blends] = again[name]
             others = self._point_sources(sources)
             others[hidden] = False
-            again = measure_sources(image - models(others), variance, found.mask, det[hidden], psf, cfg.measure, **kw)
+            residual = image - models(others)
+            again = measure_sources(residual, variance, found.mask, det[hidden], psf, cfg.measure,
+                                    bad=self._unusable(residual, variance, found.mask, bad), **kw)
+            del residual
             for name in sources.colnames:
                 sources[name][hidden] = again[name]
         sources["detected_in_residual"] = marker

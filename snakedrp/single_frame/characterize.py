@@ -23,15 +23,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 from astropy.table import Table
 
-from snakedrp.meas.apcorr import ApCorrConfig, ApCorrMap, fit_aperture_correction
-from snakedrp.meas.background import Background, BackgroundConfig, estimate_background
-from snakedrp.meas.cosmicray import CosmicRayConfig, find_cosmic_rays, repair_cosmic_rays
-from snakedrp.meas.detect import (DetectionConfig, DetectionResult, detect_sources, estimate_psf_sigma, grow_mask,
+from snakedrp.meas.apcorr import ApCorrMap, fit_aperture_correction
+from snakedrp.meas.background import Background, estimate_background
+from snakedrp.meas.cosmicray import find_cosmic_rays, repair_cosmic_rays
+from snakedrp.meas.detect import (DetectionResult, detect_sources, estimate_psf_sigma, grow_mask,
                                   remove_cosmic_ray_detections, unusable_pixels)
 from snakedrp.repo.exposure import Exposure, mask_bit
-from snakedrp.meas.measure import MeasureConfig, measure_sources
-from snakedrp.pexconfig import Config, option, subconfig
-from snakedrp.meas.psf import PsfConfig, PsfError, build_psf
+from snakedrp.meas.measure import measure_sources
+from snakedrp.single_frame.config import CharacterizeConfig
+from snakedrp.meas.psf import PsfError, build_psf
 from snakedrp.repo.psf_model import GaussianPsf
 from snakedrp.meas.psf_select import select_psf_stars
 
@@ -58,28 +58,6 @@ def sky_mean_level(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, ba
 
 class CharacterizeError(RuntimeError):
     """Characterization failed (no PSF stars, ...); the message says why."""
-
-
-@dataclass
-class CharacterizeConfig(Config):
-    """Characterize a science exposure: background, detection, PSF, cosmic rays, apcorr."""
-
-    psf_fwhm_guess: float = option(4.5, "Starting PSF FWHM of the width estimate, and the first guess when it finds too few stars [pixel]", min=1.0, max=30.0)
-    estimate_psf_width: bool = option(True, "Estimate the PSF width from the brightest unsaturated peaks before detection (matched filter, first-guess PSF)? Otherwise psf_fwhm_guess is used")
-    psf_width_peak_snr: float = option(30.0, "Peaks of the PSF-width estimate: pixels above this S/N", min=3.0)
-    psf_width_n_peaks: int = option(60, "Peaks measured for the PSF-width estimate (brightest first)", min=5, max=1000)
-    psf_width_min_fraction: float = option(0.6, "PSF stars are at least this fraction of the estimated PSF FWHM (raises psf.fwhm_min for the exposure)", min=0.1, max=1.0)
-    refine_background: bool = option(True, "Estimate the background again once the sources are detected, with their footprints masked, and subtract the difference?")
-    subtract_sky_mean: bool = option(True, "... and subtract the mean level left in the pixels outside the grown footprints: the light of undetected sources and of wings beyond the footprints, which the background's mode estimate leaves in (~1 e- a pixel in a crowded field, a few per cent of a star in a 4-FWHM aperture at 1.5\" seeing)")
-    background_grow_fwhm: float = option(1.0, "... the footprints grown by this many PSF FWHM for that estimate (the wings beyond a footprint raise the background, more so in bad seeing)", min=0.0, max=10.0)
-    do_cosmic_ray: bool = option(True, "Find and repair cosmic rays (uses the PSF model)?")
-    do_apcorr: bool = option(True, "Fit the aperture correction from PSF flux to the calibration aperture?")
-    background: BackgroundConfig = subconfig(BackgroundConfig, "Background model (sep)")
-    detection: DetectionConfig = subconfig(DetectionConfig, "Detection of the sources: PSF stars are drawn from them, and calibration measures them (filter: the first-guess PSF)")
-    measure: MeasureConfig = subconfig(MeasureConfig, "Measurement for PSF-star selection and of the PSF stars (icSrc)")
-    psf: PsfConfig = subconfig(PsfConfig, "PSF star selection and the spatially varying PSF model")
-    cosmic_ray: CosmicRayConfig = subconfig(CosmicRayConfig, "Cosmic-ray detection and repair")
-    apcorr: ApCorrConfig = subconfig(ApCorrConfig, "Aperture correction")
 
 
 @dataclass(frozen=True)
@@ -162,8 +140,11 @@ class CharacterizeTask:
             grow = int(np.ceil(cfg.background_grow_fwhm * 2.3548 * sigma0))
             bg_mask = detections.mask
             if grow > cfg.detection.grow:
-                bg_mask = bg_mask | np.where(grow_mask(detections.segmentation > 0, grow), np.int32(mask_bit("DETECTED")), 0).astype(bg_mask.dtype)
+                bg_mask = bg_mask.copy()
+                np.bitwise_or(bg_mask, bg_mask.dtype.type(mask_bit("DETECTED")), out=bg_mask,
+                              where=grow_mask(detections.segmentation > 0, grow))
             refined = estimate_background(image, bg_mask, cfg.background)
+            del bg_mask
             image -= refined.evaluate()
             level = 0.0
             if cfg.subtract_sky_mean:

@@ -21,23 +21,14 @@ from astropy.table import Table
 
 from snakedrp.meas.apcorr import ApCorrMap
 from snakedrp.meas.background import Background
-from snakedrp.single_frame.calibrate import CalibrateConfig, CalibrateTask
+from snakedrp.single_frame.calibrate import CalibrateTask
 from snakedrp.repo.camera import Camera
-from snakedrp.single_frame.characterize import CharacterizeConfig, CharacterizeTask
+from snakedrp.single_frame.characterize import CharacterizeTask
 from snakedrp.repo.exposure import Exposure
-from snakedrp.isr.isr import IsrConfig, IsrTask
-from snakedrp.pexconfig import Config, subconfig
+from snakedrp.isr.isr import IsrTask
+from snakedrp.single_frame.config import ProcessCcdConfig
 from snakedrp.repo.raw import RawFrame, check_raw
 from snakedrp.repo.refcat import load_refcat
-
-
-@dataclass
-class ProcessCcdConfig(Config):
-    """Single-frame processing: the isr, characterize and calibrate sections of the config tree."""
-
-    isr: IsrConfig = subconfig(IsrConfig, "Instrument signature removal")
-    characterize: CharacterizeConfig = subconfig(CharacterizeConfig, "Background, PSF, cosmic rays, apcorr")
-    calibrate: CalibrateConfig = subconfig(CalibrateConfig, "Detection, measurement, astrometry, photometry")
 
 
 @dataclass(frozen=True)
@@ -105,7 +96,7 @@ class ProcessCcdTask:
         self.calibrate = CalibrateTask(self.config.calibrate)
 
     def run(self, raw: RawFrame, *, camera: Camera, calibs: dict[str, Exposure] | None = None,
-            refcat: Table | None = None, refcat_dir=None) -> ProcessCcdResult:
+            refcat: Table | None = None, refcat_dir=None, release_calibs: bool = False) -> ProcessCcdResult:
         """Process one raw frame.
 
         Parameters
@@ -119,6 +110,10 @@ class ProcessCcdTask:
             ISR switches need).
         refcat : Table, optional
             Reference stars around the CCD; or give ``refcat_dir`` to load the covering shards.
+        release_calibs : bool
+            Empty ``calibs`` once ISR has used them, so that their planes (about 280 MB on an HSC
+            CCD) go back to the heap before characterization; for a caller that holds them for
+            this run only (the job script).
 
         Raises
         ------
@@ -127,12 +122,18 @@ class ProcessCcdTask:
         """
         check_raw(raw, camera)
         isr = self.isr.run(raw, camera=camera, **(calibs or {}))
+        if release_calibs and calibs:
+            calibs.clear()
         # the raw header's WCS lacks the optical distortion: start from the camera model's, so that
         # the astrometric fit only corrects pointing, rotation and scale (few reference stars suffice)
         h = raw.header
         exposure = replace(isr.exposure, wcs=camera.initial_wcs(raw.ccd, float(h["TELRA"]), float(h["TELDEC"]),
                                                                 float(h["ROTANG"])))
         char = self.characterize.run(exposure)
+        # characterization made its own image and mask: the ISR ones (68 MB on an HSC CCD) go back to
+        # the heap before calibration's full-image temporaries are allocated, which then reuse them
+        unusable_amplifiers = isr.unusable_amplifiers
+        del isr, exposure
         if refcat is None and refcat_dir is not None:
             refcat = refcat_for_exposure(refcat_dir, char.exposure.wcs, char.exposure.shape,
                                          self.config.calibrate.refcat_margin)
@@ -141,7 +142,7 @@ class ProcessCcdTask:
         return ProcessCcdResult(calexp=cal.exposure, sources=cal.sources, psf_sources=char.psf_sources,
                                 background=char.background, matches=cal.matches,
                                 apcorr=cal.apcorr if cal.apcorr is not None else char.apcorr,
-                                n_cosmic_rays=char.n_cosmic_rays, unusable_amplifiers=isr.unusable_amplifiers)
+                                n_cosmic_rays=char.n_cosmic_rays, unusable_amplifiers=unusable_amplifiers)
 
     def run_data_id(self, butler, *, visit: int, ccd: int, refcat: str = "sim_gaia") -> ProcessCcdResult:
         """Read the raw, calibrations and reference catalog of ``(visit, ccd)`` through a butler and run."""

@@ -33,57 +33,7 @@ from astropy.io import fits
 from astropy.table import Table, vstack
 
 from snakedrp.meas.columns import flagged
-from snakedrp.pexconfig import Config, option
-
-#: LSST SRD (LPM-17) specifications: (minimum, design, stretch); lower is better for every one.
-SRD_SPECS = {
-    "PA1": (8.0, 5.0, 3.0),
-    "PF1": (20.0, 10.0, 5.0),
-    "PA2": (15.0, 15.0, 10.0),
-    "AM1": (20.0, 10.0, 5.0),
-    "AF1": (20.0, 10.0, 5.0),
-    "AD1": (40.0, 20.0, 10.0),
-}
-LEVELS = ("minimum", "design", "stretch")
-
-
-@dataclass
-class MetricsConfig(Config):
-    """Survey (SRD) metrics from the pipeline's own src catalogs: PA1, PF1/PA2, AM1, AF1/AD1."""
-
-    enabled: bool = option(True, "Compute the SRD metrics in the validate target")
-    goal_level: str = option("design", "SRD level a metric must reach to pass", choices=LEVELS)
-    strict: bool = option(False, "A missed metric fails the job? (survey metrics are reported with their marks; validation.strict gates the figures against truth)")
-    match_radius: float = option(1.0, "Radius for matching sources across visits [arcsec]", min=0.01)
-    snr_min: float = option(50.0, "Minimum PSF-flux S/N (median over a star's visits) of the stars used", min=1.0)
-    max_extendedness: float = option(0.5, "Stars: median src extendedness below this (adaptive-moment size vs PSF)", min=0.0, max=1.0)
-    min_visits: int = option(2, "A star must be matched in at least this many visits", min=2)
-    n_shuffles: int = option(50, "Random draws of visit pairs for PA1 (validate_drp numRandomShuffles)", min=1)
-    seed: int = option(12345, "Seed of the random visit pairs (the metrics are reproducible)")
-    min_stars: int = option(20, "Fewest matched stars for PA1/PF1/PA2 (fewer: not computed)", min=2)
-    am1_distance: float = option(5.0, "AM1 star-pair separation D [arcmin]", min=0.1)
-    am_width: float = option(2.0, "Full width of the separation annulus around D [arcmin] (validate_drp: 2)", min=0.01)
-    min_pairs: int = option(20, "Fewest star pairs for AM1/AF1/AD1 (fewer: not computed)", min=1)
-    bright_snr_min: float = option(500.0, "Also report PA1 of the stars above this median S/N (PA1@SNR..., no SRD spec; 0: never)", min=0.0)
-    small_field_distance: float = option(2.0, "When AM1 cannot be computed, also report AM@D at this D [arcmin] (not AM1; 0: never)", min=0.0)
-    pa1_spec: list[float] = option(list(SRD_SPECS["PA1"]), "PA1 spec [mmag]: minimum, design, stretch")
-    pf1_spec: list[float] = option(list(SRD_SPECS["PF1"]), "PF1 spec [%]: minimum, design, stretch")
-    pa2_spec: list[float] = option(list(SRD_SPECS["PA2"]), "PA2 spec [mmag]: minimum, design, stretch")
-    am1_spec: list[float] = option(list(SRD_SPECS["AM1"]), "AM1 spec [mas]: minimum, design, stretch")
-    af1_spec: list[float] = option(list(SRD_SPECS["AF1"]), "AF1 spec [%]: minimum, design, stretch")
-    ad1_spec: list[float] = option(list(SRD_SPECS["AD1"]), "AD1 spec [mas]: minimum, design, stretch")
-
-    def validate(self) -> None:
-        super().validate()
-        for name in ("pa1", "pf1", "pa2", "am1", "af1", "ad1"):
-            spec = getattr(self, f"{name}_spec")
-            if len(spec) != 3 or not spec[0] >= spec[1] >= spec[2]:
-                raise ValueError(f"metrics.{name}_spec must be [minimum, design, stretch] with minimum >= "
-                                 f"design >= stretch (lower is better), got {spec}")
-
-    def spec(self, name: str) -> dict[str, float]:
-        """``{minimum, design, stretch}`` of metric ``name`` (e.g. ``"PA1"``)."""
-        return dict(zip(LEVELS, (float(v) for v in getattr(self, f"{name.lower()}_spec"))))
+from snakedrp.validate.config import LEVELS, MetricsConfig, SRD_SPECS
 
 
 @dataclass

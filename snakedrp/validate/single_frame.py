@@ -22,41 +22,10 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from snakedrp.repo.exposure import Exposure, mask_bit
-from snakedrp.pexconfig import Config, option, subconfig
-from snakedrp.validate.coadd import CoaddValidateConfig
+from snakedrp.validate.config import ValidateConfig
 from snakedrp.validate.figures import Metric
 from snakedrp.meas.columns import flagged
 from snakedrp.stamps import kernel_moments
-
-
-@dataclass
-class ValidateConfig(Config):
-    """Accuracy goals of single-frame processing, checked against the simulator's truth."""
-
-    enabled: bool = option(True, "Run validation when the repository has simulator truth")
-    strict: bool = option(False, "Fail the validation job when a figure misses its goal (tests and CI); otherwise the report marks it and the run goes on")
-    match_radius: float = option(1.5, "Radius for matching measured to true sources [pixel]", min=0.1)
-    astrometry_snr_min: float = option(50.0, "S/N above which stars enter the centroid scatter (reported with its expectation from their S/N)", min=1.0)
-    wcs_grid: list[int] = option([8, 16], "Grid (nx, ny) of points over each CCD where the fitted WCS is compared with the true mapping")
-    astrometry_rms_goal: float = option(10.0, "Goal: RMS distance between the fitted and the true pixel-to-sky mapping on the grid, over all CCDs [mas]", min=0.0)
-    photometry_snr_min: float = option(100.0, "PSF S/N above which isolated stars enter the photometric calibration error", min=1.0)
-    photometry_goal: float = option(5.0, "Goal: max over CCDs of |median(calibrated psf_mag - true total mag)| of bright isolated stars [mmag]", min=0.0)
-    psf_fwhm_goal: float = option(1.0, "Goal: RMS relative PSF FWHM error at reserved stars [%]", min=0.0)
-    psf_e_goal: float = option(0.005, "Goal: RMS PSF ellipticity (e1, e2) error at reserved stars", min=0.0)
-    cr_recovery_goal: float = option(95.0, "Goal: fraction of true cosmic-ray pixels flagged CR [%]", min=0.0, max=100.0)
-    cr_min_signal: float = option(5.0, "A true CR pixel counts if its deposit exceeds this many sigma of the noise", min=0.0)
-    completeness_snr: float = option(10.0, "S/N at which completeness is measured", min=1.0)
-    completeness_band: list[float] = option([0.8, 1.5], "... counted over the stars whose expected S/N is between these multiples of completeness_snr (8-15 at S/N 10: one CCD of two visits holds ~12 isolated stars within +-20 %, so one miss was 8 %; the band keeps the threshold, 5, well below)")
-    completeness_goal: float = option(90.0, "Goal: src completeness of isolated stars at that S/N [%]", min=0.0, max=100.0)
-    psf_flux_snr_min: float = option(100.0, "S/N above which stars enter the PSF-flux bias", min=1.0)
-    psf_flux_bias_goal: float = option(5.0, "Goal: |median PSF-flux bias| of bright stars [mmag]", min=0.0)
-    isolation_radius: float = option(10.0, "A true star is isolated if no other object within this radius [pixel] (or isolation_fwhm PSF FWHM, whichever is larger) ...", min=0.0)
-    isolation_fwhm: float = option(2.5, "... or within this many PSF FWHM (10 pixels at the demo's 4-pixel FWHM; 22 at 1.5\" seeing, where 10 pixels is 1.1 FWHM)", min=0.0)
-    completeness_match_fwhm: float = option(0.3, "Completeness matches a true star to a detection within match_radius or this many PSF FWHM, whichever is larger (5 sigma of the centroid error of an S/N-10 star)", min=0.0)
-    isolation_flux_ratio: float = option(0.05, "... has more than this fraction of its flux (blends have no single true position)", min=0.0)
-    coadd: CoaddValidateConfig = subconfig(CoaddValidateConfig, "Accuracy goals of the coadds (validate_coadd)")
-
-
 
 
 def match_sources(x_meas, y_meas, x_true, y_true, radius: float):
