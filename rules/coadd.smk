@@ -20,8 +20,8 @@ rule make_skymap:
     benchmark:
         benchmark_path("make_skymap")
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=500,
+        runtime=5,
     conda:
         "../envs/snakedrp.yaml"
     script:
@@ -44,7 +44,7 @@ checkpoint make_overlaps:
     benchmark:
         benchmark_path("make_overlaps", "filter")
     resources:
-        mem_mb=1000,
+        mem_mb=500,
         runtime=10,
     conda:
         "../envs/snakedrp.yaml"
@@ -69,8 +69,8 @@ rule make_warp:
         benchmark_path("make_warp", "filter", "tract", "patch", "visit")
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=15,
+        mem_mb=1500,
+        runtime=10,
     conda:
         "../envs/snakedrp.yaml"
     script:
@@ -95,7 +95,7 @@ rule assemble_coadd:
         benchmark_path("assemble_coadd", "filter", "tract", "patch")
     threads: 1
     resources:
-        mem_mb=2500,
+        mem_mb=2000,
         runtime=20,
     conda:
         "../envs/snakedrp.yaml"
@@ -117,8 +117,8 @@ rule detect_coadd:
         benchmark_path("detect_coadd", "filter", "tract", "patch")
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=15,
+        mem_mb=1000,
+        runtime=10,
     conda:
         "../envs/snakedrp.yaml"
     script:
