@@ -22,7 +22,7 @@ rule process_ccd:
         benchmark_path("process_ccd", "visit", "ccd")
     threads: 1
     resources:
-        mem_mb=1000,
+        mem_mb=1500,
         runtime=5,
     conda:
         "../envs/snakedrp.yaml"
