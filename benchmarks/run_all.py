@@ -76,6 +76,20 @@ def coadd(args) -> list[dict]:
     return rows
 
 
+def multiband(args) -> list[dict]:
+    script = HERE / "bench_multiband.py"
+    if not script.exists():
+        return [row("multi-band", "per patch", note="skipped: the multi-band stage is not built yet")]
+    out = OUT / "multiband.json"
+    out.unlink(missing_ok=True)
+    child = run_child([sys.executable, str(script), "--json", str(out)])
+    if not out.exists():
+        return [row("multi-band", "per patch", note=f"failed (exit {child['rc']})")]
+    r = json.loads(out.read_text())
+    return [row("multi-band", r.get("case", "per patch"), r.get("ours_s"), r.get("peer_s"), r.get("ours_mb"),
+                r.get("peer_mb"), r.get("peer", ""), r.get("note", ""))]
+
+
 def dag(args) -> list[dict]:
     script = HERE / "bench_dag.py"
     if not script.exists():
@@ -122,7 +136,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-BENCHMARKS = {"process_ccd": process_ccd, "coadd": coadd, "dag": dag}
+BENCHMARKS = {"process_ccd": process_ccd, "coadd": coadd, "multiband": multiband, "dag": dag}
 
 
 def main(argv=None) -> int:
