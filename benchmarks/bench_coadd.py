@@ -299,6 +299,7 @@ def main(argv=None):
     parser.add_argument("--warp-only", action="store_true", help="time one warp job (one visit, two CCDs) only")
     parser.add_argument("--repeat", type=int, default=3, help="repeats of --warp-only (medians are printed)")
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()  # SWarp runs in another directory
     if args.warp_only:
         visits_all, _ = make_calexps(1, args.out / "calexps")
         warp = run_warp(next(iter(visits_all.values())), args.repeat)
