@@ -43,13 +43,29 @@ def row(stage, case, ours_s=None, peer_s=None, ours_mb=None, peer_mb=None, peer=
                 peer_mb=peer_mb, mem_ratio=mem_ratio, note=note)
 
 
+def run_benchmark(stage: str, script: str, out: Path, argv: list[str], missing: str | None = None):
+    """Run ``benchmarks/<script> argv`` in a child of its own and read the JSON it writes to ``out``.
+
+    Returns ``(result, [])``, or ``(None, [row])`` with the row saying why there is no result (the
+    script is missing, or it wrote no JSON). A JSON of an earlier run is removed first, so that it
+    is never shown as this run's.
+    """
+    path = HERE / script
+    if not path.exists():
+        return None, [row(stage, "—", note=missing or f"skipped: benchmarks/{script} not present")]
+    out.unlink(missing_ok=True)
+    child = run_child([sys.executable, str(path), *argv])
+    if not out.exists():
+        return None, [row(stage, "—", note=f"failed (exit {child['rc']}), no {out.name}")]
+    return json.loads(out.read_text()), []
+
+
 def process_ccd(args) -> list[dict]:
     out = OUT / "process_ccd.json"
-    child = run_child([sys.executable, str(HERE / "bench_process_ccd.py"), "--repeat", str(args.repeat),
-                       "--output", str(out)])
-    if not out.exists():
-        return [row("single frame", "1 HSC CCD 2048x4176", note=f"failed (exit {child['rc']})")]
-    r = json.loads(out.read_text())
+    r, failed = run_benchmark("single frame", "bench_process_ccd.py", out,
+                              ["--repeat", str(args.repeat), "--output", str(out)])
+    if r is None:
+        return failed
     ours, peer = r["ours"], r["peer"]
     return [row("single frame", "raw → calexp + src, 1 HSC CCD 2048x4176", ours.get("median_seconds"),
                 peer.get("median_seconds_total"), ours.get("peak_memory_mb"), peer.get("peak_memory_mb"),
@@ -57,18 +73,14 @@ def process_ccd(args) -> list[dict]:
 
 
 def coadd(args) -> list[dict]:
-    script = HERE / "bench_coadd.py"
-    if not script.exists():
-        return [row("coadd", "—", note="skipped: benchmarks/bench_coadd.py not present")]
     out_dir = OUT / "coadd"
-    out = out_dir / "coadd.json"
-    out.unlink(missing_ok=True)
     visits = ["5"] if args.quick else ["5", "10"]
-    child = run_child([sys.executable, str(script), "--visits", *visits, "--out", str(out_dir)])
-    if not out.exists():
-        return [row("coadd", "—", note=f"failed (exit {child['rc']}), no {out.name}")]
+    result, failed = run_benchmark("coadd", "bench_coadd.py", out_dir / "coadd.json",
+                                   ["--visits", *visits, "--out", str(out_dir)])
+    if result is None:
+        return failed
     rows = []
-    for n, r in json.loads(out.read_text()).items():
+    for n, r in result.items():
         ours, swarp = r["ours"], r["swarp"]
         rows.append(row("coadd", f"warp + assemble, one 4200x4200 patch from {n} visits x 2 HSC CCDs",
                         ours.get("seconds"), swarp.get("seconds"), ours.get("peak_mb"), swarp.get("peak_mb"),
@@ -77,31 +89,23 @@ def coadd(args) -> list[dict]:
 
 
 def multiband(args) -> list[dict]:
-    script = HERE / "bench_multiband.py"
-    if not script.exists():
-        return [row("multi-band", "per patch", note="skipped: the multi-band stage is not built yet")]
     out = OUT / "multiband.json"
-    out.unlink(missing_ok=True)
-    child = run_child([sys.executable, str(script), "--json", str(out)])
-    if not out.exists():
-        return [row("multi-band", "per patch", note=f"failed (exit {child['rc']})")]
-    r = json.loads(out.read_text())
+    r, failed = run_benchmark("multi-band", "bench_multiband.py", out, ["--json", str(out)],
+                              missing="skipped: the multi-band stage is not built yet")
+    if r is None:
+        return failed
     return [row("multi-band", r.get("case", "per patch"), r.get("ours_s"), r.get("peer_s"), r.get("ours_mb"),
                 r.get("peer_mb"), r.get("peer", ""), r.get("note", ""))]
 
 
 def dag(args) -> list[dict]:
-    script = HERE / "bench_dag.py"
-    if not script.exists():
-        return [row("DAG dry run", "—", note="skipped: benchmarks/bench_dag.py not present")]
     out = OUT / "dag.json"
-    out.unlink(missing_ok=True)
     visits = ["100"] if args.quick else ["100", "1000"]
-    child = run_child([sys.executable, str(script), "--visits", *visits, "--ccds", "100", "--startup",
-                       "--repeat", "3", "--json", str(out)])
-    if not out.exists():
-        return [row("DAG dry run", "—", note=f"failed (exit {child['rc']})")]
-    result = json.loads(out.read_text())
+    result, failed = run_benchmark("DAG dry run", "bench_dag.py", out,
+                                   ["--visits", *visits, "--ccds", "100", "--startup", "--repeat", "3",
+                                    "--json", str(out)])
+    if result is None:
+        return failed
     rows = []
     for r in result["dag"]:
         o, b = r["ours"], r["bare"]
