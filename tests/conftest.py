@@ -40,3 +40,30 @@ def ci_repo(tmp_path_factory, ci_timings) -> Path:
     ci_timings["full ci run [s]"] = time.monotonic() - t0
     assert proc.returncode == 0, f"the ci demo failed (exit {proc.returncode}):\n{proc.stdout[-6000:]}"
     return repo
+
+
+# ------------------------------------------------------------------ inputs of one demo exposure
+def raw_and_calibs(repo: Path, exposure: dict):
+    """The butler, raw frame and master calibrations of one science exposure of a finished demo."""
+    from snakedrp.repo.butler import Butler
+
+    butler = Butler(repo, rerun="ci")
+    visit, ccd, band = exposure["visit"], exposure["ccd"], exposure["filter"]
+    raw = butler.get("raw", visit=visit, ccd=ccd)
+    names = ("bias", "dark", "flat", "fringe") if butler.camera.filters[band].fringe else ("bias", "dark", "flat")
+    return butler, raw, {name: butler.get(name, ccd=ccd, filter=band) for name in names}
+
+
+def moved_refcat(repo: Path, exposure: dict, offset_deg: float = 0.5):
+    """The reference stars around the exposure's calexp, moved ``offset_deg`` in RA: no pattern
+    match, so ProcessCcdTask's astrometric fit fails."""
+    from snakedrp.repo.butler import Butler
+    from snakedrp.repo.exposure import Exposure
+    from snakedrp.repo.refcat import load_refcat
+
+    calexp = Exposure.read(Butler(repo, rerun="ci").output_path("calexp", visit=exposure["visit"],
+                                                                  ccd=exposure["ccd"]))
+    ra, dec = calexp.wcs.all_pix2world([calexp.shape[1] / 2], [calexp.shape[0] / 2], 0)
+    refcat = load_refcat(repo / "ref_cats/sim_gaia", float(ra[0]), float(dec[0]), 0.15)
+    refcat["ra"] = refcat["ra"] + offset_deg
+    return refcat

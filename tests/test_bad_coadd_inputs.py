@@ -30,12 +30,11 @@ from astropy.table import Table
 from snakedrp.coadd.overlaps import overlap_index
 from snakedrp.repo.butler import Butler
 from snakedrp.repo.exposure import Exposure, mask_bit
-from snakedrp.repo.refcat import load_refcat
 from snakedrp.repo.registry import REGISTRY_NAME, Registry
 from snakedrp.single_frame.process_ccd import ProcessCcdTask
 
 import snakemake_run
-from conftest import CI_RUN_CONFIG
+from conftest import CI_RUN_CONFIG, moved_refcat, raw_and_calibs
 
 pytestmark = pytest.mark.workflow
 
@@ -106,16 +105,8 @@ def snapshot(repo: Path) -> dict[str, tuple[int, int]]:
 
 def _failed_astrometry_calexp(repo: Path, exposure: dict) -> Exposure:
     """The calexp ProcessCcdTask makes for ``exposure`` when its reference stars are 0.5 deg off."""
-    butler = Butler(repo, rerun="ci")
-    visit, ccd, band = exposure["visit"], exposure["ccd"], exposure["filter"]
-    raw = butler.get("raw", visit=visit, ccd=ccd)
-    names = ("bias", "dark", "flat", "fringe") if butler.camera.filters[band].fringe else ("bias", "dark", "flat")
-    calibs = {name: butler.get(name, ccd=ccd, filter=band) for name in names}
-    calexp = Exposure.read(butler.output_path("calexp", visit=visit, ccd=ccd))
-    ra, dec = calexp.wcs.all_pix2world([calexp.shape[1] / 2], [calexp.shape[0] / 2], 0)
-    refcat = load_refcat(repo / "ref_cats/sim_gaia", float(ra[0]), float(dec[0]), 0.15)
-    refcat["ra"] = refcat["ra"] + 0.5
-    result = ProcessCcdTask().run(raw, camera=butler.camera, calibs=calibs, refcat=refcat)
+    butler, raw, calibs = raw_and_calibs(repo, exposure)
+    result = ProcessCcdTask().run(raw, camera=butler.camera, calibs=calibs, refcat=moved_refcat(repo, exposure))
     assert "WCSFAIL" in result.calexp.metadata, "the moved reference catalog did not make the fit fail"
     return result.calexp
 

@@ -27,11 +27,11 @@ from snakedrp.repo.camera import Camera
 from snakedrp.repo.exposure import MASK_PLANES, Exposure
 from snakedrp.single_frame.process_ccd import ProcessCcdConfig, ProcessCcdTask
 from snakedrp.repo.raw import RawFrame
-from snakedrp.repo.refcat import load_refcat
 from snakedrp.repo.ingest import IngestConfig, IngestError, ingest
 from snakedrp.repo.registry import REGISTRY_NAME, Registry
 
 import snakemake_run
+from conftest import moved_refcat, raw_and_calibs
 
 pytestmark = pytest.mark.workflow
 
@@ -379,18 +379,9 @@ def test_ccd_without_stars_fails_alone(repo_copy):
     assert where in log.read_text()
 
 
-def _raw_and_calibs(repo: Path, exposure: dict):
-    """The butler, raw frame and master calibrations of one science exposure of the demo."""
-    butler = Butler(repo, rerun="ci")
-    visit, ccd, band = exposure["visit"], exposure["ccd"], exposure["filter"]
-    raw = butler.get("raw", visit=visit, ccd=ccd)
-    names = ("bias", "dark", "flat", "fringe") if butler.camera.filters[band].fringe else ("bias", "dark", "flat")
-    return butler, raw, {name: butler.get(name, ccd=ccd, filter=band) for name in names}
-
-
 def test_refcat_not_covering_the_ccd(ci_repo, ci_science):
     e = ci_science[0]
-    butler, raw, calibs = _raw_and_calibs(ci_repo, e)
+    butler, raw, calibs = raw_and_calibs(ci_repo, e)
     refcat_dir = ci_repo / "ref_cats/sim_gaia"
     index = json.loads((refcat_dir / "index.json").read_text())
     refcat = Table.read(refcat_dir / f"{index['shards'][0]['pixel']}.fits")[:0]  # the columns, no star
@@ -405,11 +396,8 @@ def test_refcat_not_covering_the_ccd(ci_repo, ci_science):
 def test_failed_astrometric_fit_gives_a_flagged_calexp(ci_repo, ci_science):
     # the reference stars of the CCD moved 0.5 deg: no pattern match, no WCS fit
     e = ci_science[1]
-    butler, raw, calibs = _raw_and_calibs(ci_repo, e)
-    calexp = Exposure.read(product_path(ci_repo, "calexp", visit=e["visit"], ccd=e["ccd"]))
-    ra, dec = calexp.wcs.all_pix2world([calexp.shape[1] / 2], [calexp.shape[0] / 2], 0)
-    refcat = load_refcat(ci_repo / "ref_cats/sim_gaia", float(ra[0]), float(dec[0]), 0.15)
-    refcat["ra"] = refcat["ra"] + 0.5
+    butler, raw, calibs = raw_and_calibs(ci_repo, e)
+    refcat = moved_refcat(ci_repo, e)
     result = ProcessCcdTask().run(raw, camera=butler.camera, calibs=calibs, refcat=refcat)
     assert "WCSFAIL" in result.calexp.metadata and result.calexp.zeropoint is None
     assert len(result.matches) == 0 and "WCSFAIL" in result.sources.meta
