@@ -8,6 +8,7 @@ Stamps are stacks indexed ``[source, y, x]``; positions zero-based pixels.
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 
@@ -31,7 +32,7 @@ class PsfGrid:
         self.sigma_nodes = sig
 
     #: grids made by :meth:`of`, per PSF model (weakly held) and (shape, spacing)
-    _made = None
+    _made: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @classmethod
     def of(cls, psf: PsfModel, shape: tuple[int, int], spacing: float) -> "PsfGrid":
@@ -41,10 +42,6 @@ class PsfGrid:
         passes of calibration), and the kernels and adaptive moments at the nodes, ~15 ms on an
         HSC CCD, are the same each time: PSF models are not modified once made, nor is a grid.
         """
-        import weakref
-
-        if cls._made is None:
-            cls._made = weakref.WeakKeyDictionary()
         key = (tuple(int(s) for s in shape), float(spacing))
         try:
             grids = cls._made.setdefault(psf, {})
