@@ -17,4 +17,5 @@ MASK_PLANES: dict[str, int] = {
     "SUSPECT": 7,
     "NO_DATA": 8,
     "CLIPPED": 9,   # coadd artifact rejection: a warp pixel excluded as an outlier
+    "INEXACT_PSF": 10,  # coadd pixel where a warp with data was left out: the coadd PSF is not exact there
 }
