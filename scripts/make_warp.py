@@ -13,12 +13,12 @@ if TYPE_CHECKING:
     from snakemake.script import snakemake
 
 
-def main(inputs, outputs, params, log_path):
+def main(inputs, outputs, params, wildcards, log_path):
     tune_memory()
     logger = sdlog.configure(log_path)
     config = WarpConfig.from_dict(params.config["coadd"]["warp"])
     patch = SkyMap.read(inputs.skymap).patch_info(int(params.tract), params.patch)
-    where = f"tract={params.tract} patch={params.patch} visit={params.visit}"
+    where = f"filter={wildcards.filter} tract={params.tract} patch={params.patch} visit={params.visit}"
     calexps = [Exposure.read(path) for path in inputs.calexps]
     ids = [{"visit": int(c.metadata["VISIT"]), "ccd": int(c.metadata["CCD"])} for c in calexps]
     try:
@@ -40,4 +40,4 @@ def main(inputs, outputs, params, log_path):
                     row["n_pixels"], row["flux_scale"], row["variance_mean"])
 
 
-main(snakemake.input, snakemake.output, snakemake.params, snakemake.log[0])
+main(snakemake.input, snakemake.output, snakemake.params, snakemake.wildcards, snakemake.log[0])
