@@ -1,7 +1,8 @@
 """Validate the coadds against the simulator's truth (rule validate_coadd; the issue's must-show figures).
 
-Per filter, the figures pool every patch: stars are taken in each patch's inner box (so stars
-of patch borders count once); the trail, CLIPPED-star, noise and depth figures are per patch
+Per filter, the figures pool every patch: stars count in each patch's inner box (so stars of
+patch borders count once; the patch's border stars still enter its curves of growth and depth
+scale), each measured with the coadd PSF mix covering it; the trail, CLIPPED-star, noise and depth figures are per patch
 and the worst patch counts. Writes rerun/<name>/validation/coadd.json with each figure, its
 goal and pass/fail; a missed goal fails the job only when ``validation.strict`` is true.
 """
@@ -75,7 +76,8 @@ def validate_patch(path, n_image_path, inputs_path, skymap, camera, objects, vis
     used = measured(stars)
     logger.info("%s tract=%d patch=%s: %d stars (left out: %d with an INEXACT_PSF pixel within 2 FWHM, %d with "
                 "the covering visits changing within the aperture), FWHM %.2f px at the centre, %s; %s%s",
-                filt, tract, patch, int(used.sum()), int(stars["inexact_psf"].sum()), int(stars["mix_boundary"].sum()),
+                filt, tract, patch, int(used.sum()), int((stars["inexact_psf"] & stars["in_region"]).sum()),
+                int((stars["mix_boundary"] & stars["in_region"]).sum()),
                 fwhm, out["clipped"].line(), out["noise"].line(),
                 "".join("; " + m.line() for m in out["trail"] + ([out["depth"]] if out["depth"] else [])))
     return out

@@ -108,8 +108,11 @@ def test_region_counts_stars_in_it_only(coadd):
     calexp, objects, _ = coadd
     region = np.zeros((NY, NX), bool)
     region[:, :SPLIT] = True
-    stars = star_measurements(calexp, objects, "r", CoaddValidateConfig(), region=region)
-    assert len(stars["x"]) == len(MIXED_XY) and (stars["x"] < SPLIT).all()
+    config = CoaddValidateConfig()
+    stars = star_measurements(calexp, objects, "r", config, region=region)
+    assert stars["in_region"].sum() == len(MIXED_XY) and (stars["x"][stars["in_region"]] < SPLIT).all()
+    assert measured(stars).sum() == len(MIXED_XY)
+    assert all(m.n == len(MIXED_XY) for m in star_metrics(stars, config))
 
 
 def test_inexact_psf_stars_left_out(coadd):

@@ -110,8 +110,7 @@ class PsfMixes:
         return self._cache[key]
 
 
-def _bright_isolated_stars(objects: Table, band: str, wcs, shape, mixes: PsfMixes, config: CoaddValidateConfig,
-                           region: np.ndarray | None = None):
+def _bright_isolated_stars(objects: Table, band: str, wcs, shape, mixes: PsfMixes, config: CoaddValidateConfig):
     """True bright stars away from the edges and from brighter-than-+3-mag objects, with their PSF mix.
 
     The edge margin (4 local FWHM + 5 pixels, and the aperture plus 2 pixels) and the isolation
@@ -134,8 +133,6 @@ def _bright_isolated_stars(objects: Table, band: str, wcs, shape, mixes: PsfMixe
     lo, hi = config.star_mag_range
     inside = np.isfinite(x) & np.isfinite(y) & (x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)
     pick = np.flatnonzero(star & inside & (mag > lo) & (mag < hi))
-    if region is not None:
-        pick = pick[region[np.round(y[pick]).astype(int), np.round(x[pick]).astype(int)]]
     near = np.arange(len(mag))
     keep, mix = [], []
     for k in pick:
@@ -332,7 +329,8 @@ STAR_KEYS = ("fwhm_ratio", "dra", "ddec", "dmag", "x", "y", "total", "fwhm", "ra
 
 def _empty_stars() -> dict:
     out = {key: np.zeros(0) for key in STAR_KEYS}
-    out.update(mix=np.zeros(0, dtype="U64"), inexact_psf=np.zeros(0, bool), mix_boundary=np.zeros(0, bool))
+    out.update(mix=np.zeros(0, dtype="U64"), inexact_psf=np.zeros(0, bool), mix_boundary=np.zeros(0, bool),
+               in_region=np.zeros(0, bool))
     return out
 
 
@@ -365,8 +363,10 @@ def star_measurements(calexp: Exposure, objects: Table, band: str, config: Coadd
     Parameters
     ----------
     region : ndarray of bool, shape (ny, nx), optional
-        Only stars whose true position falls in these pixels (e.g. the patch's inner box, so
-        that stars of patch borders count once).
+        The pixels whose stars (by true position) count in the figures (``in_region``): the
+        patch's inner box, so that stars of patch borders count once. The stars outside are
+        measured too and enter the curves of growth and the depth figure's PSF-flux scale of
+        this patch (a set of covering visits may hold few stars inside).
     mixes : PsfMixes, optional
         The coadd PSF's mixes (a cache shared with the other figures of the patch).
 
@@ -377,12 +377,13 @@ def star_measurements(calexp: Exposure, objects: Table, band: str, config: Coadd
         true), ``dmag`` [mag] (total magnitude - truth; NaN when the star's curve of growth had
         too few stars), ``x``, ``y`` [pixel], ``total`` (total flux [coadd units]), ``fwhm``
         (local coadd FWHM [pixel]), ``radius`` (aperture radius [pixel]), ``mix`` (covering
-        visits, ``+``-joined), ``inexact_psf`` and ``mix_boundary`` (bool, see above).
+        visits, ``+``-joined), ``inexact_psf`` and ``mix_boundary`` (bool, see above) and
+        ``in_region`` (bool; all True without ``region``).
     """
     ny, nx = calexp.shape
     psf = calexp.psf
     mixes = mixes or PsfMixes(psf)
-    keep, x, y, mag, mix = _bright_isolated_stars(objects, band, calexp.wcs, calexp.shape, mixes, config, region)
+    keep, x, y, mag, mix = _bright_isolated_stars(objects, band, calexp.wcs, calexp.shape, mixes, config)
     if len(keep) == 0:
         return _empty_stars()
     fwhm = np.array([m.fwhm for m in mix])
@@ -431,24 +432,28 @@ def star_measurements(calexp: Exposure, objects: Table, band: str, config: Coadd
     true_flux = 10 ** (-0.4 * (mag[keep] - float(calexp.zeropoint)))
     with np.errstate(invalid="ignore", divide="ignore"):
         dmag = -2.5 * np.log10(total / true_flux)
+    in_region = (np.ones(len(keep), bool) if region is None
+                 else region[np.round(y[keep]).astype(int), np.round(x[keep]).astype(int)])
     return dict(fwhm_ratio=np.array(ratios), dra=dra, ddec=ddec, dmag=dmag, x=xw, y=yw, total=total, fwhm=fwhm,
-                radius=radius, mix=label, inexact_psf=inexact, mix_boundary=boundary)
+                radius=radius, mix=label, inexact_psf=inexact, mix_boundary=boundary, in_region=in_region)
 
 
-def measured(stars: dict) -> np.ndarray:
-    """The stars of :func:`star_measurements` that enter the figures (bool): neither ``inexact_psf`` nor ``mix_boundary``."""
+def measured(stars: dict, in_region: bool = True) -> np.ndarray:
+    """The stars of :func:`star_measurements` that enter the figures (bool): neither ``inexact_psf`` nor ``mix_boundary``, and (``in_region``) in the region."""
     n = len(stars["dra"])
     flagged = np.zeros(n, bool)
     for key in ("inexact_psf", "mix_boundary"):
         if key in stars:
             flagged |= np.asarray(stars[key], bool)
+    if in_region and "in_region" in stars:
+        flagged |= ~np.asarray(stars["in_region"], bool)
     return ~flagged
 
 
 def star_metrics(stars: dict, config: CoaddValidateConfig, label: str = "") -> list:
     """PSF FWHM, position and flux figures (Metrics) of :func:`star_measurements` output (possibly pooled).
 
-    The flagged stars (:func:`measured`) are left out.
+    The flagged stars and those outside the region (:func:`measured`) are left out.
     """
     use = measured(stars)
     ratios, dmag = np.asarray(stars["fwhm_ratio"])[use], np.asarray(stars["dmag"])[use]
@@ -550,8 +555,8 @@ def depth_figure(calexp: Exposure, visit_depths: dict, stars: dict, config: Coad
 
     Both use the coadd PSF at the ``where`` pixel nearest the patch centre (where every input
     counts; the patch centre itself may lack one). The PSF-flux scale (:func:`psf_flux_ratio`)
-    comes from the bright ``stars`` (:func:`star_measurements`, unflagged) with the same set of
-    covering visits as that position: the kernel's share of a star's total flux depends on the
+    comes from the bright ``stars`` (:func:`star_measurements`, unflagged, in the patch's region
+    or not) with the same set of covering visits as that position: the kernel's share of a star's total flux depends on the
     PSF, which differs between the patch's regions of one visit and of several.
 
     Returns
@@ -568,7 +573,7 @@ def depth_figure(calexp: Exposure, visit_depths: dict, stars: dict, config: Coad
     else:
         xc, yc = (nx - 1) / 2, (ny - 1) / 2
     kernel = calexp.psf.kernel(xc, yc)
-    same = measured(stars)
+    same = measured(stars, in_region=False)
     if "mix" in stars:
         same &= np.asarray(stars["mix"]) == mixes.at(xc, yc).label
     x, y, total = (np.asarray(stars[key], float)[same] for key in ("x", "y", "total"))
