@@ -1,7 +1,8 @@
 """Validate the coadds against the simulator's truth (rule validate_coadd; the issue's must-show figures).
 
-Per filter, the figures pool every patch: stars are taken in each patch's inner box (so stars
-of patch borders count once); the trail, CLIPPED-star, noise and depth figures are per patch
+Per filter, the figures pool every patch: stars count in each patch's inner box (so stars of
+patch borders count once; the patch's border stars still enter its curves of growth and depth
+scale), each measured with the coadd PSF mix covering it; the trail, CLIPPED-star, noise and depth figures are per patch
 and the worst patch counts. Writes rerun/<name>/validation/coadd.json with each figure, its
 goal and pass/fail; a missed goal fails the job only when ``validation.strict`` is true.
 """
@@ -17,8 +18,9 @@ from snakedrp.coadd.skymap import SkyMap
 from snakedrp.repo.camera import Camera
 from snakedrp.repo.exposure import Exposure
 from snakedrp.repo.io import write_text
-from snakedrp.validate.coadd import (CoaddValidateConfig, clipped_stars_figure, depth_figure, noise_figure,
-                                     objects_mask, star_measurements, star_metrics, trail_figure, trail_pixels)
+from snakedrp.validate.coadd import (CoaddValidateConfig, PsfMixes, clipped_stars_figure, depth_figure, measured,
+                                     noise_figure, objects_mask, star_measurements, star_metrics, trail_figure,
+                                     trail_pixels)
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake
@@ -45,31 +47,38 @@ def validate_patch(path, n_image_path, inputs_path, skymap, camera, objects, vis
     fwhm = float(calexp.psf.fwhm((nx - 1) / 2, (ny - 1) / 2))
     inner = np.zeros(calexp.shape, bool)
     inner[skymap.patch_info(tract, patch).inner_slices] = True
-    stars = star_measurements(calexp, objects, band, config, region=inner)
+    # one cache of the coadd PSF's mixes (covering visits, local FWHM) for all the patch's figures
+    mixes = PsfMixes(calexp.psf)
+    stars = star_measurements(calexp, objects, band, config, region=inner, mixes=mixes)
     out = dict(filter=filt, tract=tract, patch=patch, stars=stars, fwhm=fwhm)
-    out["clipped"] = clipped_stars_figure(calexp, objects, band, fwhm, config)
+    visit_depth = {int(r["visit"]): float(r["depth"]) for r in inputs}
+    trail_visits = [r for r in visits if bool(r["satellite"]) and int(r["visit"]) in visit_depth]
+    trails = [trail_pixels(row, camera, calexp.wcs, calexp.shape) for row in trail_visits]
+    on_trail = np.logical_or.reduce(trails) if trails else None
+    out["clipped"] = clipped_stars_figure(calexp, objects, band, config, trail=on_trail, mixes=mixes)
     out["noise"] = noise_figure(calexp, config)
     # depth where every visit covers the patch, against the visits' depths (one per visit)
-    visit_depth = {int(r["visit"]): float(r["depth"]) for r in inputs}
     full = n_image >= len(visit_depth)
     out["depth"] = None
     if full.mean() > 0.05:
         out["depth"], out["depth_measured"], out["depth_predicted"] = depth_figure(
-            calexp, visit_depth, stars, config, where=full)
+            calexp, visit_depth, stars, config, where=full, mixes=mixes)
         if out["depth"] is None:
-            logger.info("%s tract=%d patch=%s: no depth figure (no star with a total flux to scale the PSF fluxes)",
-                        filt, tract, patch)
+            logger.info("%s tract=%d patch=%s: no depth figure (no star of the depth position's PSF mix with a "
+                        "total flux to scale the PSF fluxes)", filt, tract, patch)
     out["trail"] = []
-    trail_visits = [r for r in visits if bool(r["satellite"]) and int(r["visit"]) in visit_depth]
     if trail_visits:
         near_objects = objects_mask(objects, band, calexp.wcs, calexp.shape, fwhm)
-        for row in trail_visits:
-            trail = trail_pixels(row, camera, calexp.wcs, calexp.shape)
+        for trail in trails:
             figure = trail_figure(calexp, trail, near_objects, n_image, config) if trail.any() else None
             if figure is not None:
                 out["trail"].append(figure)
-    logger.info("%s tract=%d patch=%s: %d stars, FWHM %.2f px, %s; %s%s", filt, tract, patch, len(stars["dra"]), fwhm,
-                out["clipped"].line(), out["noise"].line(),
+    used = measured(stars)
+    logger.info("%s tract=%d patch=%s: %d stars (left out: %d with an INEXACT_PSF pixel within 2 FWHM, %d with "
+                "the covering visits changing within the aperture), FWHM %.2f px at the centre, %s; %s%s",
+                filt, tract, patch, int(used.sum()), int((stars["inexact_psf"] & stars["in_region"]).sum()),
+                int((stars["mix_boundary"] & stars["in_region"]).sum()),
+                fwhm, out["clipped"].line(), out["noise"].line(),
                 "".join("; " + m.line() for m in out["trail"] + ([out["depth"]] if out["depth"] else [])))
     return out
 
@@ -99,7 +108,7 @@ def main(inputs, outputs, params, log_path):
         metrics += [m for m in pooled if m is not None]
         for p in mine:
             per_patch.append(dict(filter=filt, tract=p["tract"], patch=p["patch"], fwhm_pixel=p["fwhm"],
-                                  n_stars=int(len(p["stars"]["dra"])),
+                                  n_stars=int(measured(p["stars"]).sum()),
                                   figures=[dict(name=m.name, value=float(m.value), goal=float(m.goal), unit=m.unit,
                                                 n=int(m.n), passed=bool(m.passed))
                                            for m in [p["clipped"], p["noise"]] + p["trail"] + ([p["depth"]] if p["depth"] else [])],

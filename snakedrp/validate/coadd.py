@@ -5,7 +5,9 @@ Each figure is a function of in-memory data (a coadd calexp, its PSF, truth tabl
 
 - satellite trail gone: mean coadd flux on the trail's pixels (away from objects) vs. the same
   statistic on parallel control strips; pass within 3 sigma of the strips' scatter;
-- no star brighter than ``clipped_mag_max`` with a CLIPPED pixel within 2 FWHM of its centre;
+- no star brighter than ``clipped_mag_max`` with a CLIPPED pixel within 2 FWHM (of the coadd PSF
+  at the star) of its centre, CLIPPED pixels on the simulated satellite trails not counted (the
+  trail rightly rejected under a star is no damage to it);
 - coadd noise in empty pixels vs. the variance plane's prediction (before detect_coadd's rescaling);
 - coadd PSF model FWHM vs. the FWHM of bright isolated stars;
 - star positions vs. truth (RMS of the offsets, mas);
@@ -14,11 +16,19 @@ Each figure is a function of in-memory data (a coadd calexp, its PSF, truth tabl
   a curve of growth of the coadd's bright stars), not from the PSF model, whose kernels are
   normalised within a finite box and so lack the wings;
 - 5-sigma point-source depth (PSF-weighted fluxes at random empty positions, scaled to total flux
-  with the bright stars) vs. the depth predicted from the inputs' depths, the coadd's weights and
-  the inputs' PSFs on the coadd grid.
+  with the bright stars of the same PSF mix) vs. the depth predicted from the inputs' depths, the
+  coadd's weights and the inputs' PSFs on the coadd grid.
+
+A patch holds regions covered by different sets of visits, and the coadd PSF differs between
+them (a factor 2.6 in FWHM with 0.5" and 1.3" visits), so each star is measured with the PSF
+mix that covers it (:class:`PsfMixes`): centroid window, aperture, curve of growth (one per set
+of covering visits), margins and radii. Stars with an INEXACT_PSF pixel near them (the model is
+not the image's PSF there) or whose aperture crosses a change of the covering visits are left
+out of the star figures.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import numpy as np
 import sep
@@ -33,35 +43,137 @@ from snakedrp.validate.figures import Metric
 FWHM_PER_SIGMA = 2.3548
 
 
-def _bright_isolated_stars(objects: Table, band: str, wcs, shape, fwhm: float, config: CoaddValidateConfig):
+@dataclass(frozen=True)
+class PsfMix:
+    """The coadd PSF at a position: which visits' inputs cover it and their widths there.
+
+    Attributes
+    ----------
+    visits : tuple of int
+        The covering inputs' visits, sorted: the PSF mix (stars with the same set share a
+        coadd PSF up to the inputs' own slow variation).
+    fwhm : float
+        FWHM of the coadd PSF model [pixel] (Gaussian-equivalent, from adaptive moments).
+    widest_fwhm : float
+        FWHM of the widest covering input's PSF on the coadd grid [pixel].
+    """
+
+    visits: tuple
+    fwhm: float
+    widest_fwhm: float
+
+    @property
+    def label(self) -> str:
+        """The visits joined by ``+`` (a key that survives concatenation of per-patch tables)."""
+        return "+".join(str(v) for v in self.visits)
+
+
+class PsfMixes:
+    """:class:`PsfMix` of a coadd PSF at any position, cached per set of covering inputs and ``cell`` pixels.
+
+    A ``CoaddPsf`` changes abruptly where an input's valid region ends (a patch holds regions
+    of one visit and of several), and slowly elsewhere (the inputs' own models vary over a
+    CCD); one evaluation per covering set and cell of ``cell`` pixels keeps the cost of
+    hundreds of stars small without mixing two covering sets. A PSF model without
+    ``covering``/``input_kernel`` is one mix, its FWHM the only input's.
+    """
+
+    def __init__(self, psf, cell: float = 64.0):
+        self.psf = psf
+        self.cell = float(cell)
+        self._cache: dict = {}
+
+    def visits(self, x: float, y: float) -> tuple:
+        """The sorted visits of the inputs covering ``(x, y)`` (``()`` for a single-input PSF model)."""
+        if not hasattr(self.psf, "covering"):
+            return ()
+        return tuple(sorted({int(i.visit) for i in self.psf.covering(float(x), float(y))}))
+
+    def at(self, x: float, y: float) -> PsfMix:
+        """The mix at ``(x, y)`` [pixel, zero-based]."""
+        x, y = float(x), float(y)
+        if not hasattr(self.psf, "covering") or not hasattr(self.psf, "input_kernel"):
+            key = ((), int(x // self.cell), int(y // self.cell))
+            if key not in self._cache:
+                fwhm = float(self.psf.fwhm(x, y))
+                self._cache[key] = PsfMix((), fwhm, fwhm)
+            return self._cache[key]
+        items = self.psf.covering(x, y)
+        key = (tuple(sorted((int(i.visit), int(i.ccd)) for i in items)), int(x // self.cell), int(y // self.cell))
+        if key not in self._cache:
+            kernels = [np.asarray(self.psf.input_kernel(i, x, y), float) for i in items]
+            weights = np.array([i.weight for i in items], float)
+            coadd = sum(w * k for w, k in zip(weights, kernels)) / weights.sum()
+            widths = [FWHM_PER_SIGMA * kernel_moments(k)[0] for k in kernels]
+            self._cache[key] = PsfMix(tuple(sorted({int(i.visit) for i in items})),
+                                      FWHM_PER_SIGMA * kernel_moments(coadd)[0], float(np.nanmax(widths)))
+        return self._cache[key]
+
+
+def _bright_isolated_stars(objects: Table, band: str, wcs, shape, mixes: PsfMixes, config: CoaddValidateConfig):
+    """True bright stars away from the edges and from brighter-than-+3-mag objects, with their PSF mix.
+
+    The edge margin (4 local FWHM + 5 pixels, and the aperture plus 2 pixels) and the isolation
+    radius (``isolation_fwhm`` local FWHM) follow the coadd PSF at each star, not at the patch
+    centre: a patch's PSF changes by a factor of a few between regions of one visit and of two.
+
+    Returns
+    -------
+    keep : ndarray of int
+        Rows of ``objects``.
+    x, y, mag : ndarray
+        True positions [pixel, zero-based] and magnitudes of all objects.
+    mix : list of PsfMix
+        Per kept star.
+    """
     mag = np.asarray(objects[f"mag_{band}"], float)
     x, y = wcs.all_world2pix(np.asarray(objects["ra"], float), np.asarray(objects["dec"], float), 0)
     ny, nx = shape
-    margin = 4 * fwhm + 5
-    inside = (x > margin) & (x < nx - 1 - margin) & (y > margin) & (y < ny - 1 - margin)
     star = np.asarray(objects["type"]).astype(str) == "star"
     lo, hi = config.star_mag_range
+    inside = np.isfinite(x) & np.isfinite(y) & (x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)
     pick = np.flatnonzero(star & inside & (mag > lo) & (mag < hi))
     near = np.arange(len(mag))
-    keep = []
-    radius = config.isolation_fwhm * fwhm
+    keep, mix = [], []
     for k in pick:
-        d = np.hypot(x[near] - x[k], y[near] - y[k])
-        other = (d < radius) & (near != k) & (mag[near] < mag[k] + 3.0)
+        m = mixes.at(x[k], y[k])
+        margin = max(4 * m.fwhm + 5, config.aperture_fwhm * m.widest_fwhm + 2)
+        if not (margin < x[k] < nx - 1 - margin and margin < y[k] < ny - 1 - margin):
+            continue
+        d = np.hypot(x - x[k], y - y[k])
+        other = (d < config.isolation_fwhm * m.fwhm) & (near != k) & (mag < mag[k] + 3.0)
         if not other.any():
             keep.append(k)
-    keep = np.array(keep, int)
-    return keep, x, y, mag
+            mix.append(m)
+    return np.array(keep, int), x, y, mag, mix
 
 
-def _usable(calexp: Exposure, x, y, half: int, planes=("NO_DATA", "SAT", "BAD", "CLIPPED", "EDGE")) -> np.ndarray:
+def _usable(calexp: Exposure, x, y, half, planes=("NO_DATA", "SAT", "BAD", "CLIPPED", "EDGE")) -> np.ndarray:
+    """Whether the box of ``half`` pixels (one per star, or one for all) around each position has none of ``planes``."""
     bits = mask_bits(*planes)
+    half = np.broadcast_to(np.asarray(half, int), np.shape(x))
     ok = []
-    for xc, yc in zip(x, y):
+    for xc, yc, h in zip(x, y, half):
         ix, iy = int(round(xc)), int(round(yc))
-        box = calexp.mask[iy - half:iy + half + 1, ix - half:ix + half + 1]
-        ok.append(box.size and not (box & bits).any())
+        box = calexp.mask[max(iy - h, 0):iy + h + 1, max(ix - h, 0):ix + h + 1]
+        ok.append(box.size > 0 and not (box & bits).any())
     return np.array(ok, bool)
+
+
+def _any_in_disc(plane: np.ndarray, x, y, radius) -> np.ndarray:
+    """Whether any True pixel of ``plane`` (bool, shape (ny, nx)) lies within ``radius`` (per position) of each position."""
+    ny, nx = plane.shape
+    radius = np.broadcast_to(np.asarray(radius, float), np.shape(x))
+    out = []
+    for xc, yc, r in zip(x, y, radius):
+        ix, iy, big = int(round(xc)), int(round(yc)), int(r) + 1
+        y0, y1, x0, x1 = max(0, iy - big), min(ny, iy + big + 1), max(0, ix - big), min(nx, ix + big + 1)
+        if y0 >= y1 or x0 >= x1:
+            out.append(False)
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        out.append(bool(plane[y0:y1, x0:x1][np.hypot(xx - ix, yy - iy) <= r].any()))
+    return np.array(out, bool)
 
 
 def trail_figure(calexp: Exposure, trail: np.ndarray, objects_mask: np.ndarray, n_image: np.ndarray,
@@ -112,26 +224,29 @@ def trail_figure(calexp: Exposure, trail: np.ndarray, objects_mask: np.ndarray, 
     return Metric("satellite trail residual", value, config.trail_nsigma_goal, "sigma", n_pix)
 
 
-def clipped_stars_figure(calexp: Exposure, objects: Table, band: str, fwhm: float, config: CoaddValidateConfig):
-    """Number of stars brighter than ``clipped_mag_max`` with a CLIPPED coadd pixel within 2 FWHM."""
+def clipped_stars_figure(calexp: Exposure, objects: Table, band: str, config: CoaddValidateConfig,
+                         trail: np.ndarray | None = None, mixes: PsfMixes | None = None):
+    """Number of stars brighter than ``clipped_mag_max`` with a CLIPPED coadd pixel within 2 local FWHM.
+
+    A clipped pixel near a star means artifact rejection took a warp's star light for an outlier
+    (the star damaged). The radius is 2 FWHM of the coadd PSF at the star (:class:`PsfMixes`).
+    CLIPPED pixels on ``trail`` (bool, shape (ny, nx): the simulated satellite trails of the
+    inputs) are not counted: there the trail visit's pixel was rightly rejected, under a star or
+    not.
+    """
+    mixes = mixes or PsfMixes(calexp.psf)
     mag = np.asarray(objects[f"mag_{band}"], float)
     star = (np.asarray(objects["type"]).astype(str) == "star") & (mag < config.clipped_mag_max)
     x, y = calexp.wcs.all_world2pix(np.asarray(objects["ra"], float)[star], np.asarray(objects["dec"], float)[star], 0)
     ny, nx = calexp.shape
     clipped = (calexp.mask & mask_bit("CLIPPED")) != 0
-    r = 2 * fwhm
-    n_bad, n = 0, 0
-    yy, xx = np.mgrid[-int(r) - 1:int(r) + 2, -int(r) - 1:int(r) + 2]
-    disk = np.hypot(xx, yy) <= r
-    for xc, yc in zip(x, y):
-        ix, iy = int(round(xc)), int(round(yc))
-        if not (0 <= ix < nx and 0 <= iy < ny):
-            continue
-        n += 1
-        ys, xs = iy + yy[disk], ix + xx[disk]
-        ok = (xs >= 0) & (xs < nx) & (ys >= 0) & (ys < ny)
-        n_bad += bool(clipped[ys[ok], xs[ok]].any())
-    return Metric(f"stars < {config.clipped_mag_max:g} mag with CLIPPED pixels", n_bad, 0, "", n)
+    if trail is not None:
+        clipped &= ~trail
+    inside = np.isfinite(x) & np.isfinite(y) & (np.round(x) >= 0) & (np.round(x) < nx) & (np.round(y) >= 0) & (np.round(y) < ny)
+    x, y = x[inside], y[inside]
+    radius = np.array([2 * mixes.at(xc, yc).fwhm for xc, yc in zip(x, y)])
+    n_bad = int(_any_in_disc(clipped, x, y, radius).sum())
+    return Metric(f"stars < {config.clipped_mag_max:g} mag with CLIPPED pixels", n_bad, 0, "", len(x))
 
 
 def noise_figure(calexp: Exposure, config: CoaddValidateConfig):
@@ -165,7 +280,7 @@ def neighbour_segmentation(calexp: Exposure, config: CoaddValidateConfig) -> tup
     return np.ascontiguousarray(segmentation, dtype=np.int32), bad
 
 
-def clean_aperture_flux(image, variance, bad, segmentation, ids, x, y, radius: float):
+def clean_aperture_flux(image, variance, bad, segmentation, ids, x, y, radius):
     """Aperture flux without the neighbours: other footprints' and bad pixels replaced by their ring's mean.
 
     The disc is summed in 1-pixel rings (``sep.sum_circann``, which scales each ring by its
@@ -181,8 +296,8 @@ def clean_aperture_flux(image, variance, bad, segmentation, ids, x, y, radius: f
         Each star's own footprint id.
     x, y : ndarray
         Zero-based centres [pixel].
-    radius : float
-        Aperture radius [pixel].
+    radius : float or ndarray
+        Aperture radius [pixel], one for all or one per star.
 
     Returns
     -------
@@ -192,73 +307,121 @@ def clean_aperture_flux(image, variance, bad, segmentation, ids, x, y, radius: f
     data = np.ascontiguousarray(image, dtype=np.float32)
     var = np.ascontiguousarray(variance, dtype=np.float32)
     mask = np.ascontiguousarray(bad, dtype=np.uint8)
-    edges = np.concatenate([np.arange(0.0, radius, 1.0), [radius]])
+    x, y, ids = np.asarray(x, float), np.asarray(y, float), np.asarray(ids)
+    radius = np.broadcast_to(np.asarray(radius, float), x.shape)
     flux, var_sum = np.zeros(len(x)), np.zeros(len(x))
-    for rin, rout in zip(edges[:-1], edges[1:]):
-        if rin == 0.0:
-            f, e, _ = sep.sum_circle(data, x, y, rout, var=var, mask=mask, segmap=segmentation, seg_id=ids, subpix=5)
+    for k in range(int(np.ceil(radius.max())) if len(x) else 0):
+        # ring [k, min(k + 1, radius)] of the stars whose aperture reaches beyond k
+        on = np.flatnonzero(radius > k)
+        rout = np.minimum(k + 1.0, radius[on])
+        common = dict(var=var, mask=mask, segmap=segmentation, seg_id=ids[on], subpix=5)
+        if k == 0:
+            f, e, _ = sep.sum_circle(data, x[on], y[on], rout, **common)
         else:
-            f, e, _ = sep.sum_circann(data, x, y, rin, rout, var=var, mask=mask, segmap=segmentation, seg_id=ids, subpix=5)
-        flux += f
-        var_sum += e**2
+            f, e, _ = sep.sum_circann(data, x[on], y[on], float(k), rout, **common)
+        flux[on] += f
+        var_sum[on] += e**2
     return flux, np.sqrt(var_sum)
 
 
-def star_measurements(calexp: Exposure, objects: Table, band: str, config: CoaddValidateConfig,
-                      region: np.ndarray | None = None) -> dict:
-    """Bright isolated stars on the coadd against the PSF model and truth.
+STAR_KEYS = ("fwhm_ratio", "dra", "ddec", "dmag", "x", "y", "total", "fwhm", "radius")
 
-    The total flux of a star is measured as the single frame calibrates it (the zeropoint of the
-    warps is the calexps' total-flux zeropoint): its flux within ``aperture_fwhm`` coadd FWHM,
-    the neighbours' footprints left out, times the median total / aperture flux of the coadd's
-    bright stars from a curve of growth (:func:`snakedrp.meas.apcorr.measure_aperture_loss`:
-    a power-law wing plus a local sky level, fitted out to 10 FWHM). No truth and no PSF model
-    enter it: the model's kernels are normalised within a box of a few FWHM, so the light of
-    the wings beyond would be missing (12-19 mmag on the ``ci`` demo, with 3-FWHM apertures).
+
+def _empty_stars() -> dict:
+    out = {key: np.zeros(0) for key in STAR_KEYS}
+    out.update(mix=np.zeros(0, dtype="U64"), inexact_psf=np.zeros(0, bool), mix_boundary=np.zeros(0, bool),
+               in_region=np.zeros(0, bool))
+    return out
+
+
+def star_measurements(calexp: Exposure, objects: Table, band: str, config: CoaddValidateConfig,
+                      region: np.ndarray | None = None, mixes: PsfMixes | None = None) -> dict:
+    """Bright isolated stars on the coadd against the PSF model and truth, each with the PSF mix covering it.
+
+    A patch holds regions covered by one visit and by several, and the coadd PSF differs between
+    them (2.6x in FWHM with 0.5" and 1.3" visits), so every scale of a star's measurement comes
+    from the coadd PSF at the star (:class:`PsfMixes`), not from the patch centre:
+
+    - the centroid (``sep.winpos``) weights with a Gaussian of the local coadd FWHM;
+    - the total flux is measured as the single frame calibrates it (the warps' zeropoint is the
+      calexps' total-flux zeropoint): the flux within ``aperture_fwhm`` x the FWHM of the widest
+      covering input at the star (so that the aperture holds the same fraction of each input's
+      light, as each input's own calibration aperture does), the neighbours' footprints left
+      out, times the light beyond it from a curve of growth
+      (:func:`snakedrp.meas.apcorr.measure_aperture_loss`: a power-law wing plus a local sky
+      level) of the bright stars with the same set of covering visits. A set with too few stars
+      for a curve of growth gives NaN, not another set's factor. No truth and no PSF model enter
+      the flux: the model's kernels are normalised within a box of a few FWHM and lack the wings;
+    - the edge margins and the isolation radius are in local FWHM.
+
+    Two kinds of star are measured but flagged, and :func:`star_metrics` leaves them out (nor
+    do they enter the curve of growth): ``inexact_psf``, an INEXACT_PSF coadd pixel within
+    2 local FWHM (a warp with data was left out there, so the model is not the image's PSF);
+    ``mix_boundary``, the set of covering visits changes within the aperture (the star's image
+    is part one coadd PSF and part another, which no model at its centre describes).
 
     Parameters
     ----------
     region : ndarray of bool, shape (ny, nx), optional
-        Only stars whose true position falls in these pixels (e.g. the patch's inner box, so
-        that stars of patch borders count once).
+        The pixels whose stars (by true position) count in the figures (``in_region``): the
+        patch's inner box, so that stars of patch borders count once. The stars outside are
+        measured too and enter the curves of growth and the depth figure's PSF-flux scale of
+        this patch (a set of covering visits may hold few stars inside).
+    mixes : PsfMixes, optional
+        The coadd PSF's mixes (a cache shared with the other figures of the patch).
 
     Returns
     -------
-    dict of ndarray
+    dict of ndarray, one entry per star
         ``fwhm_ratio`` (model / star second-moment size), ``dra``, ``ddec`` [mas] (measured -
-        true), ``dmag`` [mag] (total magnitude - truth; NaN when the curve of growth had too
-        few stars), ``x``, ``y`` [pixel] and ``total`` (total flux [coadd units]).
+        true), ``dmag`` [mag] (total magnitude - truth; NaN when the star's curve of growth had
+        too few stars), ``x``, ``y`` [pixel], ``total`` (total flux [coadd units]), ``fwhm``
+        (local coadd FWHM [pixel]), ``radius`` (aperture radius [pixel]), ``mix`` (covering
+        visits, ``+``-joined), ``inexact_psf`` and ``mix_boundary`` (bool, see above) and
+        ``in_region`` (bool; all True without ``region``).
     """
     ny, nx = calexp.shape
     psf = calexp.psf
-    fwhm = float(psf.fwhm((nx - 1) / 2, (ny - 1) / 2))
-    empty = {key: np.zeros(0) for key in ("fwhm_ratio", "dra", "ddec", "dmag", "x", "y", "total")}
-    keep, x, y, mag = _bright_isolated_stars(objects, band, calexp.wcs, calexp.shape, fwhm, config)
-    radius = config.aperture_fwhm * fwhm
-    keep = keep[_usable(calexp, x[keep], y[keep], int(np.ceil(radius)) + 1)]
+    mixes = mixes or PsfMixes(psf)
+    keep, x, y, mag, mix = _bright_isolated_stars(objects, band, calexp.wcs, calexp.shape, mixes, config)
     if len(keep) == 0:
-        return empty
+        return _empty_stars()
+    fwhm = np.array([m.fwhm for m in mix])
+    radius = config.aperture_fwhm * np.array([m.widest_fwhm for m in mix])
+    label = np.array([m.label for m in mix], dtype="U64")
+    ok = _usable(calexp, x[keep], y[keep], np.ceil(radius).astype(int) + 1)
+    keep, fwhm, radius, label = keep[ok], fwhm[ok], radius[ok], label[ok]
+    if len(keep) == 0:
+        return _empty_stars()
     image = np.ascontiguousarray(np.nan_to_num(calexp.image), dtype=np.float32)
     var = np.ascontiguousarray(np.nan_to_num(calexp.variance, nan=0.0), dtype=np.float32)
-    sigma = fwhm / FWHM_PER_SIGMA
-    xw, yw, flag = sep.winpos(image, x[keep], y[keep], sigma)
+    xw, yw, flag = sep.winpos(image, x[keep], y[keep], fwhm / FWHM_PER_SIGMA)
     ok = (flag == 0) & (np.hypot(xw - x[keep], yw - y[keep]) < 1.0)
-    keep, xw, yw = keep[ok], xw[ok], yw[ok]
+    keep, xw, yw, fwhm, radius, label = keep[ok], xw[ok], yw[ok], fwhm[ok], radius[ok], label[ok]
     if len(keep) == 0:
-        return empty
+        return _empty_stars()
     ra, dec = calexp.wcs.all_pix2world(xw, yw, 0)
     dra = ((ra - np.asarray(objects["ra"], float)[keep] + 180.0) % 360.0 - 180.0) * np.cos(np.deg2rad(dec)) * 3.6e6
     ddec = (dec - np.asarray(objects["dec"], float)[keep]) * 3.6e6
 
+    inexact = _any_in_disc((calexp.mask & mask_bit("INEXACT_PSF")) != 0, xw, yw, 2 * fwhm)
+    angles = np.linspace(0.0, 2 * np.pi, 16, endpoint=False)
+    boundary = np.array([any(mixes.visits(xc + r * np.cos(a), yc + r * np.sin(a)) != mixes.visits(xc, yc)
+                             for a in angles) for xc, yc, r in zip(xw, yw, radius)], bool)
+
     segmentation, bad = neighbour_segmentation(calexp, config)
     ids = segmentation[np.round(yw).astype(int), np.round(xw).astype(int)]
     flux, flux_err = clean_aperture_flux(image, var, bad, segmentation, ids, xw, yw, radius)
+    total = flux.copy()
     if config.curve_of_growth.enabled:
-        loss = measure_aperture_loss(image, var, bad, segmentation, ids, xw, yw, np.full(len(xw), radius),
-                                     flux, flux_err, config.curve_of_growth)
-        total = flux * loss.factor if loss.n_stars > 0 else np.full(len(flux), np.nan)
-    else:
-        total = flux
+        total[:] = np.nan
+        for group in np.unique(label):
+            members = label == group
+            cog = members & ~inexact & ~boundary
+            loss = measure_aperture_loss(image, var, bad, segmentation, ids[cog], xw[cog], yw[cog], radius[cog],
+                                         flux[cog], flux_err[cog], config.curve_of_growth)
+            if loss.n_stars > 0:
+                total[members] = flux[members] * loss.factor
 
     ratios = []
     for xc, yc in zip(xw, yw):
@@ -269,16 +432,36 @@ def star_measurements(calexp: Exposure, objects: Table, band: str, config: Coadd
     true_flux = 10 ** (-0.4 * (mag[keep] - float(calexp.zeropoint)))
     with np.errstate(invalid="ignore", divide="ignore"):
         dmag = -2.5 * np.log10(total / true_flux)
-    return dict(fwhm_ratio=np.array(ratios), dra=dra, ddec=ddec, dmag=dmag, x=xw, y=yw, total=total)
+    in_region = (np.ones(len(keep), bool) if region is None
+                 else region[np.round(y[keep]).astype(int), np.round(x[keep]).astype(int)])
+    return dict(fwhm_ratio=np.array(ratios), dra=dra, ddec=ddec, dmag=dmag, x=xw, y=yw, total=total, fwhm=fwhm,
+                radius=radius, mix=label, inexact_psf=inexact, mix_boundary=boundary, in_region=in_region)
+
+
+def measured(stars: dict, in_region: bool = True) -> np.ndarray:
+    """The stars of :func:`star_measurements` that enter the figures (bool): neither ``inexact_psf`` nor ``mix_boundary``, and (``in_region``) in the region."""
+    n = len(stars["dra"])
+    flagged = np.zeros(n, bool)
+    for key in ("inexact_psf", "mix_boundary"):
+        if key in stars:
+            flagged |= np.asarray(stars[key], bool)
+    if in_region and "in_region" in stars:
+        flagged |= ~np.asarray(stars["in_region"], bool)
+    return ~flagged
 
 
 def star_metrics(stars: dict, config: CoaddValidateConfig, label: str = "") -> list:
-    """PSF FWHM, position and flux figures (Metrics) of :func:`star_measurements` output (possibly pooled)."""
-    ratios, dmag = stars["fwhm_ratio"], stars["dmag"]
+    """PSF FWHM, position and flux figures (Metrics) of :func:`star_measurements` output (possibly pooled).
+
+    The flagged stars and those outside the region (:func:`measured`) are left out.
+    """
+    use = measured(stars)
+    ratios, dmag = np.asarray(stars["fwhm_ratio"])[use], np.asarray(stars["dmag"])[use]
+    dra, ddec = np.asarray(stars["dra"])[use], np.asarray(stars["ddec"])[use]
     good_r, good_m = np.isfinite(ratios), np.isfinite(dmag)
-    n = len(stars["dra"])
+    n = len(dra)
     fwhm = 100 * abs(np.median(ratios[good_r]) - 1) if good_r.any() else np.nan
-    astrometry = float(np.sqrt(np.mean(stars["dra"] ** 2 + stars["ddec"] ** 2))) if n else np.nan
+    astrometry = float(np.sqrt(np.mean(dra ** 2 + ddec ** 2))) if n else np.nan
     flux = 1000 * abs(np.median(dmag[good_m])) if good_m.any() else np.nan
     return [Metric(f"{label}coadd PSF model FWHM / star FWHM - 1", fwhm, config.psf_fwhm_goal, "%", int(good_r.sum())),
             Metric(f"{label}coadd star positions vs truth RMS", astrometry, config.astrometry_rms_goal, "mas", n),
@@ -367,19 +550,22 @@ def psf_flux_ratio(calexp: Exposure, kernel: np.ndarray, x, y, total) -> float:
 
 
 def depth_figure(calexp: Exposure, visit_depths: dict, stars: dict, config: CoaddValidateConfig,
-                 where: np.ndarray | None = None):
+                 where: np.ndarray | None = None, mixes: PsfMixes | None = None):
     """Measured coadd depth (:func:`measured_depth`) vs :func:`predicted_depth` from the inputs' depths.
 
     Both use the coadd PSF at the ``where`` pixel nearest the patch centre (where every input
-    counts; the patch centre itself may lack one); the PSF-flux scale comes from the bright
-    ``stars`` (:func:`star_measurements`) in ``where``, or all of them if none is there.
+    counts; the patch centre itself may lack one). The PSF-flux scale (:func:`psf_flux_ratio`)
+    comes from the bright ``stars`` (:func:`star_measurements`, unflagged, in the patch's region
+    or not) with the same set of covering visits as that position: the kernel's share of a star's total flux depends on the
+    PSF, which differs between the patch's regions of one visit and of several.
 
     Returns
     -------
     metric, measured, predicted
-        ``None, nan, nan`` without a star to scale the PSF fluxes.
+        ``None, nan, nan`` without a star of that PSF mix to scale the PSF fluxes.
     """
     ny, nx = calexp.shape
+    mixes = mixes or PsfMixes(calexp.psf)
     if where is not None and where.any():
         yy, xx = np.nonzero(where)
         k = int(np.argmin(np.hypot(xx - (nx - 1) / 2, yy - (ny - 1) / 2)))
@@ -387,19 +573,18 @@ def depth_figure(calexp: Exposure, visit_depths: dict, stars: dict, config: Coad
     else:
         xc, yc = (nx - 1) / 2, (ny - 1) / 2
     kernel = calexp.psf.kernel(xc, yc)
-    x, y, total = (np.asarray(stars[key], float) for key in ("x", "y", "total"))
-    if where is not None and len(x):
-        inside = where[np.clip(np.round(y).astype(int), 0, ny - 1), np.clip(np.round(x).astype(int), 0, nx - 1)]
-        if np.isfinite(total[inside]).any():
-            x, y, total = x[inside], y[inside], total[inside]
+    same = measured(stars, in_region=False)
+    if "mix" in stars:
+        same &= np.asarray(stars["mix"]) == mixes.at(xc, yc).label
+    x, y, total = (np.asarray(stars[key], float)[same] for key in ("x", "y", "total"))
     psf_ratio = psf_flux_ratio(calexp, kernel, x, y, total)
     if not np.isfinite(psf_ratio):
         return None, float("nan"), float("nan")
     predicted = predicted_depth(calexp, visit_depths, xc, yc)
-    measured = measured_depth(calexp, config, where, psf_ratio, at=(xc, yc))
-    metric = Metric("coadd 5-sigma depth - prediction", abs(measured - predicted), config.depth_goal, "mag",
+    measured_mag = measured_depth(calexp, config, where, psf_ratio, at=(xc, yc))
+    metric = Metric("coadd 5-sigma depth - prediction", abs(measured_mag - predicted), config.depth_goal, "mag",
                      len(visit_depths))
-    return metric, measured, predicted
+    return metric, measured_mag, predicted
 
 
 def trail_pixels(visit_row, camera, wcs, shape, width_sigma: float = 1.5) -> np.ndarray:

@@ -71,15 +71,15 @@ class CoaddValidateConfig(Config):
     """Accuracy goals of the coadds, checked against the simulator's truth."""
 
     trail_nsigma_goal: float = option(3.0, "Goal: |mean coadd flux on the trail - control strips| in units of the strips' scatter", min=0.0)
-    clipped_mag_max: float = option(20.0, "Stars brighter than this [AB mag] must have no CLIPPED pixel within 2 FWHM", min=10.0)
+    clipped_mag_max: float = option(20.0, "Stars brighter than this [AB mag] must have no CLIPPED pixel within 2 FWHM of the coadd PSF at the star (CLIPPED pixels on the simulated satellite trails, the trail rightly rejected, not counted)", min=10.0)
     noise_goal: float = option(5.0, "Goal: |measured empty-pixel noise / variance-plane prediction - 1| [%]", min=0.0)
     psf_fwhm_goal: float = option(1.0, "Goal: |median model / star FWHM - 1| on bright isolated stars [%]", min=0.0)
     astrometry_rms_goal: float = option(10.0, "Goal: RMS of bright-star coadd positions vs truth [mas]", min=0.0)
     flux_bias_goal: float = option(5.0, "Goal: |median bright-star coadd magnitude - truth| [mmag]", min=0.0)
     depth_goal: float = option(0.2, "Goal: |measured - predicted 5-sigma point-source depth| [mag]", min=0.0)
     star_mag_range: list[float] = option([17.5, 21.0], "Magnitudes of the bright stars used [AB mag]")
-    isolation_fwhm: float = option(6.0, "A star is isolated without a brighter-than-+3-mag object within this many FWHM", min=1.0)
-    aperture_fwhm: float = option(4.0, "Calibration-aperture radius of the stars' total fluxes [coadd PSF FWHM], as measure.calib_aperture_fwhm; the light beyond it comes from a curve of growth of the coadd's bright stars", min=1.0)
+    isolation_fwhm: float = option(6.0, "A star is isolated without a brighter-than-+3-mag object within this many FWHM of the coadd PSF at the star", min=1.0)
+    aperture_fwhm: float = option(4.0, "Calibration-aperture radius of the stars' total fluxes [FWHM of the widest input PSF covering the star, so that it holds the same fraction of each input's light], as measure.calib_aperture_fwhm; the light beyond it comes from a curve of growth of the coadd's bright stars with the same covering visits", min=1.0)
     detect_nsigma: float = option(1.5, "Footprints of the neighbours left out of the stars' apertures and curve of growth: pixels above this many sigma [sigma]", min=0.5)
     curve_of_growth: ApertureLossConfig = subconfig(ApertureLossConfig, "The curve of growth of the coadd's bright stars (as the single frame's, measure.aperture_loss)")
     n_depth_positions: int = option(3000, "Random empty positions for the depth measurement", min=100)
