@@ -1,5 +1,13 @@
 """Coadd detection (detectCoaddSources): background, variance rescaling, 5-sigma detection.
 
+The warps come from background-subtracted calexps, so the coadd's own background is small and
+of large scale. A mesh background of every pixel would still take in the light of the stars'
+wings (in a crowded field, enough to eat tens of mmag of a bright star's large-aperture flux), so,
+as LSST's detection re-estimates its background once the sources are known, a first background
+serves only a first detection; the background subtracted is then estimated again, on the coadd as
+assembled, with every detected source masked by a disc reaching well into its wing
+(:func:`background_mask`).
+
 The warps' Lanczos resampling and the coadd's mean leave the variance plane a per-pixel
 prediction that may differ from the noise actually seen (correlations, the calexps' own
 variance scale). As LSST's ScaleVarianceTask does, the variance is rescaled to the noise
@@ -56,6 +64,67 @@ def empty_pixel_variance_ratio(image: np.ndarray, variance: np.ndarray, mask: np
     return float((1.4826 * np.median(np.abs(z - med))) ** 2)
 
 
+def sky_mean_level(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, bad_mask_planes,
+                   clip: float = 5.0) -> float:
+    """Mean of ``image`` over the pixels outside DETECTED and ``bad_mask_planes`` [image units].
+
+    Every few rows are used (about two million pixels), and pixels beyond ``clip`` sigma of their
+    noise either way; 0 without usable pixels.
+    """
+    step = max(1, image.shape[0] * image.shape[1] // 2_000_000)
+    image, variance, mask = image[::step], variance[::step], mask[::step]
+    use = ((mask & mask_bits("DETECTED", *bad_mask_planes)) == 0) & np.isfinite(image) & (variance > 0)
+    values = image[use]
+    keep = np.abs(values) < clip * np.sqrt(variance[use])
+    return float(np.mean(values[keep], dtype=np.float64)) if keep.any() else 0.0
+
+
+def background_mask(sources: Table, shape: tuple[int, int], fwhm: float, config: DetectCoaddConfig) -> np.ndarray:
+    """Pixels kept out of the refined background: a disc around each detected source.
+
+    A source's disc has radius ``max(background_grow_factor x r, r + background_grow_fwhm x fwhm)``,
+    at most ``background_grow_max_fwhm x fwhm``, where ``r`` is its footprint radius (the largest
+    distance from the centroid to a side of the footprint box, plus half a pixel). The footprint of
+    a brighter star reaches farther, so its disc does too, as far into the wing as its light stays
+    a fair fraction of the footprint edge's.
+
+    Parameters
+    ----------
+    sources : Table
+        :func:`snakedrp.meas.detect.detect_sources` rows (``x``, ``y``, ``x_min``, ``x_max``,
+        ``y_min``, ``y_max``, zero-based [pixel]).
+    shape : tuple of int
+        ``(ny, nx)`` of the image.
+    fwhm : float
+        Coadd PSF FWHM [pixel].
+    config : DetectCoaddConfig
+
+    Returns
+    -------
+    ndarray of bool, shape (ny, nx)
+    """
+    ny, nx = shape
+    out = np.zeros(shape, bool)
+    if len(sources) == 0:
+        return out
+    x, y = np.asarray(sources["x"], float), np.asarray(sources["y"], float)
+    r = np.max([x - np.asarray(sources["x_min"]), np.asarray(sources["x_max"]) - x,
+                y - np.asarray(sources["y_min"]), np.asarray(sources["y_max"]) - y], axis=0) + 0.5
+    radius = np.minimum(np.maximum(config.background_grow_factor * r, r + config.background_grow_fwhm * fwhm),
+                        config.background_grow_max_fwhm * fwhm)
+    for xc, yc, rc in zip(x, y, radius):
+        if not (np.isfinite(xc) and np.isfinite(yc)):
+            continue
+        x0, x1 = max(int(np.floor(xc - rc)), 0), min(int(np.ceil(xc + rc)) + 1, nx)
+        y0, y1 = max(int(np.floor(yc - rc)), 0), min(int(np.ceil(yc + rc)) + 1, ny)
+        if x0 >= x1 or y0 >= y1:
+            continue
+        dy2 = (np.arange(y0, y1) - yc)[:, None] ** 2
+        dx2 = (np.arange(x0, x1) - xc)[None, :] ** 2
+        out[y0:y1, x0:x1] |= dy2 + dx2 <= rc * rc
+    return out
+
+
 def detect_coadd(coadd: Exposure, *, config: DetectCoaddConfig | None = None) -> DetectCoaddResult:
     """Detect sources on a coadd.
 
@@ -84,15 +153,37 @@ def detect_coadd(coadd: Exposure, *, config: DetectCoaddConfig | None = None) ->
     background = None
     if config.do_background:
         background = estimate_background(image, mask, config.background)
+        first_image = image - background.evaluate()
+    else:
+        first_image = image
+    first = detect_sources(first_image, variance, mask, config.detection, psf_sigma=sigma)
+    refined = config.do_background and config.refine_background
+    if refined:
+        del first_image
+        bg_mask = mask.copy()
+        np.bitwise_or(bg_mask, np.int32(mask_bits("DETECTED")), out=bg_mask,
+                      where=background_mask(first.sources, image.shape, sigma * FWHM_PER_SIGMA, config))
+        background = estimate_background(image, bg_mask, config.refined_background)
         image -= background.evaluate()
-    first = detect_sources(image, variance, mask, config.detection, psf_sigma=sigma)
+        if config.subtract_sky_mean:
+            # the calexps' convention: zero mean outside the footprints as detected (not the discs),
+            # the pixels an aperture keeps once its neighbours' footprints are replaced; the
+            # mode-type mesh sits below that mean (faint undetected sources, wings)
+            level = sky_mean_level(image, variance, first.mask, config.detection.bad_mask_planes)
+            image -= np.float32(level)
+            background = replace(background, mesh=background.mesh + np.float32(level),
+                                 global_background=background.global_background + level)
+        del bg_mask
+    else:
+        image = first_image
     scale = 1.0
     if config.do_scale_variance:
+        # the first detection's footprints: the robust scatter does not see the background's change
         ratio = empty_pixel_variance_ratio(image, variance, first.mask, config.scale_variance_bad_mask_planes)
         if np.isfinite(ratio) and ratio > 0:
             scale = ratio
             variance *= np.float32(scale)
-    result = detect_sources(image, variance, mask, config.detection, psf_sigma=sigma) if scale != 1.0 else first
+    result = detect_sources(image, variance, mask, config.detection, psf_sigma=sigma) if scale != 1.0 or refined else first
     sources = result.sources
     det = Table()
     footprint = np.where(np.asarray(sources["parent"]) > 0, sources["parent"], sources["id"])
