@@ -4,7 +4,7 @@ import pytest
 
 from test_warp import aperture_sums, make_calexp, make_sky, patch_grid
 
-from snakedrp.coadd.assemble import assemble_coadd, clipped_mean, open_warp, warp_variance
+from snakedrp.coadd.assemble import assemble_coadd, classify_footprints, clipped_mean, open_warp, warp_variance
 from snakedrp.coadd.config import AssembleConfig, WarpConfig
 from snakedrp.coadd.warp import warp_exposures
 from snakedrp.repo.exposure import mask_bit, mask_bits
@@ -381,3 +381,26 @@ def test_star_whose_core_is_under_the_warps_own_mask_is_protected():
     clipped = (result.coadd.mask & mask_bit("CLIPPED")) != 0
     for xc, yc in zip(x, y):
         assert not clipped[np.hypot(xx - xc, yy - yc) < 2 * 2.3548 * 3.2].any()
+
+
+def test_footprint_centred_on_a_reference_source_is_kept_unless_a_trail():
+    # an outlier ring about a protected core (a wide star's wing against a sharp reference) peaks
+    # beyond the protected pixels but is centred on them: the source, kept; a blob off the sources
+    # and a trail through them are artifacts
+    shape = (80, 120)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    r = np.hypot(xx - 30, yy - 40)
+    protect = r < 5
+    ring = (r > 4) & (r < 9)
+    z = np.where(ring, 6.0, 0.0)
+    z[40, 38] = 9.0                                          # the ring's peak, off the protected core
+    blob = np.hypot(xx - 100, yy - 20) < 3
+    z[blob] = 8.0
+    trail = (np.abs(yy - 0.1 * xx - 55) < 1.5) & (xx > 5) & (xx < 110)
+    z[trail] = 7.0
+    protect |= np.hypot(xx - 60, yy - 61) < 5                 # a source the trail crosses
+    labels = np.zeros(shape, int)
+    labels[ring], labels[blob], labels[trail] = 1, 2, 3
+    assert not protect[40, 38]
+    artifact = classify_footprints(labels, np.array([1, 2, 3]), z, protect, AssembleConfig())
+    np.testing.assert_array_equal(artifact, [False, True, True])
