@@ -249,6 +249,24 @@ def _label_moments(labels: np.ndarray, index: np.ndarray, z: np.ndarray, config:
     return elongated, peak_y[index], peak_x[index], centre_y, centre_x
 
 
+def _label_lengths(labels: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Per label of ``index``: its length, that of a uniform bar of the same major-axis second moment [pixel]."""
+    yy, xx = np.nonzero(labels)
+    lab = labels[yy, xx]
+    n_labels = int(labels.max()) + 1
+    count = np.maximum(np.bincount(lab, minlength=n_labels)[index], 1).astype(np.float64)
+
+    def mean(values):
+        return np.bincount(lab, weights=values, minlength=n_labels)[index] / count
+
+    xf, yf = xx.astype(np.float64), yy.astype(np.float64)
+    mx, my = mean(xf), mean(yf)
+    cxx, cyy = mean(xf * xf) - mx**2 + 1 / 12, mean(yf * yf) - my**2 + 1 / 12
+    cxy = mean(xf * yf) - mx * my
+    major = 0.5 * (cxx + cyy) + np.sqrt(0.25 * (cxx - cyy) ** 2 + cxy**2)
+    return np.sqrt(12 * major)
+
+
 def classify_footprints(labels: np.ndarray, index: np.ndarray, z: np.ndarray, protect: np.ndarray,
                         config: AssembleConfig) -> np.ndarray:
     """Which outlier footprints of ``warp - reference`` are artifacts, decided per footprint.
@@ -420,14 +438,35 @@ def sources_cut_by_mask(labels: np.ndarray, index: np.ndarray, cut: np.ndarray, 
     star[components] = ~elongated & protect[peak_y, peak_x]
     if not star.any():
         return keep
-    region = star[own]
+    # each footprint's star: the star's own source (grown) under most of its pixels
+    stars = np.where(star[own], own, 0)
     if config.protect_grow:
-        region = grow_mask(region, int(config.protect_grow))
-    labelled = labels > 0
-    size = np.bincount(labels[labelled], minlength=n_labels)
-    inside = np.bincount(labels[labelled & region], minlength=n_labels)
-    on_region = inside >= 0.5 * np.maximum(size, 1)
-    return (touching & on_region)[index]
+        stars = ndimage.grey_dilation(stars, size=2 * int(config.protect_grow) + 1)
+    position = np.full(n_labels, -1, np.int64)
+    position[index] = np.arange(len(index))
+    yy, xx = np.nonzero(labels)
+    pos = position[labels[yy, xx]]
+    yy, xx, pos = yy[pos >= 0], xx[pos >= 0], pos[pos >= 0]
+    size = np.bincount(pos, minlength=len(index))
+    under = stars[yy, xx]
+    pairs, count = np.unique(pos[under > 0] * (n_own + 1) + under[under > 0], return_counts=True)
+    host = np.zeros(len(index), np.int64)
+    best = np.zeros(len(index), np.int64)
+    for key, c in zip(pairs, count):            # a few pairs: the footprints on stars
+        i = key // (n_own + 1)
+        if c > best[i]:
+            best[i], host[i] = c, key % (n_own + 1)
+    on_star = best >= 0.5 * np.maximum(size, 1)
+    # a piece of the star's wing lies within the star's radius in its own image of its peak, and is
+    # no longer than the star is wide; a trail passing by joins the star in the own image but
+    # reaches farther out, and is longer
+    radius = np.sqrt(np.bincount(own.ravel(), minlength=n_own + 1) / np.pi)[host]
+    safe = np.maximum(size, 1)
+    centre_y, centre_x = np.bincount(pos, weights=yy, minlength=len(index)) / safe, np.bincount(pos, weights=xx, minlength=len(index)) / safe
+    host_peak = np.maximum(host - 1, 0)
+    near = np.hypot(centre_y - peak_y[host_peak], centre_x - peak_x[host_peak]) <= radius
+    short = _label_lengths(labels, index) <= 2 * radius
+    return touching[index] & on_star & near & short
 
 
 def find_artifacts(image: np.ndarray, variance: np.ndarray, good: np.ndarray, config: AssembleConfig) -> np.ndarray:
