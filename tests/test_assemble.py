@@ -4,10 +4,10 @@ import pytest
 
 from test_warp import aperture_sums, make_calexp, make_sky, patch_grid
 
-from snakedrp.coadd.assemble import assemble_coadd, clipped_mean, open_warp, warp_variance
+from snakedrp.coadd.assemble import assemble_coadd, classify_footprints, clipped_mean, open_warp, warp_variance
 from snakedrp.coadd.config import AssembleConfig, WarpConfig
 from snakedrp.coadd.warp import warp_exposures
-from snakedrp.repo.exposure import mask_bit
+from snakedrp.repo.exposure import mask_bit, mask_bits
 
 SEEING = [1.2, 1.6, 2.2, 2.8, 3.4]          # PSF sigma [pixel] per visit: FWHM 2.8-8 pixels (a factor 2.8)
 SKY_VAR = [20.0, 30.0, 25.0, 40.0, 35.0]
@@ -299,3 +299,137 @@ def test_warp_without_usable_pixels_is_left_out_not_fatal():
     _cut_coverage(warps[2], np.zeros(shape, bool))
     with pytest.raises(ValueError, match="none of the 3 warps has a usable pixel"):
         assemble_coadd(warps)
+
+
+def _bad_columns_beside_stars(warp, x, y, offset, width=2, half_length=40):
+    """A BAD column (``width`` pixels, zeroed) ``offset`` pixels to the right of each star (x, y [pixel])."""
+    ny, nx = warp.image.shape
+    yy, xx = np.mgrid[:ny, :nx]
+    column = np.zeros((ny, nx), bool)
+    for xc, yc in zip(x, y):
+        c = int(round(xc + offset))
+        column |= (xx >= c) & (xx < c + width) & (np.abs(yy - yc) < half_length)
+    warp.mask[column] |= mask_bit("BAD")
+    warp.image[column] = 0.0
+    return column
+
+
+@pytest.mark.parametrize("offset", [5, 6])
+def test_bad_column_beside_a_star_in_the_wide_warp_does_not_clip_its_wing(offset):
+    # sharp and wide seeing (FWHM 2.8 and 7.5 pixels), bright stars (peak S/N ~ 500 as in the
+    # simulated visits); a bad column 1.8-2.1 FWHM of the sharp PSF from each star, in the wide
+    # warp, cuts a strip of its wing off from the core: the strip stands out from the sharp
+    # reference, off its protected core, but is the star's wing and must be kept
+    sky = make_sky(16, seed=2, margin=0.005)
+    warps, wcs, shape = _warps(sky, seeings=[1.2, 3.2], sky_vars=[0.05, 0.05])
+    ra, dec, flux = sky
+    x, y = wcs.all_world2pix(ra, dec, 0)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    _bad_columns_beside_stars(warps[1], x, y, offset)
+    result = assemble_coadd(warps)
+    clipped = (result.coadd.mask & mask_bit("CLIPPED")) != 0
+    for xc, yc in zip(x, y):
+        assert not clipped[np.hypot(xx - xc, yy - yc) < 2 * 2.3548 * 3.2].any()
+    # where a warp with data is masked (the bad columns, the CCD's EDGE), the other's PSF only is
+    # in the coadd: INEXACT_PSF
+    inexact = (result.coadd.mask & mask_bit("INEXACT_PSF")) != 0
+    left_out = np.zeros(shape, bool)
+    for w in warps:
+        left_out |= ((w.mask & mask_bit("NO_DATA")) == 0) & ((w.mask & mask_bits(*AssembleConfig().bad_mask_planes)) != 0)
+    assert left_out.sum() > 16 * 2 * 70
+    np.testing.assert_array_equal(inexact, left_out)
+
+
+def test_trail_beside_bad_columns_near_stars_is_still_clipped():
+    # the bad columns of the test above, and a trail in the wide warp: pieces of the trail cut by
+    # the columns are no star's wing
+    seeings, sky_vars = [1.2, 1.6, 3.2], [20.0, 30.0, 25.0]
+    sky = make_sky(16, seed=2, margin=0.005)
+    warps, wcs, shape = _warps(sky, seeings=seeings, sky_vars=sky_vars, artifact_visit=2, artifact=_trail)
+    clean, _, _ = _warps(sky, seeings=seeings, sky_vars=sky_vars)
+    ra, dec, flux = sky
+    x, y = wcs.all_world2pix(ra, dec, 0)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    column = _bad_columns_beside_stars(warps[2], x, y, 6)
+    trail = np.nan_to_num(warps[2].image - clean[2].image) > 30.0
+    near_star = np.zeros(shape, bool)
+    for xc, yc in zip(x, y):
+        near_star |= np.hypot(xx - xc, yy - yc) < 2 * 2.3548 * 3.2
+    result = assemble_coadd(warps)
+    clipped = (result.coadd.mask & mask_bit("CLIPPED")) != 0
+    judged = trail & ~near_star & ~column & (result.n_image + clipped >= 3)
+    assert judged.sum() > 200 and clipped[judged].mean() > 0.97
+    # the clipped trail pixels are INEXACT_PSF; where no warp left anything out, none is
+    inexact = (result.coadd.mask & mask_bit("INEXACT_PSF")) != 0
+    assert inexact[clipped].all()
+    assert not inexact[~clipped & ~column & (result.n_image == 3)].any()
+
+
+def test_star_whose_core_is_under_the_warps_own_mask_is_protected():
+    # a cosmic-ray mask over the core of each star in the wide warp: the reference (the other
+    # warps) still has the star there, so the wide warp's wing around the mask is kept
+    seeings, sky_vars = [1.2, 1.6, 3.2], [0.05, 0.06, 0.05]
+    sky = make_sky(16, seed=2, margin=0.005)
+    warps, wcs, shape = _warps(sky, seeings=seeings, sky_vars=sky_vars)
+    ra, dec, flux = sky
+    x, y = wcs.all_world2pix(ra, dec, 0)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    for xc, yc in zip(x, y):
+        core = (np.abs(xx - xc) < 5) & (np.abs(yy - yc) < 5)
+        warps[2].mask[core] |= mask_bit("CR")
+    result = assemble_coadd(warps)
+    clipped = (result.coadd.mask & mask_bit("CLIPPED")) != 0
+    for xc, yc in zip(x, y):
+        assert not clipped[np.hypot(xx - xc, yy - yc) < 2 * 2.3548 * 3.2].any()
+
+
+def test_footprint_centred_on_a_reference_source_is_kept_unless_a_trail():
+    # an outlier ring about a protected core (a wide star's wing against a sharp reference) peaks
+    # beyond the protected pixels but is centred on them: the source, kept; a blob off the sources
+    # and a trail through them are artifacts
+    shape = (80, 120)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    r = np.hypot(xx - 30, yy - 40)
+    protect = r < 5
+    ring = (r > 4) & (r < 9)
+    z = np.where(ring, 6.0, 0.0)
+    z[40, 38] = 9.0                                          # the ring's peak, off the protected core
+    blob = np.hypot(xx - 100, yy - 20) < 3
+    z[blob] = 8.0
+    trail = (np.abs(yy - 0.1 * xx - 55) < 1.5) & (xx > 5) & (xx < 110)
+    z[trail] = 7.0
+    protect |= np.hypot(xx - 60, yy - 61) < 5                 # a source the trail crosses
+    labels = np.zeros(shape, int)
+    labels[ring], labels[blob], labels[trail] = 1, 2, 3
+    assert not protect[40, 38]
+    artifact = classify_footprints(labels, np.array([1, 2, 3]), z, protect, AssembleConfig())
+    np.testing.assert_array_equal(artifact, [False, True, True])
+
+
+def test_trail_piece_between_a_cosmic_ray_and_the_other_warps_edge_is_clipped():
+    # as in the full-HSC mixed-seeing run: cosmic-ray masks on the trail every 35 pixels, and the
+    # other warps' coverage ending halfway between two of them, cut the trail into pieces ~30
+    # pixels long that straddle the edge; such a piece, as a source of the trail warp's own image,
+    # is no star (axis ratio ~3.7 against ~1 for a star), though not elongated enough to be taken
+    # for a trail as an outlier footprint
+    seeings, sky_vars = [1.2, 1.6, 3.2], [20.0, 30.0, 25.0]
+    sky = make_sky(4, seed=8, margin=0.002)
+    warps, wcs, shape = _warps(sky, seeings=seeings, sky_vars=sky_vars, artifact_visit=2, artifact=_trail)
+    clean, _, _ = _warps(sky, seeings=seeings, sky_vars=sky_vars)
+    trail = np.nan_to_num(warps[2].image - clean[2].image) > 30.0
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    ty, tx = np.nonzero(trail)
+    spacing = 35
+    cr_x = np.arange(tx.min() + 10, tx.max() - 10, spacing)
+    covered = np.ones(shape, bool)
+    for x0 in cr_x:
+        yc = ty[np.argmin(np.abs(tx - x0))]
+        warps[2].mask[(np.abs(xx - x0) < 4) & (np.abs(yy - yc) < 6)] |= mask_bit("CR")
+    for x0 in cr_x[::2]:
+        covered &= ~((xx > x0 + 0.5 * spacing) & (xx < x0 + 2 * spacing))
+    for w in warps[:2]:
+        _cut_coverage(w, covered)
+    result = assemble_coadd(warps)
+    clipped = (result.coadd.mask & mask_bit("CLIPPED")) != 0
+    judged = trail & covered & ((warps[2].mask & mask_bit("CR")) == 0) & (result.n_image + clipped >= 2)
+    assert judged.sum() > 200 and clipped[judged].mean() > 0.97

@@ -21,7 +21,18 @@ sources but not over a star's core. Where the other warps' coverage ends inside 
 reference lacks the core, and pieces of a wider-seeing warp's wing look like compact outliers off
 every source: they are kept when they lie on a compact source of the warp's own image peaking
 where the reference has no data (:func:`sources_beyond_reference`). A pixel that is an outlier
-in more than ``clip_max_epochs`` warps is real (a variable region) and kept everywhere.
+in more than ``clip_max_epochs`` warps is real (a variable region) and kept everywhere. A mask
+(a bad column, a cosmic ray, a CCD edge) of the warp or of its reference beside a star cuts a
+strip of a wide warp's wing off from the core; that strip may lie off the reference's protected
+source and be elongated along the mask: it is kept when it touches the cut and lies on a compact
+source of the warp's own image peaking on a reference source (:func:`sources_cut_by_mask`).
+The reference's sources are found over all the other warps' data, under the warp's own masked
+pixels too.
+
+The coadd PSF (:class:`CoaddPsf`) is the weighted sum of the PSFs of every input covering a
+pixel. Where a warp with data there was left out (its pixel masked by ``bad_mask_planes``, or
+CLIPPED), the pixel holds the other warps' PSFs only and the model is not right: such coadd
+pixels are marked INEXACT_PSF (as LSST), for measurements to avoid or flag.
 
 Memory does not grow with the number of warps: a first pass reads each warp's variance (a
 subsample) for its weight; the second pass reads a block of rows of every warp at a time, the
@@ -47,6 +58,14 @@ from snakedrp.repo.exposure import Exposure, mask_bit, mask_bits
 from snakedrp.repo.psf_model import psf_from_hdu
 
 
+#: A source of a warp's own image that keeps the outliers on it as a star's wing
+#: (:func:`sources_beyond_reference`, :func:`sources_cut_by_mask`) has a second-moment axis ratio
+#: at most this (if at least ``clip_min_length`` long): a star in its own image is round (a half
+#: star at a CCD edge ~2), while a trail's piece between two cosmic-ray masks, 30 pixels long and
+#: 8 wide once smoothed, is ~4, too short to be elongated by ``clip_elongation``.
+OWN_SOURCE_ELONGATION = 2.5
+
+
 @dataclass(frozen=True)
 class AssembleResult:
     """Result of :func:`assemble_coadd`.
@@ -55,7 +74,10 @@ class AssembleResult:
     ----------
     coadd : Exposure
         The coadd (``deepCoadd``): image and variance in units of the warps' zeropoint, mask with
-        NO_DATA, CLIPPED and the propagated planes, ``psf`` a :class:`CoaddPsf`.
+        NO_DATA, CLIPPED, INEXACT_PSF and the propagated planes, ``psf`` a :class:`CoaddPsf`.
+        INEXACT_PSF marks the pixels where at least one warp has data (not NO_DATA) but was left
+        out (its pixel in ``bad_mask_planes`` or CLIPPED): there the coadd holds the other warps'
+        PSFs only, and ``psf`` (the weighted sum of every covering input's PSF) is not exact.
     n_image : ndarray of int32, shape (ny, nx)
         Number of warps contributing to each pixel (``deepCoadd_nImage``).
     inputs : Table
@@ -176,15 +198,20 @@ class _LeaveOneOutMedian:
         return 0.5 * (a + b), n_other
 
 
-def _label_moments(labels: np.ndarray, index: np.ndarray, z: np.ndarray, config: AssembleConfig):
-    """Per label of ``index``: whether it is elongated (a trail) and where its peak of ``z`` is.
+def _label_moments(labels: np.ndarray, index: np.ndarray, z: np.ndarray, config: AssembleConfig,
+                   elongation: float | None = None):
+    """Per label of ``index``: whether it is elongated (a trail), where its peak and its centre of ``z`` are.
 
     Returns
     -------
     elongated : ndarray of bool, shape (len(index),)
-        Second-moment axis ratio above ``clip_elongation`` over at least ``clip_min_length`` pixels.
+        Second-moment axis ratio above ``elongation`` (default ``clip_elongation``) over at least
+        ``clip_min_length`` pixels.
     peak_y, peak_x : ndarray of int, shape (len(index),)
         The pixel of each label's largest ``z``.
+    centre_y, centre_x : ndarray of int, shape (len(index),)
+        The pixel of each label's centroid weighted by ``z`` (its positive part; the unweighted
+        centroid where it has none).
     """
     # moments by bincount over the labelled pixels only (ndimage.sum_labels scans the whole block)
     yy, xx = np.nonzero(labels)
@@ -203,14 +230,41 @@ def _label_moments(labels: np.ndarray, index: np.ndarray, z: np.ndarray, config:
     half_trace, root = 0.5 * (cxx + cyy), np.sqrt(0.25 * (cxx - cyy) ** 2 + cxy**2)
     major, minor = half_trace + root, np.maximum(half_trace - root, 1 / 12)
     length = np.sqrt(12 * major)                                  # a uniform bar's length [pixel]
-    elongated = (np.sqrt(major / minor) > config.clip_elongation) & (length >= config.clip_min_length)
+    ratio_max = config.clip_elongation if elongation is None else elongation
+    elongated = (np.sqrt(major / minor) > ratio_max) & (length >= config.clip_min_length)
     # each label's peak: the last pixel of its label in (label, z) order
     order = np.lexsort((z[yy, xx], lab))
     last = np.flatnonzero(np.r_[lab[order][1:] != lab[order][:-1], True])
     peak_y = np.zeros(n_labels, np.intp)
     peak_x = np.zeros(n_labels, np.intp)
     peak_y[lab[order][last]], peak_x[lab[order][last]] = yy[order][last], xx[order][last]
-    return elongated, peak_y[index], peak_x[index]
+    weight = np.maximum(z[yy, xx], 0.0).astype(np.float64)
+    total = np.bincount(lab, weights=weight, minlength=n_labels)[index]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cx = np.where(total > 0, np.bincount(lab, weights=weight * xf, minlength=n_labels)[index] / total, mx)
+        cy = np.where(total > 0, np.bincount(lab, weights=weight * yf, minlength=n_labels)[index] / total, my)
+    ny, nx = labels.shape
+    centre_y = np.clip(np.rint(cy), 0, ny - 1).astype(np.intp)
+    centre_x = np.clip(np.rint(cx), 0, nx - 1).astype(np.intp)
+    return elongated, peak_y[index], peak_x[index], centre_y, centre_x
+
+
+def _label_lengths(labels: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Per label of ``index``: its length, that of a uniform bar of the same major-axis second moment [pixel]."""
+    yy, xx = np.nonzero(labels)
+    lab = labels[yy, xx]
+    n_labels = int(labels.max()) + 1
+    count = np.maximum(np.bincount(lab, minlength=n_labels)[index], 1).astype(np.float64)
+
+    def mean(values):
+        return np.bincount(lab, weights=values, minlength=n_labels)[index] / count
+
+    xf, yf = xx.astype(np.float64), yy.astype(np.float64)
+    mx, my = mean(xf), mean(yf)
+    cxx, cyy = mean(xf * xf) - mx**2 + 1 / 12, mean(yf * yf) - my**2 + 1 / 12
+    cxy = mean(xf * yf) - mx * my
+    major = 0.5 * (cxx + cyy) + np.sqrt(0.25 * (cxx - cyy) ** 2 + cxy**2)
+    return np.sqrt(12 * major)
 
 
 def classify_footprints(labels: np.ndarray, index: np.ndarray, z: np.ndarray, protect: np.ndarray,
@@ -219,9 +273,11 @@ def classify_footprints(labels: np.ndarray, index: np.ndarray, z: np.ndarray, pr
 
     A footprint is an artifact when it is elongated (a satellite or aircraft trail: the ratio of
     the axes of its second moments above ``clip_elongation`` over at least ``clip_min_length``
-    pixels), or when its peak lies outside the reference's sources (a cosmic ray, a ghost, an
-    asteroid). A compact footprint peaking on a reference source is the source itself, changed
-    by the seeing or by variability, and is kept whole.
+    pixels), or when both its peak and its centre (``z``-weighted centroid) lie outside the
+    reference's sources (a cosmic ray, a ghost, an asteroid). A compact footprint peaking or
+    centred on a reference source is the source itself, changed by the seeing or by variability,
+    and is kept whole: the ring of a wide star's wing about a sharp core peaks anywhere on the
+    ring, possibly beyond the protected region, but is centred on the core.
 
     Parameters
     ----------
@@ -240,20 +296,53 @@ def classify_footprints(labels: np.ndarray, index: np.ndarray, z: np.ndarray, pr
     """
     if len(index) == 0:
         return np.zeros(0, bool)
-    elongated, peak_y, peak_x = _label_moments(labels, index, z, config)
-    return elongated | ~protect[peak_y, peak_x]
+    elongated, peak_y, peak_x, centre_y, centre_x = _label_moments(labels, index, z, config)
+    return elongated | (~protect[peak_y, peak_x] & ~protect[centre_y, centre_x])
+
+
+def own_source_snr(image: np.ndarray, variance: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """S/N of a warp's own image smoothed at the PSF scale, its masked pixels filled by normalised convolution.
+
+    The Gaussian (sigma 1.5 pixel) is applied to the usable pixels only and divided by the
+    fraction of its weight on them, so that a source is not diluted next to masked pixels or the
+    edge of the data; pixels with less than a quarter of the weight on usable pixels (inside a
+    wide mask, beyond the data) get 0.
+
+    Parameters
+    ----------
+    image, variance : ndarray, shape (h, w)
+        The warp's rows.
+    good : ndarray of bool, shape (h, w)
+        The warp's usable pixels.
+
+    Returns
+    -------
+    ndarray of float32, shape (h, w)
+    """
+    sigma = 1.5                                                     # the same PSF-scale smoothing [pixel]
+    kernel_norm = 1.0 / (4 * np.pi * sigma**2)
+    cover = ndimage.gaussian_filter(good.astype(np.float32), sigma, mode="nearest")
+    safe = np.maximum(cover, 0.05)
+    smooth = ndimage.gaussian_filter(np.where(good, image, 0.0).astype(np.float32), sigma, mode="nearest") / safe
+    # the variance too by normalised convolution (a masked pixel's variance is not to be trusted)
+    mean_var = ndimage.gaussian_filter(np.where(good, variance, 0.0).astype(np.float32), sigma, mode="nearest") / safe
+    noise = np.sqrt(np.maximum(mean_var, 1e-30) * kernel_norm / safe)
+    return np.where(cover >= 0.25, smooth / noise, 0.0).astype(np.float32)
 
 
 def sources_beyond_reference(labels: np.ndarray, index: np.ndarray, image: np.ndarray, variance: np.ndarray,
-                             good: np.ndarray, unseen: np.ndarray, config: AssembleConfig) -> np.ndarray:
+                             good: np.ndarray, unseen: np.ndarray, config: AssembleConfig,
+                             snr: np.ndarray | None = None) -> np.ndarray:
     """Which outlier footprints belong to a compact source of the warp itself that the reference cannot see.
 
     At the edge of the other warps' coverage the reference has a star's wing but not its core:
     the wing of a warp with worse seeing then stands out from the reference in pieces cut off
     from the core, each peaking off the reference's sources, and would be taken for cosmic rays.
     Such a piece is kept when it lies on a source of the warp's *own* image (PSF-smoothed S/N
-    above ``protect_threshold``, grown by ``protect_grow``) that is compact (not elongated like a
-    trail, which stays an artifact) and peaks where the reference has no data.
+    above ``protect_threshold``, grown by ``protect_grow``) that is compact and peaks where the
+    reference has no data. Compact is judged more strictly than for the outlier footprints (axis
+    ratio at most :data:`OWN_SOURCE_ELONGATION`): a star in its own image is round, while a trail's
+    piece between two masks (cosmic rays) may be short enough to pass for compact as an outlier.
 
     Parameters
     ----------
@@ -267,6 +356,8 @@ def sources_beyond_reference(labels: np.ndarray, index: np.ndarray, image: np.nd
         The warp's usable pixels.
     unseen : ndarray of bool, shape (h, w)
         Usable pixels of the warp where the reference has too few warps to be compared with.
+    snr : ndarray, shape (h, w), optional
+        :func:`own_source_snr` of the warp, if already computed.
 
     Returns
     -------
@@ -275,17 +366,14 @@ def sources_beyond_reference(labels: np.ndarray, index: np.ndarray, image: np.nd
     keep = np.zeros(len(index), bool)
     if len(index) == 0 or not unseen.any():
         return keep
-    sigma = 1.5                                                     # the same PSF-scale smoothing [pixel]
-    kernel_norm = 1.0 / (4 * np.pi * sigma**2)
-    cover = np.maximum(ndimage.gaussian_filter(good.astype(np.float32), sigma, mode="nearest"), 0.05)
-    smooth = ndimage.gaussian_filter(np.where(good, image, 0.0).astype(np.float32), sigma, mode="nearest") / cover
-    noise = np.sqrt(np.where(good, variance, np.inf) * kernel_norm / cover)
-    snr = np.where(good, smooth / noise, 0.0)
+    if snr is None:
+        snr = own_source_snr(image, variance, good)
+    snr = np.where(good, snr, 0.0)
     own, n_own = ndimage.label(snr > config.protect_threshold, structure=np.ones((3, 3), bool))
     if n_own == 0:
         return keep
     components = np.arange(1, n_own + 1)
-    elongated, peak_y, peak_x = _label_moments(own, components, snr, config)
+    elongated, peak_y, peak_x, _, _ = _label_moments(own, components, snr, config, OWN_SOURCE_ELONGATION)
     compact_unseen = np.zeros(n_own + 1, bool)
     compact_unseen[components] = ~elongated & unseen[peak_y, peak_x]
     if not compact_unseen.any():
@@ -296,6 +384,89 @@ def sources_beyond_reference(labels: np.ndarray, index: np.ndarray, image: np.nd
     on_region = np.zeros(int(labels.max()) + 1, bool)
     on_region[np.unique(labels[region & (labels > 0)])] = True
     return on_region[index]
+
+
+def sources_cut_by_mask(labels: np.ndarray, index: np.ndarray, cut: np.ndarray, protect: np.ndarray,
+                        snr: np.ndarray, config: AssembleConfig) -> np.ndarray:
+    """Which outlier footprints are pieces of a star's wing cut off by masked pixels.
+
+    A bad column, a cosmic ray or a CCD edge beside a star, in a wide-seeing warp or in the sharp
+    reference, cuts a strip of the wide wing off from the core. Against the sharp reference the
+    strip is an outlier that may peak and be centred off the reference's protected source (whose
+    own wing the mask cuts too) and may be elongated along the mask, so it would be taken for an
+    artifact. It is the star's wing when the footprint touches the cut pixels and lies (at least
+    half of its pixels) on a compact source of the warp's own image (:func:`own_source_snr` above
+    ``protect_threshold``, the warp's masked pixels filled so that its mask does not split the
+    source; grown by ``protect_grow``; axis ratio at most :data:`OWN_SOURCE_ELONGATION`) whose peak
+    lies on a reference source. A trail stays an
+    artifact: in the warp's own image it is an elongated source, alone or with the star it
+    crosses, and most of its footprint lies off any star.
+
+    Parameters
+    ----------
+    labels : ndarray of int, shape (h, w)
+        Outlier footprint labels (0: none).
+    index : ndarray of int
+        The labels to test.
+    cut : ndarray of bool, shape (h, w)
+        Pixels where the warp and its reference are not compared: the warp's own masked pixels
+        and those without data, and those where the reference has too few warps.
+    protect : ndarray of bool, shape (h, w)
+        Pixels of the reference's sources.
+    snr : ndarray, shape (h, w)
+        :func:`own_source_snr` of the warp.
+
+    Returns
+    -------
+    ndarray of bool, shape (len(index),)
+    """
+    keep = np.zeros(len(index), bool)
+    if len(index) == 0:
+        return keep
+    n_labels = int(labels.max()) + 1
+    near_mask = grow_mask(cut, 2) & (labels > 0)                # the footprint touches (or nearly) a cut
+    touching = np.zeros(n_labels, bool)
+    touching[np.unique(labels[near_mask])] = True
+    if not touching[index].any():
+        return keep
+    own, n_own = ndimage.label(snr > config.protect_threshold, structure=np.ones((3, 3), bool))
+    if n_own == 0:
+        return keep
+    components = np.arange(1, n_own + 1)
+    elongated, peak_y, peak_x, _, _ = _label_moments(own, components, snr, config, OWN_SOURCE_ELONGATION)
+    star = np.zeros(n_own + 1, bool)
+    star[components] = ~elongated & protect[peak_y, peak_x]
+    if not star.any():
+        return keep
+    # each footprint's star: the star's own source (grown) under most of its pixels
+    stars = np.where(star[own], own, 0)
+    if config.protect_grow:
+        stars = ndimage.grey_dilation(stars, size=2 * int(config.protect_grow) + 1)
+    position = np.full(n_labels, -1, np.int64)
+    position[index] = np.arange(len(index))
+    yy, xx = np.nonzero(labels)
+    pos = position[labels[yy, xx]]
+    yy, xx, pos = yy[pos >= 0], xx[pos >= 0], pos[pos >= 0]
+    size = np.bincount(pos, minlength=len(index))
+    under = stars[yy, xx]
+    pairs, count = np.unique(pos[under > 0] * (n_own + 1) + under[under > 0], return_counts=True)
+    host = np.zeros(len(index), np.int64)
+    best = np.zeros(len(index), np.int64)
+    for key, c in zip(pairs, count):            # a few pairs: the footprints on stars
+        i = key // (n_own + 1)
+        if c > best[i]:
+            best[i], host[i] = c, key % (n_own + 1)
+    on_star = best >= 0.5 * np.maximum(size, 1)
+    # a piece of the star's wing lies within the star's radius in its own image of its peak, and is
+    # no longer than the star is wide; a trail passing by joins the star in the own image but
+    # reaches farther out, and is longer
+    radius = np.sqrt(np.bincount(own.ravel(), minlength=n_own + 1) / np.pi)[host]
+    safe = np.maximum(size, 1)
+    centre_y, centre_x = np.bincount(pos, weights=yy, minlength=len(index)) / safe, np.bincount(pos, weights=xx, minlength=len(index)) / safe
+    host_peak = np.maximum(host - 1, 0)
+    near = np.hypot(centre_y - peak_y[host_peak], centre_x - peak_x[host_peak]) <= radius
+    short = _label_lengths(labels, index) <= 2 * radius
+    return touching[index] & on_star & near & short
 
 
 def find_artifacts(image: np.ndarray, variance: np.ndarray, good: np.ndarray, config: AssembleConfig) -> np.ndarray:
@@ -329,13 +500,16 @@ def find_artifacts(image: np.ndarray, variance: np.ndarray, good: np.ndarray, co
     structure = np.ones((3, 3), bool)
     for k in range(n):
         ref, n_other = medians.without(k)
-        use = good[k] & (n_other >= config.clip_min_warps - 1)
+        seen = n_other >= config.clip_min_warps - 1                  # the other warps have data
+        use = good[k] & seen
         if not use.any():
             continue
         inv = inv_total - inv_var[k]
         # variance of a median of n ~ pi/2 that of the mean
         var_ref = np.where(inv > 0, (np.pi / 2) / np.where(inv > 0, inv, 1.0), np.inf).astype(np.float32)
-        ref = np.where(use, ref, 0.0).astype(np.float32)
+        # the reference over all the other warps' data, under warp k's own masked pixels too: a
+        # star whose core lies under warp k's mask is still a reference source around it
+        ref = np.where(seen, ref, 0.0).astype(np.float32)
         diff = image[k] - ref
         z = np.where(use, diff / np.sqrt(variance[k] + var_ref), 0.0)
         seeds = z > config.clip_threshold
@@ -347,16 +521,22 @@ def find_artifacts(image: np.ndarray, variance: np.ndarray, good: np.ndarray, co
         # the reference's sources (PSF-smoothed S/N; the noise of the smoothing without the warps'
         # pixel correlations, which overstates the S/N: conservative); normalised convolution: next
         # to missing data (a CCD edge of the other warps) a source is not diluted by the zeros there
-        cover = ndimage.gaussian_filter(use.astype(np.float32), sigma, mode="nearest")
+        cover = ndimage.gaussian_filter(seen.astype(np.float32), sigma, mode="nearest")
         smooth = ndimage.gaussian_filter(ref, sigma, mode="nearest") / np.maximum(cover, 0.05)
         protect = smooth * np.sqrt(np.maximum(cover, 0.05)) / np.sqrt(var_ref * kernel_norm) > config.protect_threshold
         if config.protect_grow:
             protect = grow_mask(protect, int(config.protect_grow))
         artifact = classify_footprints(labels, hit, z, protect, config)
-        unseen = good[k] & ~use
+        unseen = good[k] & ~seen
+        own_snr = None
         if artifact.any() and unseen.any():
+            own_snr = own_source_snr(image[k], variance[k], good[k])
             artifact[artifact] = ~sources_beyond_reference(labels, hit[artifact], image[k], variance[k], good[k],
-                                                           unseen, config)
+                                                           unseen, config, snr=own_snr)
+        if artifact.any() and not use.all():
+            if own_snr is None:
+                own_snr = own_source_snr(image[k], variance[k], good[k])
+            artifact[artifact] = ~sources_cut_by_mask(labels, hit[artifact], ~use, protect, own_snr, config)
         if not artifact.any():
             continue
         lookup = np.zeros(n_labels + 1, bool)
@@ -441,6 +621,7 @@ def assemble_coadd(warps: Sequence[Exposure], *, config: AssembleConfig | None =
     n_clipped = np.zeros(n, np.int64)
     bad = np.int32(mask_bits(*config.bad_mask_planes))
     no_data = np.int32(mask_bit("NO_DATA"))
+    inexact = np.int32(mask_bit("INEXACT_PSF"))
     propagate = [np.int32(mask_bit(p)) for p in config.propagate_mask_planes]
     height = _block_height(n, nx, config)
     overlap = int(config.block_overlap) if config.do_clip else 0
@@ -469,6 +650,12 @@ def assemble_coadd(warps: Sequence[Exposure], *, config: AssembleConfig | None =
         n_image[b0:b1] = use.sum(axis=0)
         out = np.where(has, 0, no_data).astype(np.int32)
         out |= np.where(clipped.any(axis=0), np.int32(mask_bit("CLIPPED")), 0).astype(np.int32)
+        # a warp with data left out (masked or clipped): the coadd PSF, the weighted sum of every
+        # covering input's PSF, does not describe the pixel
+        left_out = np.zeros((b1 - b0, nx), bool)
+        for k in range(n):
+            left_out |= ((msk[k] & no_data) == 0) & ~use[k]
+        out |= np.where(left_out, inexact, 0).astype(np.int32)
         data_w = [np.where((msk[k] & no_data) == 0, w32[k], np.float32(0.0)) for k in range(n)]
         total = np.maximum(_sum_over_warps(data_w.__getitem__, n), np.float32(1e-30))
         present = np.bitwise_or.reduce(msk, axis=None)
