@@ -292,8 +292,10 @@ class CalibrateTask:
                 break
             det = found.sources
             kw = dict(wcs=exposure.wcs, segmentation=found.segmentation, footprints=det)
+            # every row of the new sources is measured again below; until then only their centroids
+            # and PSF fluxes (the models subtracted to re-measure B) are used
             new = measure_sources(residual, variance, found.mask, det[new_rows], psf, cfg.measure,
-                                  bad=self._unusable(residual, variance, found.mask, bad), **kw)
+                                  bad=self._unusable(residual, variance, found.mask, bad), minimal=True, **kw)
             del residual
             n_old = len(sources)
             sources = sources.copy(copy_data=True)
