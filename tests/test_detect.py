@@ -361,7 +361,7 @@ def test_residual_window_grows_until_the_footprint_fits():
     mine = seg[whole[0]["ycpeak"], whole[0]["xcpeak"]] == 1
     assert mine.sum() == 1 and whole[0]["npix"][mine][0] > (5 + 2 * (2 + 1 + 13)) ** 2  # more than the first window
     found = _extract_in_windows(*args, np.array([[78, 83, 88, 93]]), [1], seg, config, rcfg, kernel, winpos_reach=13)
-    objects, rseg, origin = found[0], found[1], found[5]
+    objects, rseg = found[0], found[3]
     assert len(objects) == 1 and rseg[0].shape != shape                   # grown, not the whole image
     for name in ("npix", "x", "y", "flux", "a", "b", "theta", "xmin", "xmax", "ymin", "ymax", "xcpeak", "ycpeak"):
         np.testing.assert_allclose(objects[name][0], whole[0][name][mine][0], rtol=1e-12, err_msg=name)

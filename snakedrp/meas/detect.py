@@ -26,7 +26,6 @@ import numpy as np
 import sep
 from astropy.table import Table
 from scipy import ndimage
-import numpy.lib.recfunctions  # noqa: F401  (np.lib.recfunctions)
 
 from snakedrp.repo.exposure import mask_bit, mask_bits
 from snakedrp.meas.config import DetectionConfig, ResidualDetectionConfig
@@ -244,16 +243,16 @@ def _extract_in_windows(residual, variance, mask, model, boxes, owners, seg, con
 
     Returns
     -------
-    None when nothing is found, else ``(objects, rseg, data, var_eff, bad, origin)``: the kept sep
-    objects of every window in full-image coordinates, with ``window`` and ``index`` (row in its
-    window's list, segmentation value - 1) fields; and per window its segmentation, bad-zeroed
-    data, effective variance, unusable pixels and ``(y0, x0)``.
+    None when nothing is found, else ``(objects, window, index, rseg, data, var_eff, bad, origin)``:
+    the kept sep objects of every window in full-image coordinates, the window of each and its row
+    in that window's list (its segmentation value - 1); and per window its segmentation,
+    bad-zeroed data, effective variance, unusable pixels and ``(y0, x0)``.
     """
     ny, nx = seg.shape
     half = 0 if kernel is None else kernel.shape[0] // 2
     zone = half + 1
     eight = np.ones((3, 3), bool)
-    planes = list(config.bad_mask_planes) + ["SAT"]
+    bits = mask_bits(*config.bad_mask_planes, "SAT")
     me = np.float32(rcfg.model_error)
 
     def run(win):
@@ -262,8 +261,10 @@ def _extract_in_windows(residual, variance, mask, model, boxes, owners, seg, con
         data = np.ascontiguousarray(residual[sl], dtype=np.float32)
         var = np.ascontiguousarray(variance[sl], dtype=np.float32)
         var_eff = var + (me * np.asarray(model[sl], np.float32)) ** 2
-        # saturated cores and bleed trails are no model's light
-        bad = unusable_pixels(data, var, np.asarray(mask[sl]), planes)
+        # saturated cores and bleed trails are no model's light; unusable_pixels, without its
+        # whole-image shortcuts, which cost more than they save on a small window
+        bad = (np.asarray(mask[sl]) & bits) != 0
+        bad |= ~(var > 0) | ~np.isfinite(var) | ~np.isfinite(data)
         if bad.any():
             data = np.where(bad, np.float32(0.0), data)
         # sep allocates its whole pixel buffer on every call: a window needs no more than its pixels
@@ -295,7 +296,7 @@ def _extract_in_windows(residual, variance, mask, model, boxes, owners, seg, con
         return bool(np.all(((xb - r >= 0) | (x0 == 0)) & ((xb + r <= w - 1) | (x1 == nx))
                            & ((yb - r >= 0) | (y0 == 0)) & ((yb + r <= h - 1) | (y1 == ny))))
 
-    parts, rseg_of, data_of, var_of, bad_of, origin = [], [], [], [], [], []
+    parts, windows, index, rseg_of, data_of, var_of, bad_of, origin = [], [], [], [], [], [], [], []
     owners = [None] * len(boxes) if owners is None else [int(o) for o in owners]
     for (by0, by1, bx0, bx1), owner in zip(np.asarray(boxes, np.int64), owners):
         grow = zone + winpos_reach
@@ -310,14 +311,13 @@ def _extract_in_windows(residual, variance, mask, model, boxes, owners, seg, con
         if not mine.any():
             continue
         y0, x0 = win[0], win[2]
-        k = len(origin)
-        o = np.lib.recfunctions.append_fields(objects, ("window", "index"),
-                                              (np.full(len(objects), k), np.arange(len(objects))),
-                                              usemask=False, asrecarray=False)[mine]
+        o = objects[mine]
         for name in ("x", "xcpeak", "xpeak", "xmin", "xmax"):
             o[name] += x0
         for name in ("y", "ycpeak", "ypeak", "ymin", "ymax"):
             o[name] += y0
+        windows.append(np.full(len(o), len(origin)))
+        index.append(np.flatnonzero(mine))
         parts.append(o)
         rseg_of.append(rseg)
         data_of.append(data)
@@ -326,7 +326,8 @@ def _extract_in_windows(residual, variance, mask, model, boxes, owners, seg, con
         origin.append((y0, x0))
     if not parts:
         return None
-    return np.concatenate(parts), rseg_of, data_of, var_of, bad_of, origin
+    return (np.concatenate(parts), np.concatenate(windows), np.concatenate(index), rseg_of, data_of, var_of,
+            bad_of, origin)
 
 
 def _parents(segmentation: np.ndarray, objects: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -671,7 +672,7 @@ def detect_in_residual(residual: np.ndarray, variance: np.ndarray, mask: np.ndar
                                 winpos_reach=int(math.ceil((4.0 + config.max_window_shift) * sigma)) + 1)
     if found is None:
         return none
-    objects, rseg_of, data_of, var_of, bad_of, origin = found
+    objects, window, index, rseg_of, data_of, var_of, bad_of, origin = found
     xpk = objects["xcpeak"].astype(np.int64)
     ypk = objects["ycpeak"].astype(np.int64)
     owner = seg[ypk, xpk]
@@ -681,7 +682,6 @@ def detect_in_residual(residual: np.ndarray, variance: np.ndarray, mask: np.ndar
     # inside the object's own extraction window (see _extract_in_windows)
     xw, yw, wflag = xb.copy(), yb.copy(), np.zeros(len(xb), np.int16)
     snr = np.full(len(xb), np.nan)
-    window = objects["window"]
     for w in np.unique(window[keep]):
         r = np.flatnonzero(keep & (window == w))
         y0, x0 = origin[w]
@@ -715,7 +715,7 @@ def detect_in_residual(residual: np.ndarray, variance: np.ndarray, mask: np.ndar
         w = window[r]
         y0, x0 = origin[w]
         local = rseg_of[w][box[0].start - y0: box[0].stop - y0, box[1].start - x0: box[1].stop - x0]
-        take = (local == objects["index"][r] + 1) & ((cut == owner[r]) | (cut == 0))
+        take = (local == index[r] + 1) & ((cut == owner[r]) | (cut == 0))
         cut[take] = new_ids[k]
         cut[ypk[r] - box[0].start, xpk[r] - box[1].start] = new_ids[k]   # the peak is always its own
 
