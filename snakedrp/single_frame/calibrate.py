@@ -45,6 +45,29 @@ class CalibrateResult:
     apcorr: ApCorrMap | None = None
 
 
+def _without_footprints(detections: DetectionResult, ids) -> np.ndarray:
+    """A copy of the segmentation (int32) with the footprints of ``ids`` returned to sky (0).
+
+    Cleared in each footprint's box (``x_min .. y_max`` of ``detections.sources``, which holds
+    every pixel of it), not by a lookup over the whole image.
+    """
+    seg = detections.segmentation
+    out = seg.astype(np.int32, copy=True)
+    t = detections.sources
+    row_of = {int(i): k for k, i in enumerate(np.asarray(t["id"]))}
+    rows = [row_of.get(int(i)) for i in ids]
+    if any(r is None for r in rows):  # not a footprint of these detections: the whole-image way
+        is_point = np.zeros(int(max(seg.max(), np.max(ids))) + 1, bool)
+        is_point[np.asarray(ids)] = True
+        return np.where(is_point[seg], 0, seg).astype(np.int32)
+    x0, x1 = np.asarray(t["x_min"], np.int64), np.asarray(t["x_max"], np.int64) + 1
+    y0, y1 = np.asarray(t["y_min"], np.int64), np.asarray(t["y_max"], np.int64) + 1
+    for i, r in zip(ids, rows):
+        cut = out[y0[r]:y1[r], x0[r]:x1[r]]
+        cut[cut == i] = 0
+    return out
+
+
 class CalibrateTask:
     """Calibrate a characterized exposure (see the module docstring for the steps)."""
 
@@ -204,10 +227,7 @@ class CalibrateTask:
         t = sources[point]
         residual = image - psf_model_image(psf, (ny, nx), t["x_centroid"], t["y_centroid"],
                                            np.nan_to_num(np.asarray(t["psf_flux"], float)), stamps=stamps)
-        seg = detections.segmentation
-        is_point = np.zeros(int(max(seg.max(), np.max(sources["id"]))) + 1, bool)
-        is_point[np.asarray(sources["id"])[point]] = True
-        seg_resolved = np.where(is_point[seg], 0, seg).astype(np.int32)
+        seg_resolved = _without_footprints(detections, np.asarray(sources["id"])[point])
         bad = self._unusable(image, variance, exposure.mask, bad)
         s = sources[star]
         x, y = np.asarray(s["x_centroid"], float), np.asarray(s["y_centroid"], float)
