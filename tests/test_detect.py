@@ -303,3 +303,65 @@ def test_faint_star_in_a_bright_stars_wing_is_found_on_the_psf_subtracted_image(
     found, rows = detect_in_residual(image - off, var, mask, off, det, det.sources["id"][bright], psf_sigma=SIGMA_PSF,
                                      residual_config=ResidualDetectionConfig(model_error=0.1))
     assert all(np.hypot(found.sources["x"][r] - x[[0, 2]], found.sources["y"][r] - y[[0, 2]]).min() > 3 for r in rows)
+
+
+def test_residual_detection_in_windows_finds_what_the_whole_image_does():
+    # faint stars in the wings of bright ones, one near the image edge and one hidden star whose
+    # residual footprint is wide: the windows around the subtracted footprints (grown where a
+    # footprint of theirs reaches an inner edge) find the same sources as one extraction of the image
+    from snakedrp.meas.detect import detect_in_residual
+    from snakedrp.meas.psf_flux import psf_model_image
+    from snakedrp.repo.psf_model import GaussianPsf
+
+    rng = np.random.default_rng(5)
+    shape = (200, 240)
+    faint = _snr_to_flux(15.0)
+    d = 2 * 2.3548 * SIGMA_PSF
+    bx = np.array([60.0, 170.0, 6.0, 120.0])
+    by = np.array([50.0, 140.0, 100.0, 185.0])
+    x = np.concatenate([bx, bx + d, [bx[1] - 0.7 * d]])
+    y = np.concatenate([by, by + 0.4, [by[1] - 0.8 * d]])
+    flux = np.concatenate([1000 * faint * np.ones(4), faint * np.array([1.0, 1.5, 1.2, 2.0]), [3 * faint]])
+    image, var = _draw_stars(shape, x, y, flux, rng)
+    mask = np.zeros(shape, np.int32)
+    det = detect_sources(image, var, mask, psf_sigma=SIGMA_PSF)
+    bright = [int(np.argmin(np.hypot(det.sources["x"] - bx[k], det.sources["y"] - by[k]))) for k in range(4)]
+    model = psf_model_image(GaussianPsf(SIGMA_PSF), shape, bx, by, 1.01 * flux[:4])
+    ids = det.sources["id"][bright]
+    whole, rows_whole = detect_in_residual(image - model, var, mask, model, det, ids, psf_sigma=SIGMA_PSF,
+                                           windowed=False)
+    found, rows = detect_in_residual(image - model, var, mask, model, det, ids, psf_sigma=SIGMA_PSF)
+    assert len(rows) >= 4 and np.array_equal(rows, rows_whole)
+    for name in whole.sources.colnames:
+        a, b = np.asarray(whole.sources[name]), np.asarray(found.sources[name])
+        if a.dtype.kind == "f":
+            np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-9, err_msg=name)
+        else:
+            assert np.array_equal(a, b), name
+    assert np.array_equal(found.segmentation, whole.segmentation)
+    assert np.array_equal(found.mask, whole.mask)
+
+
+def test_residual_window_grows_until_the_footprint_fits():
+    # a wide, bright blob (sigma 6 px) claimed by a 5-pixel footprint box: its residual footprint
+    # leaves the first window, which is grown until the blob's object is the whole-image one
+    from snakedrp.meas.config import ResidualDetectionConfig
+    from snakedrp.meas.detect import _extract_in_windows
+
+    rng = np.random.default_rng(2)
+    shape = (180, 200)
+    image, var = _draw_stars(shape, [90.0, 30.0], [80.0, 150.0], [3e6, 2e4], rng, sigma=6.0)
+    mask = np.zeros(shape, np.int32)
+    seg = np.zeros(shape, np.int32)
+    seg[78:83, 88:93] = 1
+    config, rcfg = DetectionConfig(), ResidualDetectionConfig()
+    kernel = detection_kernel(SIGMA_PSF, config)
+    args = (image, var, mask, np.zeros(shape, np.float32))
+    whole = _extract_in_windows(*args, np.array([[0, 180, 0, 200]]), None, seg, config, rcfg, kernel, winpos_reach=13)
+    mine = seg[whole[0]["ycpeak"], whole[0]["xcpeak"]] == 1
+    assert mine.sum() == 1 and whole[0]["npix"][mine][0] > (5 + 2 * (2 + 1 + 13)) ** 2  # more than the first window
+    found = _extract_in_windows(*args, np.array([[78, 83, 88, 93]]), [1], seg, config, rcfg, kernel, winpos_reach=13)
+    objects, rseg = found[0], found[3]
+    assert len(objects) == 1 and rseg[0].shape != shape                   # grown, not the whole image
+    for name in ("npix", "x", "y", "flux", "a", "b", "theta", "xmin", "xmax", "ymin", "ymax", "xcpeak", "ycpeak"):
+        np.testing.assert_allclose(objects[name][0], whole[0][name][mine][0], rtol=1e-12, err_msg=name)

@@ -427,6 +427,13 @@ def test_psf_model_image_sums_the_models():
     assert abs(image[20:45, 10:40].sum() - 1500.0) < 1.0          # two whole models (overlapping boxes add)
     assert 90.0 < image[:, :3].sum() < 110.0                       # the third is cut by the edge: half of it
     assert np.unravel_index(np.argmax(image), image.shape) == (31, 20)
+    # with stamps kept: the same image, the models drawn once per position
+    stamps = {}
+    assert np.array_equal(psf_model_image(psf, (60, 50), x, y, flux, stamps=stamps), image)
+    assert len(stamps) == 3
+    again = psf_model_image(psf, (60, 50), x[[1, 0]], y[[1, 0]], 2 * flux[[1, 0]], stamps=stamps)
+    assert len(stamps) == 3
+    assert np.array_equal(again, psf_model_image(psf, (60, 50), x[[1, 0]], y[[1, 0]], 2 * flux[[1, 0]]))
 
 
 def test_psf_grid_is_made_once_per_model_and_shape():

@@ -205,14 +205,14 @@ def grow_mask(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
-def _extract(data, var, bad, threshold, config, kernel, *, deblend=True):
+def _extract(data, var, bad, threshold, config, kernel, *, deblend=True, pixel_stack=None):
     if kernel is not None:
         # sep's 'conv' mode (a 'matched' run would convolve the variance too, twice the time) compares
         # the filtered pixel with thresh * sqrt(var): rescale so the threshold is the filtered S/N.
         thresh = threshold * float(np.sqrt((kernel**2).sum()) / np.abs(kernel).sum())
     else:
         thresh = threshold
-    sep.set_extract_pixstack(int(config.pixel_stack))
+    sep.set_extract_pixstack(int(config.pixel_stack if pixel_stack is None else pixel_stack))
     try:
         return sep.extract(
             data, thresh, var=var, mask=bad, minarea=config.min_area, filter_kernel=kernel,
@@ -223,6 +223,111 @@ def _extract(data, var, bad, threshold, config, kernel, *, deblend=True):
     except Exception as exc:  # sep raises a bare Exception on internal errors
         raise RuntimeError(f"sep.extract failed ({exc}); if the pixel buffer overflowed, raise "
                            f"detection.pixel_stack (now {config.pixel_stack}) or check the background") from exc
+
+
+def _extract_in_windows(residual, variance, mask, model, boxes, owners, seg, config, rcfg, kernel, *,
+                        winpos_reach: int, max_rounds: int = 5):
+    """sep extraction of the residual in one window around each box of ``boxes`` (half-open
+    ``y0, y1, x0, x1``), keeping the objects whose peak lies in that box's footprint (segmentation
+    value ``owners[k]``): the objects the whole-image extraction finds there.
+
+    A residual detection is kept only with its peak in a subtracted footprint, so only the
+    footprints' boxes, grown, need extracting (a quarter of an HSC CCD, in ~100 µs a window with
+    sep's pixel buffer sized to the window). An object is what the whole-image extraction finds
+    when its connected region above threshold, and that region's neighbours, see exactly filtered
+    pixels, i.e. stay ``kernel half + 1`` pixels from the window's inner edges (those that are not
+    the image's), and when the window holds the pixels ``sep.winpos`` reads around its barycentre
+    (``winpos_reach``); a window where an object of its footprint fails that is grown and extracted
+    again, and after ``max_rounds`` it is the whole image. (sep's cleaning, which merges an object
+    into a close, brighter neighbour, sees only the window's objects.)
+
+    Returns
+    -------
+    None when nothing is found, else ``(objects, window, index, rseg, data, var_eff, bad, origin)``:
+    the kept sep objects of every window in full-image coordinates, the window of each and its row
+    in that window's list (its segmentation value - 1); and per window its segmentation,
+    bad-zeroed data, effective variance, unusable pixels and ``(y0, x0)``.
+    """
+    ny, nx = seg.shape
+    half = 0 if kernel is None else kernel.shape[0] // 2
+    zone = half + 1
+    eight = np.ones((3, 3), bool)
+    bits = mask_bits(*config.bad_mask_planes, "SAT")
+    me = np.float32(rcfg.model_error)
+
+    def run(win):
+        y0, y1, x0, x1 = win
+        sl = (slice(y0, y1), slice(x0, x1))
+        data = np.ascontiguousarray(residual[sl], dtype=np.float32)
+        var = np.ascontiguousarray(variance[sl], dtype=np.float32)
+        var_eff = var + (me * np.asarray(model[sl], np.float32)) ** 2
+        # saturated cores and bleed trails are no model's light; unusable_pixels, without its
+        # whole-image shortcuts, which cost more than they save on a small window
+        bad = (np.asarray(mask[sl]) & bits) != 0
+        bad |= ~(var > 0) | ~np.isfinite(var) | ~np.isfinite(data)
+        if bad.any():
+            data = np.where(bad, np.float32(0.0), data)
+        # sep allocates its whole pixel buffer on every call: a window needs no more than its pixels
+        objects, rseg = _extract(data, var_eff, bad, config.threshold, config, kernel,
+                                 pixel_stack=min(int(config.pixel_stack), max(data.size, 300)))
+        return objects, rseg, data, var_eff, bad
+
+    def claimed(win, objects, owner):
+        y0, y1, x0, x1 = win
+        if owner is None:
+            return np.ones(len(objects), bool)
+        return seg[objects["ycpeak"].astype(np.int64) + y0, objects["xcpeak"].astype(np.int64) + x0] == owner
+
+    def safe(win, objects, rseg, mine) -> bool:
+        if not mine.any():
+            return True
+        y0, y1, x0, x1 = win
+        h, w = y1 - y0, x1 - x0
+        lo_y, hi_y = (zone if y0 > 0 else 0), (h - zone if y1 < ny else h)
+        lo_x, hi_x = (zone if x0 > 0 else 0), (w - zone if x1 < nx else w)
+        labels, _ = ndimage.label(rseg > 0, structure=eight)
+        edge = np.ones((h, w), bool)
+        edge[lo_y:hi_y, lo_x:hi_x] = False
+        touching = np.unique(labels[edge & (labels > 0)])
+        ypk, xpk = objects["ycpeak"][mine].astype(np.int64), objects["xcpeak"][mine].astype(np.int64)
+        if np.isin(labels[ypk, xpk], touching).any():
+            return False
+        xb, yb, r = objects["x"][mine], objects["y"][mine], winpos_reach
+        return bool(np.all(((xb - r >= 0) | (x0 == 0)) & ((xb + r <= w - 1) | (x1 == nx))
+                           & ((yb - r >= 0) | (y0 == 0)) & ((yb + r <= h - 1) | (y1 == ny))))
+
+    parts, windows, index, rseg_of, data_of, var_of, bad_of, origin = [], [], [], [], [], [], [], []
+    owners = [None] * len(boxes) if owners is None else [int(o) for o in owners]
+    for (by0, by1, bx0, bx1), owner in zip(np.asarray(boxes, np.int64), owners):
+        grow = zone + winpos_reach
+        for attempt in range(max_rounds + 1):
+            win = ((max(int(by0) - grow, 0), min(int(by1) + grow, ny), max(int(bx0) - grow, 0), min(int(bx1) + grow, nx))
+                   if attempt < max_rounds else (0, ny, 0, nx))
+            objects, rseg, data, var_eff, bad = run(win)
+            mine = claimed(win, objects, owner) if len(objects) else np.zeros(0, bool)
+            if safe(win, objects, rseg, mine):
+                break
+            grow *= 2
+        if not mine.any():
+            continue
+        y0, x0 = win[0], win[2]
+        o = objects[mine]
+        for name in ("x", "xcpeak", "xpeak", "xmin", "xmax"):
+            o[name] += x0
+        for name in ("y", "ycpeak", "ypeak", "ymin", "ymax"):
+            o[name] += y0
+        windows.append(np.full(len(o), len(origin)))
+        index.append(np.flatnonzero(mine))
+        parts.append(o)
+        rseg_of.append(rseg)
+        data_of.append(data)
+        var_of.append(var_eff)
+        bad_of.append(bad)
+        origin.append((y0, x0))
+    if not parts:
+        return None
+    return (np.concatenate(parts), np.concatenate(windows), np.concatenate(index), rseg_of, data_of, var_of,
+            bad_of, origin)
 
 
 def _parents(segmentation: np.ndarray, objects: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -503,7 +608,7 @@ def detect_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray,
 def detect_in_residual(residual: np.ndarray, variance: np.ndarray, mask: np.ndarray, model: np.ndarray,
                        detections: DetectionResult, subtracted_ids, config: DetectionConfig | None = None,
                        residual_config: ResidualDetectionConfig | None = None, *,
-                       psf_sigma: float) -> tuple[DetectionResult, np.ndarray]:
+                       psf_sigma: float, windowed: bool = True) -> tuple[DetectionResult, np.ndarray]:
     """Sources hidden in the footprints of brighter point sources, found on a PSF-subtracted image.
 
     sep's deblender splits a footprint only into children holding a fraction ``deblend_cont``
@@ -530,11 +635,17 @@ def detect_in_residual(residual: np.ndarray, variance: np.ndarray, mask: np.ndar
     config, residual_config : DetectionConfig, ResidualDetectionConfig
     psf_sigma : float
         PSF Gaussian sigma of the filter and the centroid window [pixel].
+    windowed : bool
+        Extract only in windows around the subtracted footprints (:func:`_extract_in_windows`;
+        ~4 times faster on an HSC CCD) rather than over the whole image; the sources found are the
+        same, their columns equal but for rounding and, rarely, a pixel more or less in the
+        footprint of a deblended child (an HSC CCD: one of 53).
 
     Returns
     -------
     (DetectionResult, ndarray of int)
-        The detections with the new sources appended (ids ``n + 1, ...``; parent ids renumbered
+        The detections with the new sources appended (ids ``n + 1, ...`` in the order of their
+        peaks, row then column; parent ids renumbered
         after the new ids, ``flags`` of the new rows with ``merged``) and the rows of the new sources.
     """
     from scipy.spatial import cKDTree
@@ -547,34 +658,48 @@ def detect_in_residual(residual: np.ndarray, variance: np.ndarray, mask: np.ndar
     if n == 0:
         return none
     sigma = float(psf_sigma)
-    data = np.ascontiguousarray(residual, dtype=np.float32)
-    var = np.ascontiguousarray(variance, dtype=np.float32)
-    model = np.asarray(model, np.float32)
-    var_eff = var + (np.float32(rcfg.model_error) * model) ** 2
-    # saturated cores and bleed trails are no model's light
-    bad = unusable_pixels(data, var, np.asarray(mask), list(config.bad_mask_planes) + ["SAT"])
-    if bad.any():
-        data = np.where(bad, np.float32(0.0), data)
-    kernel = detection_kernel(sigma, config)
-    objects, rseg = _extract(data, var_eff, bad, config.threshold, config, kernel)
-    if len(objects) == 0:
-        return none
     seg = detections.segmentation
     ny, nx = seg.shape
+    kernel = detection_kernel(sigma, config)
+    subtracted = np.isin(np.asarray(old["id"], np.int64), np.asarray(subtracted_ids, np.int64))
+    if windowed:
+        boxes = np.column_stack([np.asarray(old[c], np.int64)[subtracted] for c in ("y_min", "y_max", "x_min", "x_max")])
+        boxes[:, [1, 3]] += 1                                             # half-open
+        owners = np.asarray(old["id"], np.int64)[subtracted]
+    else:
+        boxes, owners = np.array([[0, ny, 0, nx]], np.int64), None
+    found = _extract_in_windows(residual, variance, mask, model, boxes, owners, seg, config, rcfg, kernel,
+                                winpos_reach=int(math.ceil((4.0 + config.max_window_shift) * sigma)) + 1)
+    if found is None:
+        return none
+    objects, window, index, rseg_of, data_of, var_of, bad_of, origin = found
     xpk = objects["xcpeak"].astype(np.int64)
     ypk = objects["ycpeak"].astype(np.int64)
     owner = seg[ypk, xpk]
     keep = np.isin(owner, np.asarray(subtracted_ids, np.int64)) & (owner > 0)
     xb, yb = objects["x"].astype(float), objects["y"].astype(float)
-    xw, yw, wflag = sep.winpos(data, xb, yb, sigma, mask=bad, subpix=1)
+    # the window around the barycentre that sep.winpos reads, and the filter around the peak, lie
+    # inside the object's own extraction window (see _extract_in_windows)
+    xw, yw, wflag = xb.copy(), yb.copy(), np.zeros(len(xb), np.int16)
+    snr = np.full(len(xb), np.nan)
+    for w in np.unique(window[keep]):
+        r = np.flatnonzero(keep & (window == w))
+        y0, x0 = origin[w]
+        xw[r], yw[r], wflag[r] = sep.winpos(data_of[w], xb[r] - x0, yb[r] - y0, sigma, mask=bad_of[w], subpix=1)
+        xw[r] += x0
+        yw[r] += y0
+        snr[r] = _filtered_snr(data_of[w], var_of[w], bad_of[w], xpk[r] - x0, ypk[r] - y0, kernel)
     ok = (wflag == 0) & np.isfinite(xw) & np.isfinite(yw) & (np.hypot(xw - xb, yw - yb) < config.max_window_shift * sigma)
     x, y = np.where(ok, xw, xb), np.where(ok, yw, yb)
-    dist, _ = cKDTree(np.column_stack([np.asarray(old["x"], float), np.asarray(old["y"], float)])).query(
-        np.column_stack([x, y]))
-    keep &= dist >= rcfg.min_separation_fwhm * 2.3548 * sigma
-    snr = _filtered_snr(data, var_eff, bad, xpk, ypk, kernel)
-    keep &= snr >= config.threshold
+    if keep.any():
+        dist = np.full(len(xb), -np.inf)
+        dist[keep], _ = cKDTree(np.column_stack([np.asarray(old["x"], float), np.asarray(old["y"], float)])).query(
+            np.column_stack([x[keep], y[keep]]))
+        keep &= dist >= rcfg.min_separation_fwhm * 2.3548 * sigma
+        keep &= snr >= config.threshold
+    # in the order of the peaks (row, then column), whatever the windows were
     rows = np.flatnonzero(keep)
+    rows = rows[np.lexsort((xpk[rows], ypk[rows]))]
     if len(rows) == 0:
         return none
     segmentation = seg.copy()
@@ -587,7 +712,10 @@ def detect_in_residual(residual: np.ndarray, variance: np.ndarray, mask: np.ndar
     for k, r in enumerate(rows):
         box = (slice(int(y_min[k]), int(y_max[k]) + 1), slice(int(x_min[k]), int(x_max[k]) + 1))
         cut = segmentation[box]
-        take = (rseg[box] == r + 1) & ((cut == owner[r]) | (cut == 0))
+        w = window[r]
+        y0, x0 = origin[w]
+        local = rseg_of[w][box[0].start - y0: box[0].stop - y0, box[1].start - x0: box[1].stop - x0]
+        take = (local == index[r] + 1) & ((cut == owner[r]) | (cut == 0))
         cut[take] = new_ids[k]
         cut[ypk[r] - box[0].start, xpk[r] - box[1].start] = new_ids[k]   # the peak is always its own
 

@@ -208,7 +208,7 @@ def blend_groups(parent, ix, iy, half) -> list[np.ndarray]:
 
 
 def psf_model_image(psf: PsfModel, shape: tuple[int, int], x, y, flux, *, half: int | None = None,
-                    grid_spacing: float = 512.0) -> np.ndarray:
+                    grid_spacing: float = 512.0, stamps: dict | None = None) -> np.ndarray:
     """Image of point sources: the sum of ``flux`` x the unit-flux PSF model at ``(x, y)``.
 
     Parameters
@@ -224,6 +224,11 @@ def psf_model_image(psf: PsfModel, shape: tuple[int, int], x, y, flux, *, half: 
         Half-side of each model box [pixel]; default the PSF kernel's half-side.
     grid_spacing : float
         Grid of :class:`PsfGrid` for models without their own ``draw`` [pixel].
+    stamps : dict, optional
+        Unit-flux model stamps already drawn, by ``(x, y, half)``; the missing ones are drawn and
+        added. A CCD's calibration subtracts the models of mostly the same sources at the same
+        positions several times, and drawing them is most of the cost. Use one dict per PSF model
+        and image shape.
 
     Returns
     -------
@@ -239,10 +244,21 @@ def psf_model_image(psf: PsfModel, shape: tuple[int, int], x, y, flux, *, half: 
     if half is None:
         half = psf.kernel(nx / 2.0, ny / 2.0).shape[0] // 2
     ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
-    if type(psf).draw is PsfModel.draw:
-        models = PsfGrid.of(psf, shape, grid_spacing).models(x, y, ix, iy, half)
+
+    def draw(rows):
+        if type(psf).draw is PsfModel.draw:
+            return PsfGrid.of(psf, shape, grid_spacing).models(x[rows], y[rows], ix[rows], iy[rows], half)
+        return draw_psf_models(psf, x[rows], y[rows], ix[rows], iy[rows], half)
+
+    if stamps is None:
+        models = draw(slice(None))
     else:
-        models = draw_psf_models(psf, x, y, ix, iy, half)
+        keys = [(a, b, half) for a, b in zip(x.tolist(), y.tolist())]
+        missing = np.array([k for k, key in enumerate(keys) if key not in stamps], np.int64)
+        if len(missing):
+            for k, stamp in zip(missing.tolist(), draw(missing)):
+                stamps[keys[k]] = stamp
+        models = np.stack([stamps[key] for key in keys])
     off = np.arange(-half, half + 1)
     yy = (iy[:, None] + off)[:, :, None]
     xx = (ix[:, None] + off)[:, None, :]

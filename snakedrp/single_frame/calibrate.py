@@ -45,6 +45,29 @@ class CalibrateResult:
     apcorr: ApCorrMap | None = None
 
 
+def _without_footprints(detections: DetectionResult, ids) -> np.ndarray:
+    """A copy of the segmentation (int32) with the footprints of ``ids`` returned to sky (0).
+
+    Cleared in each footprint's box (``x_min .. y_max`` of ``detections.sources``, which holds
+    every pixel of it), not by a lookup over the whole image.
+    """
+    seg = detections.segmentation
+    out = seg.astype(np.int32, copy=True)
+    t = detections.sources
+    row_of = {int(i): k for k, i in enumerate(np.asarray(t["id"]))}
+    rows = [row_of.get(int(i)) for i in ids]
+    if any(r is None for r in rows):  # not a footprint of these detections: the whole-image way
+        is_point = np.zeros(int(max(seg.max(), np.max(ids))) + 1, bool)
+        is_point[np.asarray(ids)] = True
+        return np.where(is_point[seg], 0, seg).astype(np.int32)
+    x0, x1 = np.asarray(t["x_min"], np.int64), np.asarray(t["x_max"], np.int64) + 1
+    y0, y1 = np.asarray(t["y_min"], np.int64), np.asarray(t["y_max"], np.int64) + 1
+    for i, r in zip(ids, rows):
+        cut = out[y0[r]:y1[r], x0[r]:x1[r]]
+        cut[cut == i] = 0
+    return out
+
+
 class CalibrateTask:
     """Calibrate a characterized exposure (see the module docstring for the steps)."""
 
@@ -100,15 +123,19 @@ class CalibrateTask:
         sources = measure_sources(exposure.image, exposure.variance, exposure.mask, detections.sources,
                                   exposure.psf, cfg.measure, wcs=exposure.wcs,
                                   segmentation=detections.segmentation, footprints=detections.sources, bad=bad)
+        stamps: dict = {}  # the point sources' unit-flux PSF models, drawn once (psf_model_image)
         if cfg.residual_detection.enabled:
-            sources, detections = self._measure_residual_detections(exposure, detections, sources, bad=bad)
+            sources, detections = self._measure_residual_detections(exposure, detections, sources, bad=bad,
+                                                                    stamps=stamps)
             exposure = replace(exposure, mask=detections.mask)
         x, y = np.asarray(sources["x_centroid"]), np.asarray(sources["y_centroid"])
         size_ratio = np.asarray(sources["shape_sigma"]) / np.asarray(sources["psf_sigma"])
         loss = aperture_loss
         if (loss is None and cfg.aperture_loss.enabled) or (apcorr is not None and cfg.recentre_apcorr):
-            apcorr, measured_loss = self._crowded_field_calibration(exposure, detections, sources, apcorr, bad=bad)
+            apcorr, measured_loss = self._crowded_field_calibration(exposure, detections, sources, apcorr, bad=bad,
+                                                                    stamps=stamps)
             loss = loss if loss is not None else measured_loss
+        del stamps
         loss = loss if loss is not None else ApertureLoss.none()
         factor = apcorr.evaluate(x, y) if apcorr is not None else np.ones(len(sources))
         factor = factor * loss.factor
@@ -166,8 +193,8 @@ class CalibrateTask:
         return CalibrateResult(exposure=out, sources=sources, matches=matches, apcorr=apcorr)
 
     def _crowded_field_calibration(self, exposure: Exposure, detections: DetectionResult, sources: Table,
-                                   apcorr: ApCorrMap | None, *, bad: np.ndarray | None = None
-                                   ) -> tuple[ApCorrMap | None, ApertureLoss | None]:
+                                   apcorr: ApCorrMap | None, *, bad: np.ndarray | None = None,
+                                   stamps: dict | None = None) -> tuple[ApCorrMap | None, ApertureLoss | None]:
         """The aperture correction's constant and the aperture loss, from the bright unresolved stars of the src.
 
         In a crowded field a 4-FWHM calibration aperture (34 pixels at 1.5" seeing) holds tens of
@@ -181,7 +208,8 @@ class CalibrateTask:
         kernel their wings remain, a per cent of a neighbour's light), resolved sources' footprints
         left out.
 
-        ``bad`` are the unusable pixels of the exposure as ``run`` found them (recomputed when not given).
+        ``bad`` are the unusable pixels of the exposure as ``run`` found them (recomputed when not
+        given); ``stamps``, the PSF model stamps drawn so far (``psf_model_image``).
 
         Returns
         -------
@@ -198,11 +226,8 @@ class CalibrateTask:
             return apcorr, None
         t = sources[point]
         residual = image - psf_model_image(psf, (ny, nx), t["x_centroid"], t["y_centroid"],
-                                           np.nan_to_num(np.asarray(t["psf_flux"], float)))
-        seg = detections.segmentation
-        is_point = np.zeros(int(max(seg.max(), np.max(sources["id"]))) + 1, bool)
-        is_point[np.asarray(sources["id"])[point]] = True
-        seg_resolved = np.where(is_point[seg], 0, seg).astype(np.int32)
+                                           np.nan_to_num(np.asarray(t["psf_flux"], float)), stamps=stamps)
+        seg_resolved = _without_footprints(detections, np.asarray(sources["id"])[point])
         bad = self._unusable(image, variance, exposure.mask, bad)
         s = sources[star]
         x, y = np.asarray(s["x_centroid"], float), np.asarray(s["y_centroid"], float)
@@ -254,8 +279,8 @@ class CalibrateTask:
         return unusable_pixels(data, variance, mask, planes)
 
     def _measure_residual_detections(self, exposure: Exposure, detections: DetectionResult,
-                                     sources: Table, *, bad: np.ndarray | None = None
-                                     ) -> tuple[Table, DetectionResult]:
+                                     sources: Table, *, bad: np.ndarray | None = None,
+                                     stamps: dict | None = None) -> tuple[Table, DetectionResult]:
         """Find the sources hidden next to bright point sources and measure them (see :func:`detect_in_residual`).
 
         Each of ``residual_detection.n_passes`` passes subtracts the PSF models of the point sources
@@ -264,7 +289,8 @@ class CalibrateTask:
         does not pull their centroids and fluxes; the older sources of the blends they joined (B)
         are measured again on the image less the models of N, with the new footprints, before N,
         so that N sees B's refitted models. The src gets a ``detected_in_residual`` column.
-        ``bad`` are the unusable pixels of the exposure as ``run`` found them.
+        ``bad`` are the unusable pixels of the exposure as ``run`` found them; ``stamps``, the PSF
+        model stamps drawn so far (``psf_model_image``), to which this adds.
         """
         cfg = self.config
         rcfg = cfg.residual_detection
@@ -275,7 +301,7 @@ class CalibrateTask:
         def models(rows):
             t = sources[rows]
             return psf_model_image(psf, shape, t["x_centroid"], t["y_centroid"],
-                                   np.nan_to_num(np.asarray(t["psf_flux"], float)))
+                                   np.nan_to_num(np.asarray(t["psf_flux"], float)), stamps=stamps)
 
         for _ in range(rcfg.n_passes):
             point = self._point_sources(sources)
@@ -292,8 +318,10 @@ class CalibrateTask:
                 break
             det = found.sources
             kw = dict(wcs=exposure.wcs, segmentation=found.segmentation, footprints=det)
+            # every row of the new sources is measured again below; until then only their centroids
+            # and PSF fluxes (the models subtracted to re-measure B) are used
             new = measure_sources(residual, variance, found.mask, det[new_rows], psf, cfg.measure,
-                                  bad=self._unusable(residual, variance, found.mask, bad), **kw)
+                                  bad=self._unusable(residual, variance, found.mask, bad), minimal=True, **kw)
             del residual
             n_old = len(sources)
             sources = sources.copy(copy_data=True)

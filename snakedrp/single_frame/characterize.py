@@ -113,7 +113,8 @@ class CharacterizeTask:
         image = exposure.image.astype(np.float32, copy=True)
         variance = exposure.variance
 
-        background = estimate_background(image, exposure.mask, cfg.background)
+        # with a refined background, the RMS is the refined one's
+        background = estimate_background(image, exposure.mask, cfg.background, rms=not cfg.refine_background)
         image -= background.evaluate()
 
         sigma0 = cfg.psf_fwhm_guess / 2.3548
