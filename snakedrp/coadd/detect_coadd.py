@@ -5,7 +5,7 @@ of large scale. A mesh background of every pixel would still take in the light o
 wings (in a crowded field, enough to eat tens of mmag of a bright star's large-aperture flux), so,
 as LSST's detection re-estimates its background once the sources are known, a first background
 serves only a first detection; the background subtracted is then estimated again, on the coadd as
-assembled, with every detected source masked by a disc reaching well into its wing
+assembled, in large boxes, with every detected source masked by a disc reaching well into its wing
 (:func:`background_mask`).
 
 The warps' Lanczos resampling and the coadd's mean leave the variance plane a per-pixel
