@@ -58,6 +58,15 @@ from snakedrp.repo.exposure import Exposure, mask_bit, mask_bits
 from snakedrp.repo.psf_model import psf_from_hdu
 
 
+#: A source of a warp's own image that keeps the outliers on it as a source the reference cannot see
+#: (:func:`sources_beyond_reference`) has a second-moment axis ratio at most this (if at least
+#: ``clip_min_length`` long): a star in its own image is round (a half star at a CCD edge ~2), while
+#: a trail's piece between two cosmic-ray masks, 30 pixels long and 8 wide once smoothed, is ~4, too
+#: short to be elongated by ``clip_elongation``. Not for :func:`sources_cut_by_mask`: there the
+#: warp's own mask may cut a band through the star, which leaves it elongated in its own image.
+OWN_SOURCE_ELONGATION = 2.5
+
+
 @dataclass(frozen=True)
 class AssembleResult:
     """Result of :func:`assemble_coadd`.
@@ -190,13 +199,15 @@ class _LeaveOneOutMedian:
         return 0.5 * (a + b), n_other
 
 
-def _label_moments(labels: np.ndarray, index: np.ndarray, z: np.ndarray, config: AssembleConfig):
+def _label_moments(labels: np.ndarray, index: np.ndarray, z: np.ndarray, config: AssembleConfig,
+                   elongation: float | None = None):
     """Per label of ``index``: whether it is elongated (a trail), where its peak and its centre of ``z`` are.
 
     Returns
     -------
     elongated : ndarray of bool, shape (len(index),)
-        Second-moment axis ratio above ``clip_elongation`` over at least ``clip_min_length`` pixels.
+        Second-moment axis ratio above ``elongation`` (default ``clip_elongation``) over at least
+        ``clip_min_length`` pixels.
     peak_y, peak_x : ndarray of int, shape (len(index),)
         The pixel of each label's largest ``z``.
     centre_y, centre_x : ndarray of int, shape (len(index),)
@@ -220,7 +231,8 @@ def _label_moments(labels: np.ndarray, index: np.ndarray, z: np.ndarray, config:
     half_trace, root = 0.5 * (cxx + cyy), np.sqrt(0.25 * (cxx - cyy) ** 2 + cxy**2)
     major, minor = half_trace + root, np.maximum(half_trace - root, 1 / 12)
     length = np.sqrt(12 * major)                                  # a uniform bar's length [pixel]
-    elongated = (np.sqrt(major / minor) > config.clip_elongation) & (length >= config.clip_min_length)
+    ratio_max = config.clip_elongation if elongation is None else elongation
+    elongated = (np.sqrt(major / minor) > ratio_max) & (length >= config.clip_min_length)
     # each label's peak: the last pixel of its label in (label, z) order
     order = np.lexsort((z[yy, xx], lab))
     last = np.flatnonzero(np.r_[lab[order][1:] != lab[order][:-1], True])
@@ -328,8 +340,10 @@ def sources_beyond_reference(labels: np.ndarray, index: np.ndarray, image: np.nd
     the wing of a warp with worse seeing then stands out from the reference in pieces cut off
     from the core, each peaking off the reference's sources, and would be taken for cosmic rays.
     Such a piece is kept when it lies on a source of the warp's *own* image (PSF-smoothed S/N
-    above ``protect_threshold``, grown by ``protect_grow``) that is compact (not elongated like a
-    trail, which stays an artifact) and peaks where the reference has no data.
+    above ``protect_threshold``, grown by ``protect_grow``) that is compact and peaks where the
+    reference has no data. Compact is judged more strictly than for the outlier footprints (axis
+    ratio at most :data:`OWN_SOURCE_ELONGATION`): a star in its own image is round, while a trail's
+    piece between two masks (cosmic rays) may be short enough to pass for compact as an outlier.
 
     Parameters
     ----------
@@ -360,7 +374,7 @@ def sources_beyond_reference(labels: np.ndarray, index: np.ndarray, image: np.nd
     if n_own == 0:
         return keep
     components = np.arange(1, n_own + 1)
-    elongated, peak_y, peak_x, _, _ = _label_moments(own, components, snr, config)
+    elongated, peak_y, peak_x, _, _ = _label_moments(own, components, snr, config, OWN_SOURCE_ELONGATION)
     compact_unseen = np.zeros(n_own + 1, bool)
     compact_unseen[components] = ~elongated & unseen[peak_y, peak_x]
     if not compact_unseen.any():
@@ -384,7 +398,8 @@ def sources_cut_by_mask(labels: np.ndarray, index: np.ndarray, cut: np.ndarray, 
     artifact. It is the star's wing when the footprint touches the cut pixels and lies (at least
     half of its pixels) on a compact source of the warp's own image (:func:`own_source_snr` above
     ``protect_threshold``, the warp's masked pixels filled so that its mask does not split the
-    source; grown by ``protect_grow``) whose peak lies on a reference source. A trail stays an
+    source; grown by ``protect_grow``; not elongated by ``clip_elongation``) whose peak lies on a
+    reference source. A trail stays an
     artifact: in the warp's own image it is an elongated source, alone or with the star it
     crosses, and most of its footprint lies off any star.
 
