@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from astropy.table import Table
+from threadpoolctl import threadpool_limits
 
 from snakedrp.meas.apcorr import ApCorrMap
 from snakedrp.meas.background import Background
@@ -119,7 +120,20 @@ class ProcessCcdTask:
         ------
         RawError
             A raw frame of another camera, or of a filter the camera does not have.
+
+        Notes
+        -----
+        The numerics run on one BLAS/OpenMP thread, as every workflow job does (Snakemake sets the
+        job's thread count): a multi-threaded BLAS sums in another order, and the PSF fluxes of a
+        few sources then differ by ~5e-6 with the thread count of the calling process. The run's
+        parallelism is across CCDs.
         """
+        with threadpool_limits(limits=1):
+            return self._run(raw, camera=camera, calibs=calibs, refcat=refcat, refcat_dir=refcat_dir,
+                             release_calibs=release_calibs)
+
+    def _run(self, raw: RawFrame, *, camera: Camera, calibs: dict[str, Exposure] | None, refcat: Table | None,
+             refcat_dir, release_calibs: bool) -> ProcessCcdResult:
         check_raw(raw, camera)
         isr = self.isr.run(raw, camera=camera, **(calibs or {}))
         if release_calibs and calibs:
