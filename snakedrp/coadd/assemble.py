@@ -199,6 +199,39 @@ class _LeaveOneOutMedian:
         return 0.5 * (a + b), n_other
 
 
+def _label_axes(labels: np.ndarray, index: np.ndarray):
+    """Per label of ``index``: its centroid and the variances along its principal axes.
+
+    Returns
+    -------
+    yy, xx, lab : ndarray of int
+        The labelled pixels (rows, columns) and their labels.
+    n_labels : int
+        Largest label + 1.
+    mx, my : ndarray, shape (len(index),)
+        Centroids [pixel].
+    major, minor : ndarray, shape (len(index),)
+        Second moments along the major and minor axes, each pixel a uniform square (+1/12);
+        ``minor`` at least 1/12 [pixel^2].
+    """
+    # moments by bincount over the labelled pixels only (ndimage.sum_labels scans the whole block)
+    yy, xx = np.nonzero(labels)
+    lab = labels[yy, xx]
+    n_labels = int(labels.max()) + 1
+    count = np.maximum(np.bincount(lab, minlength=n_labels)[index], 1).astype(np.float64)
+
+    def mean(values):
+        return np.bincount(lab, weights=values, minlength=n_labels)[index] / count
+
+    xf, yf = xx.astype(np.float64), yy.astype(np.float64)
+    mx, my = mean(xf), mean(yf)
+    cxx = mean(xf * xf) - mx**2 + 1 / 12
+    cyy = mean(yf * yf) - my**2 + 1 / 12
+    cxy = mean(xf * yf) - mx * my
+    half_trace, root = 0.5 * (cxx + cyy), np.sqrt(0.25 * (cxx - cyy) ** 2 + cxy**2)
+    return yy, xx, lab, n_labels, mx, my, half_trace + root, np.maximum(half_trace - root, 1 / 12)
+
+
 def _label_moments(labels: np.ndarray, index: np.ndarray, z: np.ndarray, config: AssembleConfig,
                    elongation: float | None = None):
     """Per label of ``index``: whether it is elongated (a trail), where its peak and its centre of ``z`` are.
@@ -214,22 +247,8 @@ def _label_moments(labels: np.ndarray, index: np.ndarray, z: np.ndarray, config:
         The pixel of each label's centroid weighted by ``z`` (its positive part; the unweighted
         centroid where it has none).
     """
-    # moments by bincount over the labelled pixels only (ndimage.sum_labels scans the whole block)
-    yy, xx = np.nonzero(labels)
-    lab = labels[yy, xx]
-    n_labels = int(labels.max()) + 1
-    count = np.bincount(lab, minlength=n_labels)[index].astype(np.float64)
-
-    def mean(values):
-        return np.bincount(lab, weights=values, minlength=n_labels)[index] / count
-
+    yy, xx, lab, n_labels, mx, my, major, minor = _label_axes(labels, index)
     xf, yf = xx.astype(np.float64), yy.astype(np.float64)
-    mx, my = mean(xf), mean(yf)
-    cxx = mean(xf * xf) - mx**2 + 1 / 12
-    cyy = mean(yf * yf) - my**2 + 1 / 12
-    cxy = mean(xf * yf) - mx * my
-    half_trace, root = 0.5 * (cxx + cyy), np.sqrt(0.25 * (cxx - cyy) ** 2 + cxy**2)
-    major, minor = half_trace + root, np.maximum(half_trace - root, 1 / 12)
     length = np.sqrt(12 * major)                                  # a uniform bar's length [pixel]
     ratio_max = config.clip_elongation if elongation is None else elongation
     elongated = (np.sqrt(major / minor) > ratio_max) & (length >= config.clip_min_length)
@@ -252,19 +271,7 @@ def _label_moments(labels: np.ndarray, index: np.ndarray, z: np.ndarray, config:
 
 def _label_lengths(labels: np.ndarray, index: np.ndarray) -> np.ndarray:
     """Per label of ``index``: its length, that of a uniform bar of the same major-axis second moment [pixel]."""
-    yy, xx = np.nonzero(labels)
-    lab = labels[yy, xx]
-    n_labels = int(labels.max()) + 1
-    count = np.maximum(np.bincount(lab, minlength=n_labels)[index], 1).astype(np.float64)
-
-    def mean(values):
-        return np.bincount(lab, weights=values, minlength=n_labels)[index] / count
-
-    xf, yf = xx.astype(np.float64), yy.astype(np.float64)
-    mx, my = mean(xf), mean(yf)
-    cxx, cyy = mean(xf * xf) - mx**2 + 1 / 12, mean(yf * yf) - my**2 + 1 / 12
-    cxy = mean(xf * yf) - mx * my
-    major = 0.5 * (cxx + cyy) + np.sqrt(0.25 * (cxx - cyy) ** 2 + cxy**2)
+    major = _label_axes(labels, index)[6]
     return np.sqrt(12 * major)
 
 
@@ -331,6 +338,27 @@ def own_source_snr(image: np.ndarray, variance: np.ndarray, good: np.ndarray) ->
     return np.where(cover >= 0.25, smooth / noise, 0.0).astype(np.float32)
 
 
+def _own_sources(snr: np.ndarray, config: AssembleConfig, elongation: float | None = None):
+    """The sources of a warp's own image: connected pixels of ``snr`` above ``protect_threshold``.
+
+    Returns
+    -------
+    own : ndarray of int, shape (h, w)
+        Source labels (0: none).
+    components : ndarray of int
+        The labels, 1 ... n (empty without a source; then the rest are empty too).
+    elongated, peak_y, peak_x : ndarray, shape (len(components),)
+        As :func:`_label_moments` gives them (``elongation``: its axis-ratio limit).
+    """
+    own, n_own = ndimage.label(snr > config.protect_threshold, structure=np.ones((3, 3), bool))
+    components = np.arange(1, n_own + 1)
+    if n_own == 0:
+        empty = np.zeros(0, np.intp)
+        return own, components, np.zeros(0, bool), empty, empty
+    elongated, peak_y, peak_x, _, _ = _label_moments(own, components, snr, config, elongation)
+    return own, components, elongated, peak_y, peak_x
+
+
 def sources_beyond_reference(labels: np.ndarray, index: np.ndarray, image: np.ndarray, variance: np.ndarray,
                              good: np.ndarray, unseen: np.ndarray, config: AssembleConfig,
                              snr: np.ndarray | None = None) -> np.ndarray:
@@ -370,12 +398,10 @@ def sources_beyond_reference(labels: np.ndarray, index: np.ndarray, image: np.nd
     if snr is None:
         snr = own_source_snr(image, variance, good)
     snr = np.where(good, snr, 0.0)
-    own, n_own = ndimage.label(snr > config.protect_threshold, structure=np.ones((3, 3), bool))
-    if n_own == 0:
+    own, components, elongated, peak_y, peak_x = _own_sources(snr, config, OWN_SOURCE_ELONGATION)
+    if len(components) == 0:
         return keep
-    components = np.arange(1, n_own + 1)
-    elongated, peak_y, peak_x, _, _ = _label_moments(own, components, snr, config, OWN_SOURCE_ELONGATION)
-    compact_unseen = np.zeros(n_own + 1, bool)
+    compact_unseen = np.zeros(len(components) + 1, bool)
     compact_unseen[components] = ~elongated & unseen[peak_y, peak_x]
     if not compact_unseen.any():
         return keep
@@ -430,11 +456,10 @@ def sources_cut_by_mask(labels: np.ndarray, index: np.ndarray, cut: np.ndarray, 
     touching[np.unique(labels[near_mask])] = True
     if not touching[index].any():
         return keep
-    own, n_own = ndimage.label(snr > config.protect_threshold, structure=np.ones((3, 3), bool))
-    if n_own == 0:
+    own, components, elongated, peak_y, peak_x = _own_sources(snr, config)
+    if len(components) == 0:
         return keep
-    components = np.arange(1, n_own + 1)
-    elongated, peak_y, peak_x, _, _ = _label_moments(own, components, snr, config)
+    n_own = len(components)
     star = np.zeros(n_own + 1, bool)
     star[components] = ~elongated & protect[peak_y, peak_x]
     if not star.any():
