@@ -25,6 +25,15 @@ def _warps(sky, *, seeings=SEEING, sky_vars=SKY_VAR, artifact_visit=None, artifa
     return out, wcs, shape
 
 
+def _near(x, y, shape, radius):
+    """Pixels within ``radius`` [pixel] of any of the positions ``x``, ``y`` (bool, ``shape``)."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    out = np.zeros(shape, bool)
+    for xc, yc in zip(x, y):
+        out |= np.hypot(xx - xc, yy - yc) < radius
+    return out
+
+
 def _trail(image):
     """A satellite-like trail: a Gaussian line (sigma 1 pixel, 300 e- peak) across the calexp."""
     ny, nx = image.shape
@@ -80,9 +89,7 @@ def test_artifact_in_one_warp_is_clipped_not_star_cores():
     ra, dec, flux = sky
     x, y = wcs.all_world2pix(ra, dec, 0)
     yy, xx = np.mgrid[: shape[0], : shape[1]]
-    near_star = np.zeros(shape, bool)
-    for xc, yc in zip(x, y):
-        near_star |= np.hypot(xx - xc, yy - yc) < 2 * 2.3548 * max(SEEING)
+    near_star = _near(x, y, shape, 2 * 2.3548 * max(SEEING))
     assert trail.sum() > 300
     # away from the stars the trail is clipped, and only in the warp that has it
     away = trail & ~near_star & (result.n_image >= 4)
@@ -168,12 +175,8 @@ def test_trail_over_faint_sources_is_removed_whole():
     x, y = wcs.all_world2pix(bright[0], bright[1], 0)
     xf, yf = wcs.all_world2pix(faint[0], faint[1], 0)
     yy, xx = np.mgrid[: shape[0], : shape[1]]
-    near_bright = np.zeros(shape, bool)
-    for xc, yc in zip(x, y):
-        near_bright |= np.hypot(xx - xc, yy - yc) < 2 * 2.3548 * max(seeings)
-    near_faint = np.zeros(shape, bool)
-    for xc, yc in zip(xf, yf):
-        near_faint |= np.hypot(xx - xc, yy - yc) < 2 * 2.3548 * max(seeings)
+    near_bright = _near(x, y, shape, 2 * 2.3548 * max(seeings))
+    near_faint = _near(xf, yf, shape, 2 * 2.3548 * max(seeings))
     on = trail & ~near_bright & (result.n_image + clipped >= 4)
     assert (on & near_faint).sum() > 0.5 * on.sum() > 100       # the trail crosses many faint sources
     # the whole trail is clipped, over the faint sources too
@@ -272,14 +275,11 @@ def test_trail_across_the_edge_of_the_other_warps_coverage_is_still_clipped():
     clean, _, _ = _warps(sky, seeings=[1.2, 1.6, 3.4], sky_vars=[20.0, 30.0, 25.0])
     ra, dec, flux = sky
     x, y = wcs.all_world2pix(ra, dec, 0)
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
     covered = _coverage_ending_at_stars(x, y, shape)
     for w in warps[:2]:
         _cut_coverage(w, covered)
     trail = np.nan_to_num(warps[2].image - clean[2].image) > 30.0
-    near_star = np.zeros(shape, bool)
-    for xc, yc in zip(x, y):
-        near_star |= np.hypot(xx - xc, yy - yc) < 2 * 2.3548 * 3.4
+    near_star = _near(x, y, shape, 2 * 2.3548 * 3.4)
     result = assemble_coadd(warps)
     clipped = (result.coadd.mask & mask_bit("CLIPPED")) != 0
     judged = trail & ~near_star & covered
@@ -349,12 +349,9 @@ def test_trail_beside_bad_columns_near_stars_is_still_clipped():
     clean, _, _ = _warps(sky, seeings=seeings, sky_vars=sky_vars)
     ra, dec, flux = sky
     x, y = wcs.all_world2pix(ra, dec, 0)
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
     column = _bad_columns_beside_stars(warps[2], x, y, 6)
     trail = np.nan_to_num(warps[2].image - clean[2].image) > 30.0
-    near_star = np.zeros(shape, bool)
-    for xc, yc in zip(x, y):
-        near_star |= np.hypot(xx - xc, yy - yc) < 2 * 2.3548 * 3.2
+    near_star = _near(x, y, shape, 2 * 2.3548 * 3.2)
     result = assemble_coadd(warps)
     clipped = (result.coadd.mask & mask_bit("CLIPPED")) != 0
     judged = trail & ~near_star & ~column & (result.n_image + clipped >= 3)
