@@ -23,7 +23,7 @@ import numpy as np
 from astropy.table import Table
 
 from snakedrp.coadd.config import DetectCoaddConfig
-from snakedrp.meas.background import estimate_background
+from snakedrp.meas.background import estimate_background, sky_mean_level
 from snakedrp.meas.detect import detect_sources
 from snakedrp.repo.exposure import Exposure, mask_bits
 
@@ -62,21 +62,6 @@ def empty_pixel_variance_ratio(image: np.ndarray, variance: np.ndarray, mask: np
     z = image[use] / np.sqrt(variance[use])
     med = np.median(z)
     return float((1.4826 * np.median(np.abs(z - med))) ** 2)
-
-
-def sky_mean_level(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, bad_mask_planes,
-                   clip: float = 5.0) -> float:
-    """Mean of ``image`` over the pixels outside DETECTED and ``bad_mask_planes`` [image units].
-
-    Every few rows are used (about two million pixels), and pixels beyond ``clip`` sigma of their
-    noise either way; 0 without usable pixels.
-    """
-    step = max(1, image.shape[0] * image.shape[1] // 2_000_000)
-    image, variance, mask = image[::step], variance[::step], mask[::step]
-    use = ((mask & mask_bits("DETECTED", *bad_mask_planes)) == 0) & np.isfinite(image) & (variance > 0)
-    values = image[use]
-    keep = np.abs(values) < clip * np.sqrt(variance[use])
-    return float(np.mean(values[keep], dtype=np.float64)) if keep.any() else 0.0
 
 
 def background_mask(sources: Table, shape: tuple[int, int], fwhm: float, config: DetectCoaddConfig) -> np.ndarray:

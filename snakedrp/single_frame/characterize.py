@@ -24,7 +24,7 @@ import numpy as np
 from astropy.table import Table
 
 from snakedrp.meas.apcorr import ApCorrMap, fit_aperture_correction
-from snakedrp.meas.background import Background, estimate_background
+from snakedrp.meas.background import Background, estimate_background, sky_mean_level
 from snakedrp.meas.cosmicray import find_cosmic_rays, repair_cosmic_rays
 from snakedrp.meas.detect import (DetectionResult, detect_sources, estimate_psf_sigma, grow_mask,
                                   remove_cosmic_ray_detections, unusable_pixels)
@@ -34,26 +34,6 @@ from snakedrp.single_frame.config import CharacterizeConfig
 from snakedrp.meas.psf import PsfError, build_psf
 from snakedrp.repo.psf_model import GaussianPsf
 from snakedrp.meas.psf_select import select_psf_stars
-
-
-def sky_mean_level(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, bad_mask_planes, clip: float = 5.0) -> float:
-    """Mean of the background-subtracted pixels outside DETECTED and ``bad_mask_planes`` [electrons].
-
-    Rows are subsampled to about two million pixels.
-
-    Pixels beyond ``clip`` sigma of their noise either way (hot pixels, left-over cosmic rays)
-    are left out; the faint undetected sources that raise the mean are well within that.
-    """
-    # every step-th row: a mean over a million pixels is precise to ~0.03 e- at 1000 e- of sky
-    step = max(1, image.shape[0] * image.shape[1] // 2_000_000)
-    image, variance, mask = image[::step], variance[::step], mask[::step]
-    use = ~unusable_pixels(image, variance, mask, bad_mask_planes) & ((mask & mask_bit("DETECTED")) == 0)
-    values = image[use]
-    if values.size == 0:
-        return 0.0
-    with np.errstate(invalid="ignore"):
-        keep = np.abs(values) < clip * np.sqrt(variance[use])
-    return float(np.mean(values[keep], dtype=np.float64)) if keep.any() else 0.0
 
 
 class CharacterizeError(RuntimeError):
