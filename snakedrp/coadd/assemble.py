@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from astropy.io import fits
@@ -199,11 +199,11 @@ class _LeaveOneOutMedian:
         return 0.5 * (a + b), n_other
 
 
-def _label_axes(labels: np.ndarray, index: np.ndarray):
-    """Per label of ``index``: its centroid and the variances along its principal axes.
+class _LabelAxes(NamedTuple):
+    """The labelled pixels of a label image, and per label of an index its centroid and principal axes.
 
-    Returns
-    -------
+    Attributes
+    ----------
     yy, xx, lab : ndarray of int
         The labelled pixels (rows, columns) and their labels.
     n_labels : int
@@ -214,6 +214,19 @@ def _label_axes(labels: np.ndarray, index: np.ndarray):
         Second moments along the major and minor axes, each pixel a uniform square (+1/12);
         ``minor`` at least 1/12 [pixel^2].
     """
+
+    yy: np.ndarray
+    xx: np.ndarray
+    lab: np.ndarray
+    n_labels: int
+    mx: np.ndarray
+    my: np.ndarray
+    major: np.ndarray
+    minor: np.ndarray
+
+
+def _label_axes(labels: np.ndarray, index: np.ndarray) -> _LabelAxes:
+    """Per label of ``index``: its centroid and the variances along its principal axes (:class:`_LabelAxes`)."""
     # moments by bincount over the labelled pixels only (ndimage.sum_labels scans the whole block)
     yy, xx = np.nonzero(labels)
     lab = labels[yy, xx]
@@ -229,7 +242,7 @@ def _label_axes(labels: np.ndarray, index: np.ndarray):
     cyy = mean(yf * yf) - my**2 + 1 / 12
     cxy = mean(xf * yf) - mx * my
     half_trace, root = 0.5 * (cxx + cyy), np.sqrt(0.25 * (cxx - cyy) ** 2 + cxy**2)
-    return yy, xx, lab, n_labels, mx, my, half_trace + root, np.maximum(half_trace - root, 1 / 12)
+    return _LabelAxes(yy, xx, lab, n_labels, mx, my, half_trace + root, np.maximum(half_trace - root, 1 / 12))
 
 
 def _label_moments(labels: np.ndarray, index: np.ndarray, z: np.ndarray, config: AssembleConfig,
@@ -271,8 +284,7 @@ def _label_moments(labels: np.ndarray, index: np.ndarray, z: np.ndarray, config:
 
 def _label_lengths(labels: np.ndarray, index: np.ndarray) -> np.ndarray:
     """Per label of ``index``: its length, that of a uniform bar of the same major-axis second moment [pixel]."""
-    major = _label_axes(labels, index)[6]
-    return np.sqrt(12 * major)
+    return np.sqrt(12 * _label_axes(labels, index).major)
 
 
 def classify_footprints(labels: np.ndarray, index: np.ndarray, z: np.ndarray, protect: np.ndarray,
