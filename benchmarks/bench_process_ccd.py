@@ -191,7 +191,7 @@ def run_ours(ccd: HscCcd, outdir: str) -> dict:
     before the clock starts. Per-stage seconds are measured by wrapping the sub-tasks' ``run``.
     """
     from snakedrp.repo.camera import Camera
-    from snakedrp.repo.exposure import Exposure
+    from snakedrp.isr.calibs import read_master
     from snakedrp.repo.io import write_hdulist, write_table
     from snakedrp.single_frame.process_ccd import ProcessCcdConfig, ProcessCcdTask, refcat_for_exposure
     from snakedrp.single_frame import process_ccd as pc
@@ -215,7 +215,7 @@ def run_ours(ccd: HscCcd, outdir: str) -> dict:
     def read_inputs():
         camera = Camera.from_yaml(repo / "_camera.yaml")
         raw = RawFrame.read(ccd.raw_path)
-        calibs = {name: Exposure.read(path) for name, path in ccd.calib_paths.items()}
+        calibs = {name: read_master(path, name, memmap=True) for name, path in ccd.calib_paths.items()}
         return camera, raw, calibs
 
     out = Path(outdir)

@@ -36,7 +36,9 @@ def main(inputs, outputs, params, wildcards, log_path):
     try:
         raw = RawFrame.read(inputs.raw)
         check_raw(raw, camera, visit=visit, ccd=ccd)
-        calibs = {name: read_master(inputs[name], name, ccd=ccd, filter=raw.filter if name in ("flat", "fringe") else None)
+        # memory-mapped: ISR only reads them, and parallel jobs share the file pages
+        calibs = {name: read_master(inputs[name], name, ccd=ccd, memmap=True,
+                                    filter=raw.filter if name in ("flat", "fringe") else None)
                   for name in CALIBS if name in inputs.keys()}
         result = ProcessCcdTask(config).run(raw, camera=camera, calibs=calibs,
                                             refcat_dir=Path(inputs.refcat).parent, release_calibs=True)

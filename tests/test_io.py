@@ -124,6 +124,20 @@ def test_images_are_written_as_astropy_writes_them(exposure, tmp_path):
     assert np.array_equal(back.image, exposure.image) and back.zeropoint == 27.0
 
 
+def test_memory_mapped_planes_equal_the_copies_and_leave_the_file_alone(exposure, tmp_path):
+    path = tmp_path / "calexp.fits"
+    exposure.write(path)
+    before = path.read_bytes()
+    copied, mapped = Exposure.read(path), Exposure.read(path, memmap=True)
+    for name in ("image", "mask", "variance"):
+        plane = getattr(mapped, name)
+        assert plane.dtype.byteorder == ">"                      # as stored, not converted
+        assert np.array_equal(plane, getattr(copied, name))
+    mapped.image[0, 0] += 1.0                                    # copy-on-write
+    del mapped
+    assert path.read_bytes() == before
+
+
 def test_scaled_images_go_through_astropy(tmp_path):
     data = np.arange(12, dtype=np.uint16).reshape(3, 4) + 60000  # BZERO=32768
     write_hdulist(fits.HDUList([fits.PrimaryHDU(data)]), tmp_path / "raw.fits")

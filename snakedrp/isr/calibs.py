@@ -401,7 +401,8 @@ def construct_fringe(raws: list[RawFrame], camera: Camera, *, bias: Exposure | N
 
 
 # ------------------------------------------------------------------ reading a master
-def read_master(path, kind: str, *, ccd: int | None = None, filter: str | None = None) -> Exposure:
+def read_master(path, kind: str, *, ccd: int | None = None, filter: str | None = None,
+                memmap: bool = False) -> Exposure:
     """Read a master calibration written by this module, checking that it is whole and the one asked for.
 
     Parameters
@@ -411,6 +412,8 @@ def read_master(path, kind: str, *, ccd: int | None = None, filter: str | None =
         ``bias``, ``dark``, ``flat`` or ``fringe``; compared with the header's OBSTYPE.
     ccd, filter : optional
         Compared with the header's CCD and FILTER when given.
+    memmap : bool
+        Planes as memory maps of the file (see :meth:`Exposure.read`): for a job that only reads them.
 
     Raises
     ------
@@ -420,7 +423,7 @@ def read_master(path, kind: str, *, ccd: int | None = None, filter: str | None =
     """
     try:
         check_fits_file(path)
-        master = Exposure.read(path)
+        master = Exposure.read(path, memmap=memmap)
     except FitsReadError as err:
         problem = str(err).removeprefix(f"{path}: ")
         raise CalibError(f"{path}: master {kind} is unusable: {problem}") from None

@@ -99,14 +99,26 @@ class Exposure:
         write_hdulist(self.to_hdulist(), path)
 
     @classmethod
-    def read(cls, path: str | Path) -> "Exposure":
-        """Read a file written by :meth:`write`."""
-        with fits.open(path) as hdul:
+    def read(cls, path: str | Path, *, memmap: bool = False) -> "Exposure":
+        """Read a file written by :meth:`write`.
+
+        Parameters
+        ----------
+        path : str or Path
+        memmap : bool
+            Give the planes as astropy reads them, read-only memory maps of the file in its
+            (big-endian) byte order, instead of native copies: for inputs that are only read, such as master calibrations
+            in ISR, this saves their copies (about 100 MB an HSC CCD) and the page faults of
+            making them. The maps are copy-on-write: writing to a plane never changes the file.
+        """
+        with fits.open(path) as hdul:   # astropy memory-maps by default
             primary = hdul[0].header.copy()
-            image = hdul["IMAGE"].data.astype(np.float32)
+            planes = [hdul[name].data for name in ("IMAGE", "MASK", "VARIANCE")]
+            if memmap:
+                image, mask, variance = planes
+            else:
+                image, mask, variance = (p.astype(t) for p, t in zip(planes, (np.float32, np.int32, np.float32)))
             wcs = WCS(hdul["IMAGE"].header) if "CTYPE1" in hdul["IMAGE"].header else None
-            mask = hdul["MASK"].data.astype(np.int32)
-            variance = hdul["VARIANCE"].data.astype(np.float32)
             psf = psf_from_hdu(hdul["PSF"]) if "PSF" in hdul else None
         return cls(
             image=image,
