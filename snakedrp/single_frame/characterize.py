@@ -94,7 +94,8 @@ class CharacterizeTask:
         variance = exposure.variance
 
         # with a refined background, the RMS is the refined one's
-        background = estimate_background(image, exposure.mask, cfg.background, rms=not cfg.refine_background)
+        background = estimate_background(image, exposure.mask, cfg.background, rms=not cfg.refine_background,
+                                         subsample=cfg.first_background_subsample if cfg.refine_background else 1)
         image -= background.evaluate()
 
         sigma0 = cfg.psf_fwhm_guess / 2.3548

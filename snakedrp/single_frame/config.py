@@ -26,6 +26,7 @@ class CharacterizeConfig(Config):
     psf_width_n_peaks: int = option(60, "Peaks measured for the PSF-width estimate (brightest first)", min=5, max=1000)
     psf_width_min_fraction: float = option(0.6, "PSF stars are at least this fraction of the estimated PSF FWHM (raises psf.fwhm_min for the exposure)", min=0.1, max=1.0)
     refine_background: bool = option(True, "Estimate the background again once the sources are detected, with their footprints masked, and subtract the difference?")
+    first_background_subsample: int = option(2, "With refine_background, estimate the first background (the one detection runs on) from every n-th row and column only: the refined one, from every pixel, corrects its noise (2: a quarter of the pixels; 1: all)", min=1, max=8)
     subtract_sky_mean: bool = option(True, "... and subtract the mean level left in the pixels outside the grown footprints: the light of undetected sources and of wings beyond the footprints, which the background's mode estimate leaves in (~1 e- a pixel in a crowded field, a few per cent of a star in a 4-FWHM aperture at 1.5\" seeing)")
     background_grow_fwhm: float = option(1.0, "... the footprints grown by this many PSF FWHM for that estimate (the wings beyond a footprint raise the background, more so in bad seeing)", min=0.0, max=10.0)
     do_cosmic_ray: bool = option(True, "Find and repair cosmic rays (uses the PSF model)?")
@@ -36,6 +37,13 @@ class CharacterizeConfig(Config):
     psf: PsfConfig = subconfig(PsfConfig, "PSF star selection and the spatially varying PSF model")
     cosmic_ray: CosmicRayConfig = subconfig(CosmicRayConfig, "Cosmic-ray detection and repair")
     apcorr: ApCorrConfig = subconfig(ApCorrConfig, "Aperture correction")
+
+    def validate(self) -> None:
+        super().validate()
+        step = self.first_background_subsample
+        if self.refine_background and self.background.box_size % step:
+            raise ValueError(f"characterize.first_background_subsample ({step}) must divide "
+                             f"characterize.background.box_size ({self.background.box_size})")
 
 
 @dataclass
