@@ -99,6 +99,24 @@ def test_ignored_pixels_as_sep_mask(field):
     assert bkg.global_background == ref.globalback and bkg.global_rms == ref.globalrms
 
 
+def test_subsampled_mesh_is_the_same_mesh_twice_as_noisy(field):
+    image, sky, detected = field
+    mask = np.where(detected, mask_bit("DETECTED"), 0).astype(np.int32)
+    config = BackgroundConfig(box_size=128)
+    full = estimate_background(image, mask, config)
+    half = estimate_background(image, mask, config, subsample=2)
+    assert half.mesh.shape == full.mesh.shape and half.shape == full.shape and half.box_size == 128
+    noise = np.sqrt(sky.mean())
+    resid = (half.evaluate() - sky)[64:-64, 64:-64]
+    # a quarter of the pixels: the mesh noise doubles, still far below the pixel noise
+    assert abs(resid.mean()) < 0.04 * noise
+    assert np.sqrt((resid**2).mean()) < 0.1 * noise
+    assert np.abs(half.mesh - full.mesh).max() < 0.1 * noise
+    assert half.rms().shape == image.shape
+    with pytest.raises(ValueError, match="not a multiple"):
+        estimate_background(image, mask, BackgroundConfig(box_size=100), subsample=3)
+
+
 def test_first_evaluation_is_handed_over(field):
     # estimate_background evaluates the model once; evaluate() hands that array over, then evaluates anew
     image, _, _ = field

@@ -58,6 +58,7 @@ def test_dotted_and_nested_overrides_merge():
     ({"isr": {"do_flat": "maybe"}}, ["isr.do_flat", "bool"]),
     ({"calibrate.astrometry.sip_order": 99}, ["sip_order", "outside"]),
     ({"nosuchsection": {"x": 1}}, ["nosuchsection", "allowed"]),
+    ({"characterize.first_background_subsample": 3}, ["first_background_subsample", "box_size"]),
 ])
 def test_bad_options_are_named(values, words):
     with pytest.raises(ConfigError) as err:

@@ -13,7 +13,7 @@ from snakedrp.calib.config import AstrometryConfig, PhotometryConfig
 from snakedrp.isr.config import IsrConfig
 from snakedrp.meas.config import (ApCorrConfig, ApertureLossConfig, BackgroundConfig, CosmicRayConfig,
                                   DetectionConfig, MeasureConfig, PsfConfig, ResidualDetectionConfig)
-from snakedrp.pexconfig import Config, option, subconfig
+from snakedrp.pexconfig import Config, ConfigError, option, subconfig
 
 
 @dataclass
@@ -42,7 +42,7 @@ class CharacterizeConfig(Config):
         super().validate()
         step = self.first_background_subsample
         if self.refine_background and self.background.box_size % step:
-            raise ValueError(f"characterize.first_background_subsample ({step}) must divide "
+            raise ConfigError(f"characterize.first_background_subsample ({step}) must divide "
                              f"characterize.background.box_size ({self.background.box_size})")
 
 
