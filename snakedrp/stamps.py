@@ -154,18 +154,28 @@ def gaussian_centroid(stack: np.ndarray, sigma: float, *, n_iter: int = 8,
 
 def cutouts(array: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) -> np.ndarray:
     """Stack of ``(2 half + 1)``-sided cutouts of ``array`` centred on integer pixels (all inside)."""
-    off = np.arange(-half, half + 1)
-    return array[(iy[:, None] + off)[:, :, None], (ix[:, None] + off)[:, None, :]]
+    # indexing a strided view of every window copies each cutout's rows whole: ~20 times faster
+    # than indexing the array with a (n, side, side) grid of pixel indices
+    side = 2 * half + 1
+    windows = np.lib.stride_tricks.sliding_window_view(array, (side, side))
+    return windows[np.asarray(iy) - half, np.asarray(ix) - half]
 
 
 def padded_cutouts(array: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int, fill) -> np.ndarray:
     """Stack of ``(2 half + 1)``-sided cutouts centred on integer pixels; ``fill`` off the image."""
     ny, nx = array.shape
+    ix, iy = np.asarray(ix), np.asarray(iy)
+    side = 2 * half + 1
+    inside = (ix >= half) & (ix < nx - half) & (iy >= half) & (iy < ny - half)
+    if inside.all():
+        return cutouts(array, ix, iy, half)
+    out = np.empty((len(ix), side, side), array.dtype)
+    out[inside] = cutouts(array, ix[inside], iy[inside], half)
+    edge = ~inside
     off = np.arange(-half, half + 1)
-    yy = iy[:, None] + off
-    xx = ix[:, None] + off
-    out = array[np.clip(yy, 0, ny - 1)[:, :, None], np.clip(xx, 0, nx - 1)[:, None, :]]
+    yy = iy[edge, None] + off
+    xx = ix[edge, None] + off
+    part = array[np.clip(yy, 0, ny - 1)[:, :, None], np.clip(xx, 0, nx - 1)[:, None, :]]
     outside = ((yy < 0) | (yy >= ny))[:, :, None] | ((xx < 0) | (xx >= nx))[:, None, :]
-    if outside.any():
-        out = np.where(outside, fill, out)
+    out[edge] = np.where(outside, fill, part)
     return out
