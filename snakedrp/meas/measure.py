@@ -78,10 +78,11 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
         The unusable pixels, as :func:`snakedrp.meas.detect.unusable_pixels` gives them for
         ``config.bad_mask_planes``; computed when not given. Pass it to measure one image twice.
     minimal : bool
-        Measure only centroids, PSF fluxes and pixel flags (what PSF-star selection needs, e.g.
-        the first pass of characterization); the aperture, calibration-aperture, Kron and
-        adaptive-moment columns are present but NaN (their flags True). Those columns are most
-        of the cost.
+        Measure only PSF fluxes and pixel flags, at the given positions taken as the centroids
+        (what PSF-star selection needs, e.g. the first pass of characterization on detection's
+        windowed centroids); the aperture, calibration-aperture, Kron and adaptive-moment
+        columns are present but NaN (their flags True). Those columns and the centroids are
+        most of the cost.
 
     Returns
     -------
@@ -118,10 +119,10 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
     fwhm = 2.3548 * sigma
 
     # ---- centroids: windowed (XWIN), Gaussian weight of the local PSF sigma
-    if n:
+    if n and not minimal:
         xw, yw, wflag = sep.winpos(data, x0c, y0c, sigma, mask=bad, subpix=1)
     else:
-        xw, yw, wflag = x0c.copy(), y0c.copy(), np.zeros(0, int)
+        xw, yw, wflag = x0c.copy(), y0c.copy(), np.zeros(n, int)
     ok = finite0 & (wflag == 0) & np.isfinite(xw) & np.isfinite(yw)
     ok &= np.hypot(xw - x0c, yw - y0c) < config.max_centroid_shift * sigma
     ok &= (xw > -0.5) & (xw < nx - 0.5) & (yw > -0.5) & (yw < ny - 0.5)

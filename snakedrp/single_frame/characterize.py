@@ -138,8 +138,8 @@ class CharacterizeTask:
                                  mesh_rms=refined.mesh_rms,
                                  global_background=background.global_background + refined.global_background + level,
                                  global_rms=refined.global_rms)
-        # only what star selection uses (centroids, PSF fluxes, pixel flags): the PSF stars are
-        # measured in full below, with the model
+        # only what star selection uses (PSF fluxes and pixel flags, at detection's windowed
+        # centroids): the PSF stars are measured in full below, with the model
         # measured twice: before and after the cosmic-ray repair, which changes only CR pixels
         bad = unusable_pixels(image, variance, detections.mask, cfg.measure.bad_mask_planes)
         sources = measure_sources(image, variance, detections.mask, detections.sources, guess, cfg.measure,
