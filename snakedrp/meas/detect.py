@@ -67,10 +67,10 @@ def unusable_pixels(data: np.ndarray, var: np.ndarray, mask: np.ndarray, planes)
     bad = (mask & mask_bits(*planes)) != 0
     positive = np.greater(var, 0)                # False also for NaN
     np.logical_or(bad, ~positive, out=bad)
-    # one cheap reduction each instead of two full-image tests: non-finite values are rare
-    if not np.isfinite(var.sum(dtype=np.float64)):
+    # non-finite values are rare: test first, mark only if there are any
+    if not np.isfinite(var).all():
         bad |= ~np.isfinite(var)
-    if not np.isfinite(data.sum(dtype=np.float64)):
+    if not np.isfinite(data).all():
         bad |= ~np.isfinite(data)
     return bad
 
@@ -150,9 +150,14 @@ def estimate_psf_sigma(image: np.ndarray, variance: np.ndarray, mask: np.ndarray
     # the mask is looked at only around the peaks tried: no image-sized pass for it
     mask = np.asarray(mask)
     bad_bits = mask_bits(*bad_mask_planes)
+    # a block of rows at a time: no image-sized temporaries
+    rows = 256
+    above = []
     with np.errstate(invalid="ignore"):
-        above = np.flatnonzero(data > peak_snr * np.sqrt(np.maximum(variance, 0)))
-    iy, ix = np.divmod(above, nx)
+        for s in range(0, ny, rows):
+            block = data[s:s + rows] > peak_snr * np.sqrt(np.maximum(variance[s:s + rows], 0))
+            above.append(np.flatnonzero(block) + s * nx)
+    iy, ix = np.divmod(np.concatenate(above), nx)
     inner = (ix >= 2) & (ix < nx - 2) & (iy >= 2) & (iy < ny - 2)
     iy, ix = iy[inner], ix[inner]
     value = data[iy, ix]

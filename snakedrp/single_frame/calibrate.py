@@ -274,7 +274,7 @@ class CalibrateTask:
         """
         planes = self.config.measure.bad_mask_planes
         if (bad is not None and not {"DETECTED", "DETECTED_NEGATIVE"} & set(planes)
-                and np.isfinite(data.sum(dtype=np.float64))):
+                and np.isfinite(data).all()):
             return bad
         return unusable_pixels(data, variance, mask, planes)
 
