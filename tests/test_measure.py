@@ -462,3 +462,23 @@ def test_psf_grid_is_made_once_per_model_and_shape():
     assert PsfGrid.of(psf, (600, 400), 256.0) is not grid
     fresh = PsfGrid(psf, (600, 400), 128.0)
     assert np.array_equal(grid.kernels, fresh.kernels) and np.array_equal(grid.sigma_nodes, fresh.sigma_nodes)
+
+
+def test_append_rows_is_vstack_of_same_columns():
+    from astropy.table import vstack
+
+    from snakedrp.meas.columns import append_rows
+
+    a = Table({"id": np.arange(3), "flux": np.array([1.0, np.nan, 3.0], np.float32), "flag": [True, False, True]})
+    a["flux"].unit, a["flux"].description = "electron", "a flux"
+    a.meta.update(NRESID=0, KEEP=1)
+    b = Table({"id": np.array([7], np.int32), "flux": np.array([4.0]), "flag": [False]})
+    b.meta["NRESID"] = 1
+    got, want = append_rows(a, b), vstack([a, b], metadata_conflicts="silent")
+    for name in want.colnames:
+        assert got[name].dtype == want[name].dtype
+        assert np.array_equal(got[name], want[name], equal_nan=want[name].dtype.kind == "f")
+        assert got[name].unit == want[name].unit and got[name].description == want[name].description
+    assert dict(got.meta) == dict(want.meta) == {"NRESID": 1, "KEEP": 1}
+    with pytest.raises(ValueError, match="columns differ"):
+        append_rows(a, b["id", "flag"])

@@ -41,3 +41,22 @@ def flagged(table: Table, *, also: tuple[str, ...] = ()) -> np.ndarray:
         if (name.startswith("flag_") or name in also) and table[name].dtype == bool:
             flags |= np.asarray(table[name])
     return flags
+
+
+def append_rows(table: Table, more: Table) -> Table:
+    """A new table: the rows of ``table`` then those of ``more`` (same column names), each column
+    keeping ``table``'s unit and description, the metadata of both (``more``'s on a clash).
+
+    What ``astropy.table.vstack(..., metadata_conflicts="silent")`` gives for such tables, in a
+    tenth of its time on a CCD's src (astropy merges every column's info attribute by attribute).
+    """
+    if more.colnames != table.colnames:
+        raise ValueError(f"append_rows: columns differ ({table.colnames} vs {more.colnames})")
+    out = Table()
+    for name in table.colnames:
+        out[name] = np.concatenate([np.asarray(table[name]), np.asarray(more[name])])
+        out[name].unit = table[name].unit
+        out[name].description = table[name].description
+    out.meta.update(table.meta)
+    out.meta.update(more.meta)
+    return out

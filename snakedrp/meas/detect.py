@@ -28,6 +28,7 @@ from astropy.table import Table
 from scipy import ndimage
 
 from snakedrp.repo.exposure import mask_bit, mask_bits
+from snakedrp.meas.columns import append_rows
 from snakedrp.meas.config import DetectionConfig, ResidualDetectionConfig
 
 #: Bits of the ``flags`` column: sep's extraction flags plus our own.
@@ -761,11 +762,7 @@ def detect_in_residual(residual: np.ndarray, variance: np.ndarray, mask: np.ndar
     new["parent"] = np.zeros(len(rows), old["parent"].dtype)
     new["blend_nchild"] = np.zeros(len(rows), old["blend_nchild"].dtype)
     new["is_blended"] = np.zeros(len(rows), bool)
-    from astropy.table import vstack
-
-    table = vstack([old, new[old.colnames]], metadata_conflicts="silent")
-    for name in old.colnames:
-        table[name].unit, table[name].description = old[name].unit, old[name].description
+    table = append_rows(old, new[old.colnames])
     table["parent"][:] = parent
     table["blend_nchild"][:] = nchild
     table["is_blended"][:] = nchild > 1

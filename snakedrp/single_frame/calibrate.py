@@ -17,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-from astropy.table import Table, vstack
+from astropy.table import Table
 
 from snakedrp.meas.apcorr import ApCorrMap, ApertureLoss, measure_aperture_loss
+from snakedrp.meas.columns import append_rows
 from snakedrp.calib.astrometry import AstrometryError, match_and_fit
 from snakedrp.meas.detect import (DetectionResult, detect_in_residual,
                                   detect_sources, unusable_pixels)
@@ -327,7 +328,7 @@ class CalibrateTask:
             sources = sources.copy(copy_data=True)
             for name in ("parent", "blend_nchild", "is_blended"):
                 sources[name][:] = det[name][:n_old]
-            sources = vstack([sources, new], metadata_conflicts="silent")
+            sources = append_rows(sources, new)
             marker = np.concatenate([marker, np.ones(len(new), bool)])
             detections = found
             hidden = np.flatnonzero(marker)
