@@ -80,8 +80,12 @@ class CharacterizeTask:
         self.config = config or CharacterizeConfig()
         self.config.validate()
 
-    def run(self, exposure: Exposure) -> CharacterizeResult:
-        """Characterize ``exposure`` (not modified); return a new, characterized exposure.
+    def run(self, exposure: Exposure, *, overwrite: bool = False) -> CharacterizeResult:
+        """Characterize ``exposure``; return a new, characterized exposure.
+
+        ``exposure`` is not modified unless ``overwrite``: then its float32 image becomes the
+        characterized one (background subtracted, cosmic rays repaired), which saves a copy of
+        it, for a caller that no longer needs the ISR image (ProcessCcdTask).
 
         Raises
         ------
@@ -90,7 +94,7 @@ class CharacterizeTask:
         """
         cfg = self.config
         where = f"visit {exposure.metadata.get('VISIT', '?')} ccd {exposure.metadata.get('CCD', '?')}"
-        image = exposure.image.astype(np.float32, copy=True)
+        image = exposure.image.astype(np.float32, copy=not overwrite)
         variance = exposure.variance
 
         # with a refined background, the RMS is the refined one's
@@ -156,7 +160,8 @@ class CharacterizeTask:
         mask = detections.mask                   # the input mask plus the DETECTED plane
         if cfg.do_cosmic_ray:
             cr = find_cosmic_rays(image, variance, mask, psf, cfg.cosmic_ray)
-            # both are this task's own arrays (image copied above, mask made by detect_sources)
+            # both are this task's to change (the image copied above, or the caller's to overwrite; the
+            # mask made by detect_sources)
             image, mask = repair_cosmic_rays(image, mask, cr.cr_mask, psf, cfg.cosmic_ray, in_place=True)
             n_cr = cr.n_cr
             detections = remove_cosmic_ray_detections(detections, image, variance, mask, cfg.detection,

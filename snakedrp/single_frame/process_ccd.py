@@ -143,9 +143,10 @@ class ProcessCcdTask:
         h = raw.header
         exposure = replace(isr.exposure, wcs=camera.initial_wcs(raw.ccd, float(h["TELRA"]), float(h["TELDEC"]),
                                                                 float(h["ROTANG"])))
-        char = self.characterize.run(exposure)
-        # characterization made its own image and mask: the ISR ones (68 MB on an HSC CCD) go back to
-        # the heap before calibration's full-image temporaries are allocated, which then reuse them
+        # the ISR image is not needed again: characterization works on it in place
+        char = self.characterize.run(exposure, overwrite=True)
+        # characterization made its own mask: the ISR one (34 MB on an HSC CCD) goes back to the
+        # heap before calibration's full-image temporaries are allocated, which then reuse it
         unusable_amplifiers = isr.unusable_amplifiers
         del isr, exposure
         if refcat is None and refcat_dir is not None:
