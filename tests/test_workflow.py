@@ -419,6 +419,23 @@ def test_task_api_reproduces_the_workflow(ci_repo, ci_science):
     assert result.calexp.zeropoint == pytest.approx(calexp.zeropoint, abs=1e-9)
 
 
+def test_characterize_overwrite_gives_the_same_exposure(ci_repo, ci_science):
+    from snakedrp.isr.isr import IsrTask
+    from snakedrp.single_frame.characterize import CharacterizeTask
+
+    butler, raw, calibs = raw_and_calibs(ci_repo, ci_science[2])
+    exposure = IsrTask().run(raw, camera=butler.camera, **calibs).exposure
+    before = exposure.image.copy()
+    task = CharacterizeTask()
+    copied = task.run(exposure)
+    assert np.array_equal(exposure.image, before)                    # the input left alone
+    in_place = task.run(exposure, overwrite=True)
+    assert in_place.exposure.image is exposure.image                 # no copy made
+    assert np.array_equal(in_place.exposure.image, copied.exposure.image)
+    assert np.array_equal(in_place.exposure.mask, copied.exposure.mask)
+    assert np.array_equal(np.asarray(in_place.psf_sources["psf_flux"]), np.asarray(copied.psf_sources["psf_flux"]))
+
+
 def test_show_config_prints_options_with_descriptions(ci_repo):
     proc = run_snakemake("show_config", "--cores", "1", "--config", f"repo={ci_repo}", "pattern=isr.*")
     assert proc.returncode == 0, output_of(proc)[-3000:]

@@ -235,12 +235,11 @@ def psf_model_image(psf: PsfModel, shape: tuple[int, int], x, y, flux, *, half: 
     ndarray of float32, shape (ny, nx)
     """
     ny, nx = shape
-    out = np.zeros((ny, nx), np.float32)
     x, y, flux = (np.asarray(v, float) for v in (x, y, flux))
     ok = np.isfinite(x + y + flux)
     x, y, flux = x[ok], y[ok], flux[ok]
     if not len(x):
-        return out
+        return np.zeros((ny, nx), np.float32)
     if half is None:
         half = psf.kernel(nx / 2.0, ny / 2.0).shape[0] // 2
     ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
@@ -260,14 +259,15 @@ def psf_model_image(psf: PsfModel, shape: tuple[int, int], x, y, flux, *, half: 
                 stamps[keys[k]] = stamp
         models = np.stack([stamps[key] for key in keys])
     values = models * flux[:, None, None]
-    # each box added where it lies on the image, in turn, so that overlapping boxes add up: a few
-    # microseconds a box, where a scatter-add over the whole image (np.bincount) costs two
-    # image-sized temporaries
+    # each box added where it lies on the image, in turn, in float64 so that overlapping boxes
+    # add up as a scatter-add would and are rounded once: a few microseconds a box, where
+    # np.bincount over the whole image also makes an index array of every box pixel
+    acc = np.zeros((ny, nx))
     side = 2 * half + 1
     y0s, x0s = iy - half, ix - half
     for k, (y0, x0) in enumerate(zip(y0s.tolist(), x0s.tolist())):
         sy, sx = max(0, -y0), max(0, -x0)
         ey, ex = min(side, ny - y0), min(side, nx - x0)
         if ey > sy and ex > sx:
-            out[y0 + sy:y0 + ey, x0 + sx:x0 + ex] += values[k, sy:ey, sx:ex]
-    return out
+            acc[y0 + sy:y0 + ey, x0 + sx:x0 + ex] += values[k, sy:ey, sx:ex]
+    return acc.astype(np.float32)
