@@ -319,3 +319,22 @@ def test_config_checks():
     with pytest.raises(ConfigError):
         PsfConfig.from_dict({"resample_order": 2})
     assert PsfConfig.from_dict({"kernel_size": 31}).kernel_size == 31
+
+
+@pytest.mark.parametrize("half", [0, 3, 12])
+def test_cutouts_inside_and_off_the_image(half):
+    from snakedrp.stamps import cutouts, padded_cutouts
+
+    rng = np.random.default_rng(4)
+    image = rng.normal(size=(60, 40)).astype(np.float32)
+    ix, iy = rng.integers(-15, 55, 300), rng.integers(-15, 75, 300)
+    off = np.arange(-half, half + 1)
+    yy, xx = iy[:, None] + off, ix[:, None] + off
+    outside = ((yy < 0) | (yy >= 60))[:, :, None] | ((xx < 0) | (xx >= 40))[:, None, :]
+    # the pixel-index definition, ``fill`` where a stamp pixel is off the image
+    want = np.where(outside, np.float32(-9), image[np.clip(yy, 0, 59)[:, :, None], np.clip(xx, 0, 39)[:, None, :]])
+    got = padded_cutouts(image, ix, iy, half, np.float32(-9))
+    assert got.dtype == np.float32 and np.array_equal(got, want)
+    inside = ~outside.any(axis=(1, 2))
+    assert np.array_equal(cutouts(image, ix[inside], iy[inside], half), want[inside])
+    assert padded_cutouts(image, ix[:2], iy[:2], 40, np.float32(0)).shape == (2, 81, 81)   # larger than the image

@@ -106,10 +106,11 @@ class Exposure:
         ----------
         path : str or Path
         memmap : bool
-            Give the planes as astropy reads them, read-only memory maps of the file in its
-            (big-endian) byte order, instead of native copies: for inputs that are only read, such as master calibrations
-            in ISR, this saves their copies (about 100 MB an HSC CCD) and the page faults of
-            making them. The maps are copy-on-write: writing to a plane never changes the file.
+            Give the planes as astropy reads them, memory maps of the file in its (big-endian)
+            byte order, instead of native copies: for inputs that are only read, such as master
+            calibrations in ISR, this saves their copies (about 100 MB an HSC CCD) and the page
+            faults of making them. The maps are copy-on-write: writing to a plane changes this
+            process's pages, never the file.
         """
         with fits.open(path) as hdul:   # astropy memory-maps by default
             primary = hdul[0].header.copy()
