@@ -255,6 +255,23 @@ def test_psf_width_estimate_follows_the_seeing(sigma):
     assert abs(est.sigma / np.hypot(sigma, 1 / np.sqrt(12)) - 1) < 0.05
 
 
+def test_psf_width_estimate_of_a_sparse_field_is_not_taken_by_cosmic_ray_tracks():
+    # a high-latitude CCD in poor seeing: a few stars, most with peaks below S/N 30, and many
+    # more cosmic-ray tracks, whose flat tops hold several local maxima each
+    rng = np.random.default_rng(5)
+    shape = (600, 600)
+    sigma = 3.5
+    x, y = rng.uniform(40, 560, 12), rng.uniform(40, 560, 12)
+    image, variance = _draw_stars(shape, x, y, 10 ** rng.uniform(4.3, 5.3, 12), rng, sigma=sigma)
+    for _ in range(40):
+        r0, c0 = rng.integers(30, 570, 2)
+        length, (dr, dc) = rng.integers(4, 12), [(0, 1), (1, 0), (1, 1), (1, -1)][rng.integers(4)]
+        image[r0 + dr * np.arange(length), c0 + dc * np.arange(length)] += 3000.0
+    est = estimate_psf_sigma(image, variance, np.zeros(shape, np.int32), fallback=1.9)
+    assert est.n_locus >= 3      # the densest third of the ~9 stars with a peak above S/N 10
+    assert abs(est.sigma / np.hypot(sigma, 1 / np.sqrt(12)) - 1) < 0.05
+
+
 def test_psf_scaled_filter_side():
     config = DetectionConfig()
     assert detection_kernel(1.8, config).shape == (5, 5)

@@ -22,7 +22,7 @@ class CharacterizeConfig(Config):
 
     psf_fwhm_guess: float = option(4.5, "Starting PSF FWHM of the width estimate, and the first guess when it finds too few stars [pixel]", min=1.0, max=30.0)
     estimate_psf_width: bool = option(True, "Estimate the PSF width from the brightest unsaturated peaks before detection (matched filter, first-guess PSF)? Otherwise psf_fwhm_guess is used")
-    psf_width_peak_snr: float = option(30.0, "Peaks of the PSF-width estimate: pixels above this S/N", min=3.0)
+    psf_width_peak_snr: float = option(10.0, "Peaks of the PSF-width estimate: pixels above this S/N (brightest first, so a crowded CCD uses only its brightest; a sparse one in poor seeing needs the lower ones)", min=3.0)
     psf_width_n_peaks: int = option(60, "Peaks measured for the PSF-width estimate (brightest first)", min=5, max=1000)
     psf_width_min_fraction: float = option(0.6, "PSF stars are at least this fraction of the estimated PSF FWHM (raises psf.fwhm_min for the exposure)", min=0.1, max=1.0)
     refine_background: bool = option(True, "Estimate the background again once the sources are detected, with their footprints masked, and subtract the difference?")
