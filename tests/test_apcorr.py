@@ -199,3 +199,65 @@ def test_aperture_loss_in_a_crowded_field_with_a_sky_offset(seeing):
     assert abs(loss.factor - true) < 0.003                   # ... and, with the sky offset, measured to 3 mmag
     if seeing > 1:
         assert loss.sky < -0.002                             # the offset was seen
+
+
+def test_crowded_field_calibration_ties_the_flux_scale_to_the_aperture_loss_stars():
+    # A sky level left under every star (the zero level 1.5 e-/pixel below the sky, as the mean of
+    # the sky pixels makes it when it holds bright stars' wings): a 4-FWHM calibration aperture
+    # loses ~4 % of an S/N-100 star but 0.2 % of a bright one. The aperture loss fits that level
+    # around its (bright) stars; the aperture correction's constant must come from the same stars,
+    # or apcorr x aperture loss is the fainter stars' ratio, not any star's total / PSF flux.
+    from snakedrp.meas.detect import detect_sources
+    from snakedrp.meas.measure import measure_sources
+    from snakedrp.repo.exposure import Exposure
+    from snakedrp.repo.psf_model import GaussianPsf
+    from snakedrp.single_frame.calibrate import CalibrateTask
+
+    rng = np.random.default_rng(5)
+    sigma, sky, pedestal = 2.0, 400.0, -1.5
+    shape = (720, 840)
+    yy, xx = np.indices(shape)
+    gx, gy = np.meshgrid(np.arange(90.0, 800.0, 130.0), np.arange(90.0, 700.0, 130.0))
+    bx, by = gx.ravel() + rng.uniform(-0.5, 0.5, gx.size), gy.ravel() + rng.uniform(-0.5, 0.5, gx.size)
+    # three times as many S/N-100 stars between them
+    fx = np.concatenate([(bx + 65.0)[:-6], bx + 65.0, bx])
+    fy = np.concatenate([(by + 65.0)[:-6], by, by + 65.0])
+    inside = (fx < shape[1] - 40) & (fy < shape[0] - 40)
+    fx, fy = fx[inside], fy[inside]
+    xs, ys = np.concatenate([bx, fx]), np.concatenate([by, fy])
+    flux = np.concatenate([10 ** rng.uniform(6.0, 6.3, bx.size), 10 ** rng.uniform(4.6, 4.8, fx.size)])
+    model = np.zeros(shape)
+    for x, y, f in zip(xs, ys, flux):
+        box = (slice(int(y) - 30, int(y) + 31), slice(int(x) - 30, int(x) + 31))
+        model[box] += f * np.exp(-0.5 * ((xx[box] - x) ** 2 + (yy[box] - y) ** 2) / sigma**2) / (2 * np.pi * sigma**2)
+    var = (sky + model).astype(np.float32)
+    data = (model + pedestal + rng.normal(size=shape) * np.sqrt(var)).astype(np.float32)
+    mask = np.zeros(shape, np.int32)
+    psf = GaussianPsf(sigma)
+    det = detect_sources(data, var, mask, psf_sigma=sigma)
+    task = CalibrateTask()
+    src = measure_sources(data, var, det.mask, det.sources, psf, task.config.measure,
+                          segmentation=det.segmentation, footprints=det.sources)
+    exposure = Exposure(image=data, mask=det.mask, variance=var, psf=psf)
+    unit = ApCorrMap([1.0], 0, 419.5, 419.5, 359.5, 359.5)
+    apcorr, loss = task._crowded_field_calibration(exposure, det, src, unit)
+    im, it = match_nearest(src, xs, ys)
+    snr = np.asarray(src["psf_snr"])[im]
+    assert np.median(snr[it >= bx.size]) > 100 and (snr[it >= bx.size] < 250).all()
+    assert loss.n_stars >= 20 and abs(loss.sky) > 0.001       # the local sky is there, and fitted
+    total = (np.asarray(src["psf_flux"])[im] * apcorr.evaluate(np.asarray(src["x_centroid"])[im],
+                                                               np.asarray(src["y_centroid"])[im]) * loss.factor)
+    bright = it < bx.size
+    bias = 2.5 * np.log10(np.median(total[bright] / flux[it[bright]])) * 1000
+    print(f"bright-star PSF flux x apcorr x aperture loss vs truth: {bias:+.2f} mmag "
+          f"(apcorr {apcorr.coeffs[0]:.4f}, aperture loss {loss.factor:.4f}, {loss.n_stars} stars)")
+    assert abs(bias) < 2.0
+
+
+def match_nearest(src, xs, ys, radius=1.0):
+    """(src rows, truth rows) of the truth positions with a source within ``radius`` pixels."""
+    from scipy.spatial import cKDTree
+
+    d, i = cKDTree(np.c_[src["x_centroid"], src["y_centroid"]]).query(np.c_[xs, ys])
+    ok = d < radius
+    return i[ok], np.flatnonzero(ok)

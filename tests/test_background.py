@@ -169,3 +169,34 @@ def test_config_rejects_unknown_plane_and_even_filter():
         BackgroundConfig(ignored_mask_planes=["BAD", "NOPE"]).validate()
     with pytest.raises(ValueError, match="odd"):
         BackgroundConfig(filter_size=4).validate()
+
+
+def test_sky_mean_level_far_from_the_footprints_leaves_the_wings_out():
+    # bright Moffat stars (beta 3.5) whose wings reach far beyond their footprints, on a sky with
+    # 0.3 e-/pixel of undetected light: the mean of every sky pixel is mostly wing light, which is
+    # light of those stars (and no background of an isolated star); the pixels 2 FWHM beyond the
+    # footprints hold the undetected light alone (the wings there ~0.1 e-/pixel)
+    from snakedrp.meas.background import sky_mean_level
+    from snakedrp.meas.detect import grow_mask
+
+    rng = np.random.default_rng(11)
+    shape, fwhm, beta, pedestal = (600, 600), 6.0, 3.5, 0.3
+    alpha = fwhm / (2 * np.sqrt(2 ** (1 / beta) - 1))
+    yy, xx = np.indices(shape)
+    gx, gy = np.meshgrid(np.arange(75.0, 600.0, 150.0), np.arange(75.0, 600.0, 150.0))
+    light = np.zeros(shape)
+    footprint = np.zeros(shape, bool)
+    for x, y in zip(gx.ravel(), gy.ravel()):
+        r2 = (xx - x) ** 2 + (yy - y) ** 2
+        light += 3e6 * (beta - 1) / (np.pi * alpha**2) * (1 + r2 / alpha**2) ** -beta
+        footprint |= r2 < 15.0**2
+    var = np.full(shape, 400.0, np.float32)
+    image = (light + pedestal + rng.normal(0.0, 20.0, shape)).astype(np.float32)
+    mask = np.where(footprint, mask_bit("DETECTED"), 0).astype(np.int32)
+    everywhere = sky_mean_level(image, var, mask, ["BAD"])
+    far = sky_mean_level(image, var, mask, ["BAD"], exclude=grow_mask(footprint, int(2 * fwhm)))
+    print(f"sky mean level: all sky pixels {everywhere:.3f}, 2 FWHM beyond the footprints {far:.3f} "
+          f"(undetected light {pedestal})")
+    assert everywhere > pedestal + 0.5
+    assert abs(far - pedestal) < 0.15
+    assert sky_mean_level(image, var, mask, ["BAD"], exclude=np.ones(shape, bool)) == 0.0

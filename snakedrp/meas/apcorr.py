@@ -17,7 +17,7 @@ total flux, and the zeropoint fitted from those fluxes is that of total fluxes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from astropy.io import fits
@@ -56,6 +56,9 @@ class ApertureLoss:
     sky : float
         Median correction of the calibration aperture for the local sky level around the stars
         (fraction of the calibration-aperture flux, included in ``factor``).
+    stars : ndarray of int
+        Indices, into the candidate arrays given to :func:`measure_aperture_loss`, of the stars
+        whose total / calibration-aperture flux ratios ``factor`` is the median of.
     """
 
     factor: float
@@ -67,6 +70,7 @@ class ApertureLoss:
     curve: np.ndarray
     n_stars: int
     sky: float = 0.0
+    stars: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @classmethod
     def none(cls) -> "ApertureLoss":
@@ -163,6 +167,7 @@ def measure_aperture_loss(image: np.ndarray, variance: np.ndarray, bad: np.ndarr
         fractions[:, k], errors[:, k] = f / f0[rows], e / f0[rows]
     good = np.isfinite(fractions).all(axis=1) & np.isfinite(errors).all(axis=1) & (errors > 0).all(axis=1)
     fractions, errors, edges, radius = fractions[good], errors[good], edges[good], r0[rows][good]
+    rows = rows[good]
     n = len(fractions)
     if n < config.min_stars:
         return ApertureLoss.none()
@@ -174,7 +179,7 @@ def measure_aperture_loss(image: np.ndarray, variance: np.ndarray, bad: np.ndarr
     g = config.tail_index
     rel = edges / radius[:, None]
     wing = rel[:, :-1] ** -g - rel[:, 1:] ** -g                       # annulus share of L
-    area = np.pi * (edges[:, 1:] ** 2 - edges[:, :-1] ** 2) / f0[rows][good][:, None]
+    area = np.pi * (edges[:, 1:] ** 2 - edges[:, :-1] ** 2) / f0[rows][:, None]
     w = 1.0 / errors**2
     a11, a12, a22 = (w * wing * wing).sum(1), (w * wing * area).sum(1), (w * area * area).sum(1)
     b1, b2 = (w * wing * fractions).sum(1), (w * area * fractions).sum(1)
@@ -182,12 +187,12 @@ def measure_aperture_loss(image: np.ndarray, variance: np.ndarray, bad: np.ndarr
     with np.errstate(invalid="ignore", divide="ignore"):
         loss_i = (a22 * b1 - a12 * b2) / det
         sky_i = (a11 * b2 - a12 * b1) / det                           # [e- per pixel / f0]
-    aperture_area = np.pi * radius**2 / f0[rows][good]
+    aperture_area = np.pi * radius**2 / f0[rows]
     total = 1.0 + loss_i - sky_i * aperture_area
     ok = np.isfinite(total)
     if ok.sum() < config.min_stars:
         return ApertureLoss.none()
-    total, loss_i, sky_i, aperture_area = total[ok], loss_i[ok], sky_i[ok], aperture_area[ok]
+    total, loss_i, sky_i, aperture_area, rows = total[ok], loss_i[ok], sky_i[ok], aperture_area[ok], rows[ok]
     fractions, area, edges, radius = fractions[ok], area[ok], edges[ok], radius[ok]
     n = len(total)
     # the median over stars: a neighbour's light left in one star's annuli moves that star alone
@@ -206,7 +211,7 @@ def measure_aperture_loss(image: np.ndarray, variance: np.ndarray, bad: np.ndarr
     radii = np.median(edges / radius[:, None], axis=0)[1:]
     return ApertureLoss(factor=factor, error=float(error), measured=measured, tail=tail,
                         radius_max=float(np.median(edges[:, -1])), radii=radii, curve=curve, n_stars=n,
-                        sky=sky_term)
+                        sky=sky_term, stars=rows)
 
 
 class ApCorrMap:

@@ -282,18 +282,22 @@ def subtract_background(image: np.ndarray, background: Background, *, in_place: 
     return image.astype(np.float32) - model
 
 
-def sky_mean_level(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, bad_mask_planes, clip: float = 5.0) -> float:
+def sky_mean_level(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, bad_mask_planes, clip: float = 5.0,
+                   *, exclude: np.ndarray | None = None) -> float:
     """Mean of the background-subtracted pixels outside DETECTED and ``bad_mask_planes`` [image units].
 
     Rows are subsampled to about two million pixels.
-
     Pixels beyond ``clip`` sigma of their noise either way (hot pixels, left-over cosmic rays)
     are left out; the faint undetected sources that raise the mean are well within that.
+    ``exclude`` (bool, shape of ``image``), when given, leaves out more pixels, e.g. those near the
+    footprints, which hold the wings of the detected sources. 0 when no pixel is left.
     """
     # every step-th row: a mean over a million pixels is precise to ~0.03 e- at 1000 e- of sky
     step = max(1, image.shape[0] * image.shape[1] // 2_000_000)
     image, variance, mask = image[::step], variance[::step], mask[::step]
     use = ~unusable_pixels(image, variance, mask, bad_mask_planes) & ((mask & mask_bit("DETECTED")) == 0)
+    if exclude is not None:
+        use &= ~np.asarray(exclude, bool)[::step]
     values = image[use]
     if values.size == 0:
         return 0.0

@@ -5,9 +5,9 @@ on the characterized exposure and deblend, when run on its own or with ``redetec
 measure (centroids, apertures, PSF and Kron fluxes, shapes, flags), find the faint sources hidden
 in bright point sources' footprints on the image with their PSF models subtracted
 (:func:`snakedrp.meas.detect.detect_in_residual`) and measure them with their neighbours' models
-subtracted, apply the aperture correction (its constant re-centred on the median of the src's
-bright unresolved stars) and the aperture loss measured by the curve of growth of those stars
-on the image less all point-source models (:func:`snakedrp.meas.apcorr.measure_aperture_loss`;
+subtracted, apply the aperture correction (its constant re-centred on the median over the
+aperture loss's stars) and the aperture loss measured by the curve of growth of the src's bright
+unresolved stars on the image less all point-source models (:func:`snakedrp.meas.apcorr.measure_aperture_loss`;
 PSF fluxes of stars are then total fluxes), match to the reference catalog and fit a TAN-SIP WCS,
 then fit the zeropoint from matched unresolved stars and add calibrated magnitudes and sky
 coordinates to the catalog.
@@ -202,9 +202,15 @@ class CalibrateTask:
         neighbours; with their footprints replaced, their wings remain and scatter the stars'
         calibration / PSF flux ratios by a few per cent, one-sided, so the weighted fit of
         characterization (dominated by a few bright, often blended stars) is off by up to a per
-        cent. With ``recentre_apcorr`` the map's constant term moves onto the median over the
-        unresolved, unflagged src stars above ``recentre_snr_min`` of ``calib_flux / psf_flux -
-        apcorr(x, y)``. The aperture loss (:func:`measure_aperture_loss`) is measured on the image
+        cent. With ``recentre_apcorr`` the map's constant term moves onto the median of
+        ``calib_flux / psf_flux - apcorr(x, y)`` over the stars of the aperture loss, whose total /
+        calibration-aperture flux ratios take out the local sky level each one's aperture holds, so
+        that ``apcorr x aperture loss`` is those stars' total / PSF flux. The sky level left under
+        every star is a larger fraction of a fainter star's aperture (1.5 e- a pixel is 4 % of an
+        S/N-100 star in 4 FWHM at 1.3" seeing, 0.2 % of an S/N-1000 one): a median over fainter
+        stars than the aperture loss's would move the flux scale with the zero level. With an
+        aperture loss of fewer than 3 stars, the median is over the unresolved, unflagged src stars
+        above ``recentre_snr_min``. The aperture loss (:func:`measure_aperture_loss`) is measured on the image
         less the PSF models of every point source (:meth:`_point_sources`; beyond the model's
         kernel their wings remain, a per cent of a neighbour's light), resolved sources' footprints
         left out.
@@ -236,10 +242,20 @@ class CalibrateTask:
         ids = np.asarray(s["id"], np.int32)
         psf_flux = np.asarray(s["psf_flux"], float)
         calib, calib_err = np.asarray(s["calib_flux"], float), np.asarray(s["calib_flux_err"], float)
+        loss = None
+        if cfg.aperture_loss.enabled:
+            loss = measure_aperture_loss(residual, variance, bad, seg_resolved, ids, x, y, radius, calib, calib_err,
+                                         cfg.aperture_loss)
         if apcorr is not None and cfg.recentre_apcorr:
             with np.errstate(invalid="ignore", divide="ignore"):
-                use = np.asarray(s["psf_snr"], float) >= cfg.recentre_snr_min
                 offset = calib / psf_flux - apcorr.evaluate(x, y)
+            if loss is not None and len(loss.stars) >= 3:
+                # the aperture loss's stars: its total / calib ratios hold their calibration
+                # apertures' local sky, so the product apcorr x aperture loss is their total / PSF flux
+                use = np.zeros(len(s), bool)
+                use[loss.stars] = True
+            else:
+                use = np.asarray(s["psf_snr"], float) >= cfg.recentre_snr_min
             use &= np.isfinite(offset)
             if use.sum() >= 3:
                 coeffs = apcorr.coeffs.copy()
@@ -248,10 +264,6 @@ class CalibrateTask:
                                    apcorr.y_scale, error=max(apcorr.error, 1.2533 * 1.4826 * float(
                                        np.median(np.abs(offset[use] - np.median(offset[use])))) / np.sqrt(use.sum())),
                                    scatter=apcorr.scatter, n_stars=int(use.sum()))
-        loss = None
-        if cfg.aperture_loss.enabled:
-            loss = measure_aperture_loss(residual, variance, bad, seg_resolved, ids, x, y, radius, calib, calib_err,
-                                         cfg.aperture_loss)
         return apcorr, loss
 
     def _point_sources(self, sources: Table) -> np.ndarray:

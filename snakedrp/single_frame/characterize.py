@@ -4,8 +4,10 @@ The order follows the LSST CharacterizeImageTask: subtract a first background, e
 width from the brightest unsaturated peaks (:func:`snakedrp.meas.detect.estimate_psf_sigma`, so
 the matched filter and the first-guess PSF follow the seeing; ``psf_fwhm_guess`` only seeds it),
 detect sources, re-estimate the background with their footprints (grown by
-``background_grow_fwhm``) masked and subtract the mean left in the sky pixels
-(:func:`sky_mean_level`: the light of undetected sources, which a mode-type background leaves in),
+``background_grow_fwhm``) masked and subtract the mean left in the sky pixels farther than
+``sky_mean_grow_fwhm`` from every footprint (:func:`sky_mean_level`: the light of undetected
+sources and the low bias of a mode-type background on a Poisson sky, without the detected
+stars' wings),
 measure them with a Gaussian first-guess PSF of that width, select PSF stars on the size–flux locus
 (no smaller than ``psf_width_min_fraction`` of the estimate, so that cosmic rays cannot form the
 locus of a sparse field; reserving a fraction for validation), build the spatially varying PSF model, find and repair
@@ -134,9 +136,11 @@ class CharacterizeTask:
             image -= refined.evaluate()
             level = 0.0
             if cfg.subtract_sky_mean:
-                # over the pixels outside the footprints as detected (not grown): those are the pixels
-                # a calibration aperture or annulus keeps after its neighbours' footprints are replaced
-                level = sky_mean_level(image, variance, detections.mask, cfg.detection.bad_mask_planes)
+                # far from the footprints: nearer, the sky pixels hold the detected stars' wings, which
+                # are light of those stars (the aperture loss adds it to them), not an isolated star's sky
+                near = grow_mask(detections.segmentation > 0, int(np.ceil(cfg.sky_mean_grow_fwhm * 2.3548 * sigma0)))
+                level = sky_mean_level(image, variance, detections.mask, cfg.detection.bad_mask_planes, exclude=near)
+                del near
                 image -= np.float32(level)
             background = replace(background, mesh=background.mesh + refined.mesh + np.float32(level),
                                  mesh_rms=refined.mesh_rms,
