@@ -177,7 +177,6 @@ def test_sky_mean_level_far_from_the_footprints_leaves_the_wings_out():
     # light of those stars (and no background of an isolated star); the pixels 2 FWHM beyond the
     # footprints hold the undetected light alone (the wings there ~0.1 e-/pixel)
     from snakedrp.meas.background import sky_mean_level
-    from snakedrp.meas.detect import grow_mask
 
     rng = np.random.default_rng(11)
     shape, fwhm, beta, pedestal = (600, 600), 6.0, 3.5, 0.3
@@ -194,9 +193,19 @@ def test_sky_mean_level_far_from_the_footprints_leaves_the_wings_out():
     image = (light + pedestal + rng.normal(0.0, 20.0, shape)).astype(np.float32)
     mask = np.where(footprint, mask_bit("DETECTED"), 0).astype(np.int32)
     everywhere = sky_mean_level(image, var, mask, ["BAD"])
-    far = sky_mean_level(image, var, mask, ["BAD"], exclude=grow_mask(footprint, int(2 * fwhm)))
+    far = sky_mean_level(image, var, mask, ["BAD"], footprints=footprint, exclude_radius=int(2 * fwhm))
     print(f"sky mean level: all sky pixels {everywhere:.3f}, 2 FWHM beyond the footprints {far:.3f} "
           f"(undetected light {pedestal})")
     assert everywhere > pedestal + 0.5
     assert abs(far - pedestal) < 0.15
-    assert sky_mean_level(image, var, mask, ["BAD"], exclude=np.ones(shape, bool)) == 0.0
+    assert sky_mean_level(image, var, mask, ["BAD"], footprints=footprint, exclude_radius=600) == 0.0
+
+
+@pytest.mark.parametrize("radius, step", [(0, 1), (3, 1), (5, 3), (16, 4), (700, 2)])
+def test_grown_rows_are_the_sampled_rows_of_the_grown_mask(radius, step):
+    from snakedrp.meas.background import _grown_rows
+    from snakedrp.meas.detect import grow_mask
+
+    mask = np.random.default_rng(3).random((301, 203)) > 0.999
+    mask[0, 0] = mask[-1, -1] = True                       # footprints on the edges
+    assert np.array_equal(_grown_rows(mask, radius, step), grow_mask(mask, radius)[::step])

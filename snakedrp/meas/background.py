@@ -283,24 +283,45 @@ def subtract_background(image: np.ndarray, background: Background, *, in_place: 
 
 
 def sky_mean_level(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, bad_mask_planes, clip: float = 5.0,
-                   *, exclude: np.ndarray | None = None) -> float:
+                   *, footprints: np.ndarray | None = None, exclude_radius: int = 0) -> float:
     """Mean of the background-subtracted pixels outside DETECTED and ``bad_mask_planes`` [image units].
 
     Rows are subsampled to about two million pixels.
     Pixels beyond ``clip`` sigma of their noise either way (hot pixels, left-over cosmic rays)
     are left out; the faint undetected sources that raise the mean are well within that.
-    ``exclude`` (bool, shape of ``image``), when given, leaves out more pixels, e.g. those near the
-    footprints, which hold the wings of the detected sources. 0 when no pixel is left.
+    With ``footprints`` (bool, shape of ``image``) and ``exclude_radius`` > 0, the pixels within
+    ``exclude_radius`` pixels (a square) of a footprint pixel are left out too: they hold the
+    wings of the detected sources. 0 when no pixel is left.
     """
     # every step-th row: a mean over a million pixels is precise to ~0.03 e- at 1000 e- of sky
     step = max(1, image.shape[0] * image.shape[1] // 2_000_000)
-    image, variance, mask = image[::step], variance[::step], mask[::step]
-    use = ~unusable_pixels(image, variance, mask, bad_mask_planes) & ((mask & mask_bit("DETECTED")) == 0)
-    if exclude is not None:
-        use &= ~np.asarray(exclude, bool)[::step]
+    image, variance, sampled_mask = image[::step], variance[::step], mask[::step]
+    use = ~unusable_pixels(image, variance, sampled_mask, bad_mask_planes) & ((sampled_mask & mask_bit("DETECTED")) == 0)
+    if footprints is not None and exclude_radius > 0:
+        use &= ~_grown_rows(np.asarray(footprints, bool), int(exclude_radius), step)
     values = image[use]
     if values.size == 0:
         return 0.0
     with np.errstate(invalid="ignore"):
         keep = np.abs(values) < clip * np.sqrt(variance[use])
     return float(np.mean(values[keep], dtype=np.float64)) if keep.any() else 0.0
+
+
+def _grown_rows(mask: np.ndarray, radius: int, step: int) -> np.ndarray:
+    """``grow_mask(mask, radius)[::step]`` (a square dilation), dilating only the sampled rows.
+
+    At a 2-FWHM radius in 1.3" seeing (16 pixels) and every 4th row of an HSC CCD: ~0.04 s,
+    against ~0.13 s for the whole image's dilation.
+    """
+    ny, nx = mask.shape
+    rows = np.arange(0, ny, step)
+    band = np.zeros((len(rows), nx), bool)
+    for dy in range(-min(radius, ny - 1), min(radius, ny - 1) + 1):
+        src = rows + dy
+        inside = (src >= 0) & (src < ny)
+        band[inside] |= mask[src[inside]]
+    out = band.copy()
+    for dx in range(1, min(radius, nx - 1) + 1):
+        out[:, dx:] |= band[:, :-dx]
+        out[:, :-dx] |= band[:, dx:]
+    return out

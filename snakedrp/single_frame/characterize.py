@@ -138,9 +138,9 @@ class CharacterizeTask:
             if cfg.subtract_sky_mean:
                 # far from the footprints: nearer, the sky pixels hold the detected stars' wings, which
                 # are light of those stars (the aperture loss adds it to them), not an isolated star's sky
-                near = grow_mask(detections.segmentation > 0, int(np.ceil(cfg.sky_mean_grow_fwhm * 2.3548 * sigma0)))
-                level = sky_mean_level(image, variance, detections.mask, cfg.detection.bad_mask_planes, exclude=near)
-                del near
+                level = sky_mean_level(image, variance, detections.mask, cfg.detection.bad_mask_planes,
+                                       footprints=detections.segmentation > 0,
+                                       exclude_radius=int(np.ceil(cfg.sky_mean_grow_fwhm * 2.3548 * sigma0)))
                 image -= np.float32(level)
             background = replace(background, mesh=background.mesh + refined.mesh + np.float32(level),
                                  mesh_rms=refined.mesh_rms,
