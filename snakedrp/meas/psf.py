@@ -144,9 +144,9 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
     by its PSF-fit flux.
     Every kernel pixel is then a weighted least-squares polynomial in (x, y) across the stars,
     of degree ``config.degree``, lowered until there are ``config.stars_per_term`` stars per
-    term and the ellipticity noise the stars' positions and S/N predict for the model (RMS over
-    the CCD, :func:`predicted_shape_noise`) is at most ``config.max_shape_noise``;
-    with model-based weights ``F^2 / (sky variance + F * model)`` (data-based weights would
+    term and, above degree 1, until the ellipticity noise the stars' positions and S/N predict
+    for the model (RMS over the CCD, :func:`predicted_shape_noise`) is at most
+    ``config.max_shape_noise``; with model-based weights ``F^2 / (sky variance + F * model)`` (data-based weights would
     bias the fluxes). Star pixels far off the model (cosmic rays, neighbours) are replaced by
     the model and get no weight; stars whose chi^2 is an outlier are dropped; fluxes are re-fitted
     with the new model and the fit repeated ``n_iter`` times.
@@ -208,11 +208,12 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
     def shape_noise(d: int) -> float:
         return predicted_shape_noise(u_cand, v_cand, snr[cand], d) if snr is not None else float("nan")
 
-    # few stars, faint ones or stars leaving part of the CCD empty: the higher-order terms would
-    # fit their noise, worst where the polynomial is extrapolated
+    # few stars, faint ones or stars leaving part of the CCD empty: the quadratic and higher terms
+    # would fit their noise, worst where the polynomial is extrapolated. A plane is kept whatever
+    # its noise: the PSF size varies over a CCD by ~1-2 %, which a constant model would miss.
     degree = config.degree
     while degree > 0 and (len(cand) < config.stars_per_term * len(poly_terms(degree))
-                          or shape_noise(degree) > config.max_shape_noise):
+                          or (degree > 1 and shape_noise(degree) > config.max_shape_noise)):
         degree -= 1
 
     bad_bits = mask_bits(*config.bad_mask_planes)
