@@ -22,7 +22,8 @@ from scipy.spatial import cKDTree
 
 from snakedrp.repo.exposure import mask_bit
 from snakedrp.pexconfig import ConfigError
-from snakedrp.meas.psf import PsfConfig, PsfError, build_psf
+from snakedrp.meas.psf import PsfConfig, PsfError, build_psf, predicted_shape_noise
+from snakedrp.poly import poly_basis
 from snakedrp.meas.psf_select import select_psf_stars
 from snakedrp.repo.psf_model import GaussianPsf, PixelPsf, psf_from_hdu
 from snakedrp.stamps import gaussian_centroid, kernel_moments, shift_image, shift_stack
@@ -284,6 +285,65 @@ def test_degree_is_lowered_when_stars_are_few(field, built):
     few = stars[~stars["reserved"]][:15]
     result = build_psf(field["image"], field["variance"], field["mask"], few, PsfConfig())
     assert result.degree < 2      # 15 stars < 4 per term x 6 terms
+
+
+def _grid_shape_errors(psf, n_side=5):
+    """Model-minus-truth (FWHM ratio - 1, e1, e2) on an n_side x n_side grid spanning the CCD."""
+    ny, nx = SHAPE
+    out = []
+    for y in np.linspace(20, ny - 21, n_side):
+        for x in np.linspace(20, nx - 21, n_side):
+            model = psf.kernel(x, y)
+            sm, e1m, e2m = kernel_moments(model)
+            st, e1t, e2t = kernel_moments(true_kernel(x, y, model.shape[0]))
+            out.append((sm / st - 1, e1m - e1t, e2m - e2t))
+    return np.array(out)
+
+
+def test_degree_is_lowered_when_stars_leave_the_ccd_empty(field, built):
+    """30 faint stars in the lower third: enough for 4 per term, but a quadratic would fit their
+    noise and be extrapolated over the empty two thirds."""
+    stars, _ = built
+    ny, nx = SHAPE
+    pool = stars[~stars["reserved"] & (stars["y"] < ny / 3)]
+    pool = pool[np.argsort(pool["flux"] / pool["flux_err"])][:30]
+    snr = np.asarray(pool["flux"] / pool["flux_err"])
+    default = build_psf(field["image"], field["variance"], field["mask"], pool, PsfConfig())
+    unlimited = build_psf(field["image"], field["variance"], field["mask"], pool, PsfConfig(max_shape_noise=1e9))
+    err_default = np.sqrt(np.mean(_grid_shape_errors(default.psf) ** 2, axis=0))
+    err_unlimited = np.sqrt(np.mean(_grid_shape_errors(unlimited.psf) ** 2, axis=0))
+    print(f"30 stars S/N {snr.min():.0f}-{snr.max():.0f} in y < {ny / 3:.0f}: degree {default.degree} "
+          f"(noise {default.shape_noise:.4f}) grid RMS FWHM {100 * err_default[0]:.2f} % e1 {err_default[1]:.4f} "
+          f"e2 {err_default[2]:.4f}; degree {unlimited.degree} (noise {unlimited.shape_noise:.4f}) "
+          f"FWHM {100 * err_unlimited[0]:.2f} % e1 {err_unlimited[1]:.4f} e2 {err_unlimited[2]:.4f}")
+    assert unlimited.degree == 2 and default.degree == 1
+    assert default.shape_noise <= PsfConfig().max_shape_noise < unlimited.shape_noise
+    # a plane is kept whatever its noise (a constant PSF would miss the size variation)
+    assert build_psf(field["image"], field["variance"], field["mask"], pool, PsfConfig(max_shape_noise=0.0)).degree == 1
+    # the quadratic's ellipticity over the empty part of the CCD is mostly noise
+    assert np.hypot(*err_default[1:]) < 0.5 * np.hypot(*err_unlimited[1:])
+
+
+def test_predicted_shape_noise_matches_noisy_fits():
+    """The prediction is the RMS over the CCD of a weighted polynomial fit to ellipticities with errors 2 / S/N."""
+    rng = np.random.default_rng(5)
+    n = 25
+    u, v = rng.uniform(-1, 0.2, n), rng.uniform(-1, 1, n)       # the right part of the CCD is empty
+    snr = 10 ** rng.uniform(1.7, 2.7, n)
+    g = np.linspace(-1, 1, 11)
+    gu, gv = (a.ravel() for a in np.meshgrid(g, g))
+    for degree in (0, 1, 2):
+        basis, grid = poly_basis(u, v, degree), poly_basis(gu, gv, degree)
+        w = (snr / 2) ** 2
+        fits_ = [grid @ np.linalg.lstsq(basis * np.sqrt(w)[:, None], rng.normal(0, 2 / snr) * np.sqrt(w), rcond=None)[0]
+                 for _ in range(2000)]
+        measured = np.sqrt(np.mean(np.square(fits_)))
+        assert predicted_shape_noise(u, v, snr, degree) == pytest.approx(measured, rel=0.05)
+    assert predicted_shape_noise(u, v, snr, 0) == pytest.approx(2 / np.sqrt(np.sum(snr**2)))
+    assert predicted_shape_noise(u, v, 2 * snr, 2) == pytest.approx(0.5 * predicted_shape_noise(u, v, snr, 2))
+    # stars on one column do not constrain the variation along x
+    assert predicted_shape_noise(np.full(n, 0.3), v, snr, 1) == np.inf
+    assert np.isfinite(predicted_shape_noise(np.full(n, 0.3), v, snr, 0))
 
 
 # ---------------------------------------------------------------- helpers and config

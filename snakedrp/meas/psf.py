@@ -49,9 +49,12 @@ class PsfResult:
         Same as ``stars['psf_used']``.
     kernel_size : int
     degree : int
-        Degree actually fitted (lowered when stars are few).
+        Degree actually fitted (lowered when stars are few, faint or leave part of the CCD empty).
     fwhm : float
         Gaussian-equivalent FWHM of the model at the CCD centre [pixel].
+    shape_noise : float
+        The model's ellipticity noise predicted from the candidate stars for ``degree``, RMS
+        over the CCD (:func:`predicted_shape_noise`); NaN when the stars have no fluxes.
     """
 
     psf: PixelPsf
@@ -60,6 +63,7 @@ class PsfResult:
     kernel_size: int
     degree: int
     fwhm: float
+    shape_noise: float = float("nan")
 
 
 def _masked_median(values: np.ndarray, use: np.ndarray) -> np.ndarray:
@@ -90,6 +94,46 @@ def _solve_pixels(data: np.ndarray, weight: np.ndarray, basis: np.ndarray) -> np
     return np.linalg.solve(normal, rhs[:, :, None])[:, :, 0].T
 
 
+def predicted_shape_noise(u: np.ndarray, v: np.ndarray, snr: np.ndarray, degree: int, n_grid: int = 11) -> float:
+    """Statistical ellipticity error of a degree-``degree`` spatial fit to stars, RMS over the CCD.
+
+    Each star's ellipticity (distortion) is taken to have the error ``2 / snr``; the error of
+    the weighted least-squares polynomial at a position is propagated from these and averaged
+    (in quadrature) over an ``n_grid`` x ``n_grid`` grid spanning the CCD, so positions far from
+    any star (extrapolated corners, a half of the CCD without stars) count as much as the
+    well-covered ones.
+
+    Parameters
+    ----------
+    u, v : ndarray
+        Star positions normalised to the CCD, ``(x - x_center) / x_scale`` (the CCD spans -1 to 1).
+    snr : ndarray
+        The stars' flux S/N; non-finite or non-positive values carry no weight.
+    degree : int
+        Total degree of the polynomial.
+    n_grid : int
+        Grid points per axis.
+
+    Returns
+    -------
+    float
+        RMS predicted error of the model's e1 (or e2) [dimensionless]; ``inf`` if the stars
+        cannot constrain the polynomial (too few, or all on one line).
+    """
+    weight = np.where(np.isfinite(snr) & (snr > 0), np.nan_to_num(snr) / 2.0, 0.0) ** 2
+    basis = poly_basis(u, v, degree)
+    normal = (basis * weight[:, None]).T @ basis
+    g = np.linspace(-1.0, 1.0, n_grid)
+    gu, gv = np.meshgrid(g, g)
+    grid = poly_basis(gu.ravel(), gv.ravel(), degree)
+    # an eigenvalue at round-off level of the largest: a direction the stars do not constrain
+    eig = np.linalg.eigvalsh(normal)
+    if not eig[-1] > 0 or eig[0] <= 1e-12 * eig[-1]:
+        return float("inf")
+    var = np.einsum("gt,gt->g", grid, np.linalg.solve(normal, grid.T).T)
+    return float(np.sqrt(np.mean(np.maximum(var, 0.0))))
+
+
 def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: Table,
               config: PsfConfig | None = None) -> PsfResult:
     """Fit a :class:`PixelPsf` to the non-reserved stars of ``stars``.
@@ -99,8 +143,11 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
     central pixel, since the resampling does not preserve the first moment exactly) and divided
     by its PSF-fit flux.
     Every kernel pixel is then a weighted least-squares polynomial in (x, y) across the stars,
-    with model-based weights ``F^2 / (sky variance + F * model)`` (data-based weights would
-    bias the fluxes). Star pixels far off the model (cosmic rays, neighbours) are replaced by
+    of degree ``config.degree``, lowered until there are ``config.stars_per_term`` stars per
+    term and, above degree 1, until the ellipticity noise the stars' positions and S/N predict
+    for the model (RMS over the CCD, :func:`predicted_shape_noise`) is at most
+    ``config.max_shape_noise``; with model-based weights ``F^2 / (sky variance + F * model)``
+    (data-based weights would bias the fluxes). Star pixels far off the model (cosmic rays, neighbours) are replaced by
     the model and get no weight; stars whose chi^2 is an outlier are dropped; fluxes are re-fitted
     with the new model and the fit repeated ``n_iter`` times.
 
@@ -149,13 +196,24 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
             snr = flux_col / err_col
         cand = cand[np.argsort(-np.nan_to_num(snr[cand], nan=-np.inf), kind="stable")]
     except KeyError:
-        pass                                   # no fluxes: keep the table's order
+        snr = None                             # no fluxes: keep the table's order
     cand = cand[: config.max_stars]
     if len(cand) < config.min_stars:
         raise PsfError(f"only {len(cand)} usable PSF stars (need psf.min_stars = {config.min_stars}) "
                        f"out of {n_all} selected ({int(reserved.sum())} reserved)")
+    x_center, x_scale = (nx - 1) / 2.0, max((nx - 1) / 2.0, 1.0)
+    y_center, y_scale = (ny - 1) / 2.0, max((ny - 1) / 2.0, 1.0)
+    u_cand, v_cand = (x_all[cand] - x_center) / x_scale, (y_all[cand] - y_center) / y_scale
+
+    def shape_noise(d: int) -> float:
+        return predicted_shape_noise(u_cand, v_cand, snr[cand], d) if snr is not None else float("nan")
+
+    # few stars, faint ones or stars leaving part of the CCD empty: the quadratic and higher terms
+    # would fit their noise, worst where the polynomial is extrapolated. A plane is kept whatever
+    # its noise: the PSF size varies over a CCD by ~1 %, which a constant model would miss.
     degree = config.degree
-    while degree > 0 and len(cand) < config.stars_per_term * len(poly_terms(degree)):
+    while degree > 0 and (len(cand) < config.stars_per_term * len(poly_terms(degree))
+                          or (degree > 1 and shape_noise(degree) > config.max_shape_noise)):
         degree -= 1
 
     bad_bits = mask_bits(*config.bad_mask_planes)
@@ -190,8 +248,6 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
     to_centre = StackShift(-dx, -dy, n_cand, n_raw, n_raw, order)            # star -> kernel grid
     to_star = StackShift(dx, dy, n_cand, n_raw, n_raw, order)                # kernel grid -> star
 
-    x_center, x_scale = (nx - 1) / 2.0, max((nx - 1) / 2.0, 1.0)
-    y_center, y_scale = (ny - 1) / 2.0, max((ny - 1) / 2.0, 1.0)
     basis = poly_basis((xc - x_center) / x_scale, (yc - y_center) / y_scale, degree)
 
     # first pass: box-sum fluxes and a robust (median) constant model
@@ -270,4 +326,5 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
         col[cand] = values
         out[name] = col
     fwhm = psf.fwhm(x_center, y_center)
-    return PsfResult(psf=psf, stars=out, stars_used=used, kernel_size=size, degree=degree, fwhm=fwhm)
+    return PsfResult(psf=psf, stars=out, stars_used=used, kernel_size=size, degree=degree, fwhm=fwhm,
+                     shape_noise=shape_noise(degree))
