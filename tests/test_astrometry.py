@@ -14,7 +14,8 @@ import pytest
 from astropy.table import Table
 
 from snakedrp.calib.astrometry import AstrometryConfig, AstrometryError, match_and_fit
-from snakedrp.calib.wcs_fit import angular_separation_mas, gnomonic, inverse_gnomonic, world_to_pixel_sip
+from snakedrp.calib.wcs_fit import (MAS_PER_DEG, angular_separation_mas, fit_tangent, gnomonic, inverse_gnomonic,
+                                    predicted_grid_error, world_to_pixel_sip)
 from snakedrp.repo.camera import Camera
 
 CAMERAS = Path(__file__).resolve().parents[1] / "config" / "cameras"
@@ -337,3 +338,52 @@ def test_linear_term_beyond_the_camera_model_is_fitted():
     ra_t, dec_t = squeezed(*cam.pixel_to_sky(0, gx, gy, ra0, dec0, truth["rot0"]))
     ra_f, dec_f = result.wcs.all_pix2world(gx, gy, 0)
     assert rms(angular_separation_mas(ra_f, dec_f, ra_t, dec_t)) < 3.0
+
+
+def test_sparse_field_with_a_bad_match_keeps_the_low_order():
+    """~18 matches with one 0.45" off (a blend, inside the match radius): the F-test alone takes a
+    polynomial correction that bends to it and swings by 0.1-0.2" over the CCD's empty parts;
+    its predicted grid error keeps the shift + rotation + scale, and clipping drops the bad match."""
+    cam = camera("ci")
+    sources, refcat, guess, truth = make_field(cam, 0, n_stars=30, seed=3, n_outliers=1, outlier_shift=0.45)
+    result = match_and_fit(sources, refcat, camera_guess(cam, guess, truth), AstrometryConfig(), shape=cam.ccd_shape)
+    assert result.fit_parameters == 4
+    assert rms(wcs_error_mas(cam, result.wcs, truth)) < 8.0  # was 152 mas with an order-2 correction
+    # the option off: the old choice
+    loose = match_and_fit(sources, refcat, camera_guess(cam, guess, truth),
+                          AstrometryConfig(max_predicted_error=1e9), shape=cam.ccd_shape)
+    assert loose.fit_parameters > 4 and rms(wcs_error_mas(cam, loose.wcs, truth)) > 50.0
+
+
+@pytest.mark.parametrize("order, similar", [(2, False), (1, True)])
+def test_predicted_grid_error_matches_the_scatter_of_refits(order, similar):
+    """20 points in one corner of a 1024 x 2048 CCD: the predicted RMS error over the CCD equals
+    the RMS over noise realizations of the refitted model's error there."""
+    rng = np.random.default_rng(5)
+    n, sig = 20, 10.0  # mas per axis
+    u, v = rng.uniform(-512, 0, n), rng.uniform(-1024, 0, n)
+    gu, gv = (g.ravel() for g in np.meshgrid(np.linspace(-512, 512, 11), np.linspace(-1024, 1024, 11)))
+    cd = np.array([[-0.17, 0.0], [0.0, 0.17]]) / 3600.0  # deg per pixel
+    xi0, eta0 = cd @ np.stack([u, v])
+    gxi, geta = cd @ np.stack([gu, gv])
+    sx = np.full(n, sig / MAS_PER_DEG)
+    similar_to = cd if similar else None
+    errs, predicted = [], []
+    for _ in range(200):
+        ra, dec = inverse_gnomonic(xi0 + rng.normal(0, 1, n) * sx, eta0 + rng.normal(0, 1, n) * sx, 30.0, 10.0)
+        fit = fit_tangent(u, v, ra, dec, sx, sx, order if not similar else 1, 1024.0, 30.0, 10.0,
+                          similar_to=similar_to)
+        fxi, feta = fit.tangent(gu, gv)
+        tra, tdec = inverse_gnomonic(gxi, geta, 30.0, 10.0)
+        fra, fdec = inverse_gnomonic(fxi, feta, fit.ra0, fit.dec0)
+        errs.append(angular_separation_mas(fra, fdec, tra, tdec) ** 2)
+        predicted.append(predicted_grid_error(fit, u, v, sx, sx, gu, gv, 0.0, similar_to=similar_to))
+    actual = float(np.sqrt(np.mean(errs)))
+    assert np.ptp(predicted) < 1e-6 * predicted[0]  # chi2 0: the errors alone, the same each time
+    assert abs(predicted[0] / actual - 1.0) < 0.1
+    # an underestimated error scale is scaled up, an overestimated one is not scaled down
+    dof = 2 * n - fit.n_parameters
+    assert predicted_grid_error(fit, u, v, sx, sx, gu, gv, 4.0 * dof, similar_to=similar_to) \
+        == pytest.approx(2.0 * predicted[0])
+    assert predicted_grid_error(fit, u, v, sx, sx, gu, gv, 0.25 * dof, similar_to=similar_to) \
+        == pytest.approx(predicted[0])

@@ -23,7 +23,10 @@ The steps follow the LSST AstrometryTask (matchOptimisticB, then a fitted TAN-SI
    scale of the guess's CD (4 parameters), then polynomials of order 1 (affine) up to
    ``sip_order``; a model is tried while there are ``min_matches_per_term`` matches per term
    and axis, and replaces a simpler one when its chi-square drop passes the F-test at
-   ``order_significance``. The constant terms move CRVAL (iterated). With the guess's
+   ``order_significance`` and, for a correction on top of the guess's distortion, the
+   position error its parameter covariance predicts over an 11x11 grid of the CCD has an RMS
+   of at most ``max_predicted_error`` (a sparse field's few matches leave a polynomial free to
+   swing where the CCD has none). The constant terms move CRVAL (iterated). With the guess's
    distortion kept, model after distortion is refitted as a polynomial of the pixel offsets
    on a grid over the CCD (exact for a linear model and a polynomial distortion). Its linear
    terms are the CD matrix and the rest, multiplied by ``CD^-1``, the SIP ``A``/``B``
@@ -284,6 +287,12 @@ def match_and_fit(sources: Table, refcat: Table, wcs_guess: WCS, config: Astrome
             return x - centre[0], y - centre[1]
     guess_cd = pixel_scale_matrix(wcs_guess)
     src_u, src_v = fit_coordinates(src["x"], src["y"])
+    gx, gy = np.meshgrid(np.linspace(0.0, nx - 1.0, 11), np.linspace(0.0, ny - 1.0, 11))
+    grid_uv = fit_coordinates(gx.ravel(), gy.ravel())
+    # only for a correction of the camera's distortion, which leaves the simpler models mas-level
+    # biases, so that their noise decides; fitting the whole distortion (a TAN guess), the simpler
+    # models are off by arcseconds and the F-test alone must let the order rise
+    max_predicted_error = cfg.max_predicted_error if keep else np.inf
     norm = max(nx, ny) / 2.0
     ra0, dec0 = (float(v[0]) for v in wcs_guess.all_pix2world([centre[0]], [centre[1]], 0))
     used = np.ones(len(ri), bool)
@@ -299,7 +308,7 @@ def match_and_fit(sources: Table, refcat: Table, wcs_guess: WCS, config: Astrome
         fit = choose_fit(src_u[si][used], src_v[si][used], ref["ra"][ri][used], ref["dec"][ri][used],
                          sig_xi[used], sig_eta[used], norm, ra0, dec0, max_order=cfg.sip_order,
                          matches_per_term=cfg.min_matches_per_term, significance=cfg.order_significance,
-                         similar_to=guess_cd)
+                         similar_to=guess_cd, grid=grid_uv, max_predicted_error=max_predicted_error)
         ra0, dec0 = fit.ra0, fit.dec0
         if iteration == cfg.rejection_iterations:
             break

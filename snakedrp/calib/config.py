@@ -41,6 +41,10 @@ class AstrometryConfig(Config):
     order_significance: float = option(
         0.001, "A richer model (shift+rotation+scale, then polynomial orders 1, 2, ...) replaces a simpler one only "
               "when its chi^2 drop has a chance probability (F-test) below this", min=0.0, max=1.0)
+    max_predicted_error: float = option(
+        3.0, "With keep_guess_distortion, a richer correction replaces a simpler one only when, besides the F-test, "
+             "the position error its parameter covariance predicts (from the matches' errors and layout, scaled up by "
+             "chi^2/dof above 1) has an RMS over an 11x11 grid of the CCD at most this [mas]", min=0.0)
     inverse_sip_order_max: int = option(7, "Highest order tried for the inverse SIP (AP/BP), and for the forward SIP "
                                              "holding the guess's distortion with the correction", min=1, max=9)
     inverse_tolerance: float = option(0.002, "SIP goal: max pixel error on the CCD of world->pixel, and of the "

@@ -120,6 +120,19 @@ class TangentFit:
         return d @ self.cx, d @ self.cy
 
 
+def _similarity_design(u, v, norm: float, similar_to: np.ndarray) -> np.ndarray:
+    # both axes in one design, rows (xi at all points, then eta), parameters
+    # (t_xi, t_eta, s cos phi, s sin phi) of (xi, eta) = t + s R(phi) M (u, v)
+    m = np.asarray(similar_to, float) * norm
+    big_x, big_y = m @ np.stack([np.asarray(u, float) / norm, np.asarray(v, float) / norm])
+    n = len(big_x)
+    joint = np.zeros((2 * n, 4))
+    joint[:n, 0], joint[n:, 1] = 1.0, 1.0
+    joint[:n, 2], joint[:n, 3] = big_x, -big_y
+    joint[n:, 2], joint[n:, 3] = big_y, big_x
+    return joint
+
+
 def fit_tangent(u, v, ra, dec, sig_xi, sig_eta, order: int, norm: float, ra0: float, dec0: float, *,
                 similar_to: np.ndarray | None = None) -> TangentFit:
     """Weighted polynomial (xi, eta)(u, v); CRVAL moved until the constant terms vanish.
@@ -135,13 +148,7 @@ def fit_tangent(u, v, ra, dec, sig_xi, sig_eta, order: int, norm: float, ra0: fl
         if order != 1:
             raise ValueError(f"a similarity fit is of order 1, not {order}")
         m = np.asarray(similar_to, float) * norm  # per unit of the normalized (u/norm, v/norm)
-        big_x, big_y = m @ np.stack([u / norm, v / norm])
-        n = len(u)
-        # both axes in one fit, parameters (t_xi, t_eta, s cos phi, s sin phi)
-        joint = np.zeros((2 * n, 4))
-        joint[:n, 0], joint[n:, 1] = 1.0, 1.0
-        joint[:n, 2], joint[:n, 3] = big_x, -big_y
-        joint[n:, 2], joint[n:, 3] = big_y, big_x
+        joint = _similarity_design(u, v, norm, similar_to)
         weights = np.concatenate([wx, wy])
 
     def solve(xi, eta):
@@ -169,8 +176,63 @@ def chi_square(fit: TangentFit, u, v, ra, dec, sig_xi, sig_eta) -> float:
     return float(np.sum(((xi - rxi) / sig_xi) ** 2 + ((eta - reta) / sig_eta) ** 2))
 
 
+def predicted_grid_error(fit: TangentFit, u, v, sig_xi, sig_eta, grid_u, grid_v, chi2: float, *,
+                         similar_to: np.ndarray | None = None) -> float:
+    """RMS over a grid of the position error [mas] the fit's parameter noise predicts.
+
+    Parameters
+    ----------
+    fit : TangentFit
+        The fitted model (``fit.similarity``: ``similar_to`` must be the matrix it was fitted with).
+    u, v : array_like
+        Fit coordinates of the matches [pixel].
+    sig_xi, sig_eta : array_like
+        Their tangent-plane errors [deg], as weighted in the fit.
+    grid_u, grid_v : array_like
+        Fit coordinates of the points the error is predicted at, e.g. a grid over the CCD [pixel].
+    chi2 : float
+        The fit's chi-square; the covariance is scaled by ``chi2`` per degree of freedom when that
+        exceeds 1 (errors underestimated), never scaled down.
+    similar_to : ndarray, optional
+        2x2 matrix [deg per pixel] of a similarity fit.
+
+    Returns
+    -------
+    float
+        ``sqrt(mean(var_xi + var_eta))`` over the grid [mas]; inf without degrees of freedom.
+
+    The covariance ``s^2 (J^T W J)^-1`` of the weighted linear least squares (``J`` the design at
+    the matches, ``W`` their inverse variances) carried to the grid's design rows: a model
+    that the matches do not pin down where the CCD has none extrapolates there, which the
+    residuals at the matches cannot show.
+    """
+    u, v = np.asarray(u, float), np.asarray(v, float)
+    w = np.concatenate([1.0 / np.asarray(sig_xi, float) ** 2, 1.0 / np.asarray(sig_eta, float) ** 2])
+    if fit.similarity:
+        if similar_to is None:
+            raise ValueError("a similarity fit's predicted error needs the matrix it was fitted with")
+        design = _similarity_design(u, v, fit.norm, similar_to)
+        grid = _similarity_design(grid_u, grid_v, fit.norm, similar_to)
+    else:
+        one = _design(u / fit.norm, v / fit.norm, fit.terms)
+        design = np.block([[one, np.zeros_like(one)], [np.zeros_like(one), one]])
+        g = _design(np.asarray(grid_u, float) / fit.norm, np.asarray(grid_v, float) / fit.norm, fit.terms)
+        grid = np.block([[g, np.zeros_like(g)], [np.zeros_like(g), g]])
+    dof = len(w) - design.shape[1]
+    if dof <= 0:
+        return float("inf")
+    # scaled to unit-norm columns, as weighted_lstsq solves, for the conditioning
+    d = np.sqrt(np.sum(design**2 * w[:, None], axis=0))
+    d = np.where(d > 0, d, 1.0)
+    cov = np.linalg.pinv((design / d).T @ ((design / d) * w[:, None])) / np.outer(d, d)
+    var = np.einsum("ij,jk,ik->i", grid, cov, grid) * max(chi2 / dof, 1.0)
+    n_grid = len(var) // 2
+    return float(np.sqrt(np.mean(var[:n_grid] + var[n_grid:]))) * MAS_PER_DEG
+
+
 def choose_fit(u, v, ra, dec, sig_xi, sig_eta, norm: float, ra0: float, dec0: float, *, max_order: int,
-               matches_per_term: float, significance: float, similar_to: np.ndarray | None = None) -> TangentFit:
+               matches_per_term: float, significance: float, similar_to: np.ndarray | None = None,
+               grid: tuple | None = None, max_predicted_error: float = np.inf) -> TangentFit:
     """The simplest model the matches call for.
 
     Candidates, simplest first: with ``similar_to``, shift + rotation + scale (4 parameters);
@@ -178,8 +240,14 @@ def choose_fit(u, v, ra, dec, sig_xi, sig_eta, norm: float, ra0: float, dec0: fl
     number at least ``matches_per_term`` x its terms per axis (2 for the similarity), and
     replaces the current model when it lowers the chi-square by more than chance would, by the
     F-test at ``significance`` (which needs no absolute error scale: it compares the
-    chi-square drop per added parameter with the residual chi-square per degree of freedom).
-    The first candidate is always fitted.
+    chi-square drop per added parameter with the residual chi-square per degree of freedom),
+    and, with ``grid`` (fit coordinates ``(u, v)`` [pixel] of points over the CCD), when its
+    :func:`predicted_grid_error` there is at most ``max_predicted_error`` [mas]. The first
+    candidate is always fitted.
+
+    The F-test only sees the matches: with a few dozen of them unevenly spread, a polynomial
+    can lower the chi-square (e.g. by bending to one bad match) while it is free to swing by
+    hundreds of mas in the parts of the CCD without matches; the grid error bounds that.
     """
     # the F distribution's survival function is the ufunc scipy.stats.f.sf calls (1 at and below 0),
     # without the ~1 s import of scipy.stats
@@ -203,8 +271,12 @@ def choose_fit(u, v, ra, dec, sig_xi, sig_eta, norm: float, ra0: float, dec0: fl
             break
         f_stat = ((best_chi2 - chi2) / added) / max(chi2 / dof, 1e-300)
         p_chance = float(fdtrc(added, dof, f_stat)) if f_stat > 0 else 1.0
-        if p_chance < significance:
-            best, best_chi2 = fit, chi2
+        if p_chance >= significance:
+            continue
+        if grid is not None and not (predicted_grid_error(fit, u, v, sig_xi, sig_eta, *grid, chi2)
+                                     <= max_predicted_error):
+            continue
+        best, best_chi2 = fit, chi2
     return best
 
 
