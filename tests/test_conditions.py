@@ -36,6 +36,7 @@ CASES = {
     "bad_seeing": CONDITIONS["bad_seeing"],
     "sparse": CONDITIONS["sparse"],
     "dense": CONDITIONS["dense"],
+    "bright_sky": CONDITIONS["bright_sky"],
     # another seed, centre and rotation at the preset's seeing
     "seed13": dict(seed=13, ra=35.5, dec=-12.0, rotation=37.0),
 }
