@@ -151,12 +151,10 @@ def detect_coadd(coadd: Exposure, *, config: DetectCoaddConfig | None = None) ->
         background = estimate_background(image, bg_mask, config.refined_background)
         image -= background.evaluate()
         if config.subtract_sky_mean:
-            # the calexps' convention: zero mean in the sky pixels far from the footprints, where
-            # the detected stars' wings have faded; the mode-type mesh sits below that mean (faint
-            # undetected sources, its own low bias)
-            level = sky_mean_level(image, variance, first.mask, config.detection.bad_mask_planes,
-                                   footprints=first.segmentation > 0,
-                                   exclude_radius=int(np.ceil(config.sky_mean_grow_fwhm * sigma * FWHM_PER_SIGMA)))
+            # the calexps' convention: zero mean outside the footprints as detected (not the discs),
+            # the pixels an aperture keeps once its neighbours' footprints are replaced; the
+            # mode-type mesh sits below that mean (faint undetected sources, wings)
+            level = sky_mean_level(image, variance, first.mask, config.detection.bad_mask_planes)
             image -= np.float32(level)
             background = replace(background, mesh=background.mesh + np.float32(level),
                                  global_background=background.global_background + level)
