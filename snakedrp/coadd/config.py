@@ -124,7 +124,7 @@ class DetectCoaddConfig(Config):
     background_grow_factor: float = option(2.0, "... each source's disc: this many times the source's footprint radius (the largest distance from its centroid to its footprint box's sides), so that a brighter star, with a wider footprint, is masked farther into its wing", min=1.0, max=10.0)
     background_grow_fwhm: float = option(2.0, "... and at least the footprint radius plus this many coadd PSF FWHM", min=0.0, max=20.0)
     background_grow_max_fwhm: float = option(30.0, "... and at most this many coadd PSF FWHM (a large blend's box does not blank a whole region)", min=1.0)
-    subtract_sky_mean: bool = option(True, "... and subtract the mean left in the pixels outside the first detection's footprints as detected (the calexps' convention, single_frame.characterize.subtract_sky_mean: zero mean in the pixels an aperture keeps once its neighbours' footprints are replaced; a mode-type mesh sits apart from that mean)")
+    subtract_sky_mean: bool = option(True, "... and subtract the mean left in the pixels outside the first detection's footprints as detected (zero mean in the pixels an aperture keeps once its neighbours' footprints are replaced; a mode-type mesh sits apart from that mean; unlike single_frame.characterize.subtract_sky_mean, the pixels near the footprints are kept)")
     refined_background: BackgroundConfig = subconfig(BackgroundConfig, "Refined coadd background model (sep), on the pixels outside the discs", default=_coadd_refined_background)
     do_scale_variance: bool = option(True, "Rescale the variance plane to the noise measured in empty (undetected, unmasked) pixels?")
     scale_variance_bad_mask_planes: list[str] = option(["DETECTED", "NO_DATA", "BAD", "SAT", "EDGE", "CLIPPED", "INTRP"],

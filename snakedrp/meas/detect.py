@@ -191,7 +191,7 @@ def estimate_psf_sigma(image: np.ndarray, variance: np.ndarray, mask: np.ndarray
         res = galsim.hsm.FindAdaptiveMom(galsim.Image(stamp), guess_sig=max(float(fallback), 1.0),
                                          guess_centroid=galsim.PositionD(x - x0 + 1, y - y0 + 1), strict=False)
         if (res.moments_status == 0 and res.moments_sigma > sigma_min
-                and np.hypot(res.observed_shape.e1, res.observed_shape.e2) <= max_ellipticity):
+                and res.observed_shape.e <= max_ellipticity):
             sizes.append(float(res.moments_sigma))
     if len(sizes) < min_stars:
         return PsfSizeEstimate(float(fallback), len(sizes), 0)

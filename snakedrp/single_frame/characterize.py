@@ -126,11 +126,12 @@ class CharacterizeTask:
             # sources no longer raises it (in a crowded field by a few e- a pixel, which in a large
             # aperture is a few per cent of a bright star)
             grow = int(np.ceil(cfg.background_grow_fwhm * 2.3548 * sigma0))
+            footprints = detections.segmentation > 0
             bg_mask = detections.mask
             if grow > cfg.detection.grow:
                 bg_mask = bg_mask.copy()
                 np.bitwise_or(bg_mask, bg_mask.dtype.type(mask_bit("DETECTED")), out=bg_mask,
-                              where=grow_mask(detections.segmentation > 0, grow))
+                              where=grow_mask(footprints, grow))
             refined = estimate_background(image, bg_mask, cfg.background)
             del bg_mask
             image -= refined.evaluate()
@@ -139,9 +140,10 @@ class CharacterizeTask:
                 # far from the footprints: nearer, the sky pixels hold the detected stars' wings, which
                 # are light of those stars (the aperture loss adds it to them), not an isolated star's sky
                 level = sky_mean_level(image, variance, detections.mask, cfg.detection.bad_mask_planes,
-                                       footprints=detections.segmentation > 0,
+                                       footprints=footprints,
                                        exclude_radius=int(np.ceil(cfg.sky_mean_grow_fwhm * 2.3548 * sigma0)))
                 image -= np.float32(level)
+            del footprints
             background = replace(background, mesh=background.mesh + refined.mesh + np.float32(level),
                                  mesh_rms=refined.mesh_rms,
                                  global_background=background.global_background + refined.global_background + level,
