@@ -324,6 +324,33 @@ def test_degree_is_lowered_when_stars_leave_the_ccd_empty(field, built):
     assert np.hypot(*err_default[1:]) < 0.5 * np.hypot(*err_unlimited[1:])
 
 
+def test_plane_kept_for_ten_bright_stars_spread_over_the_ccd(field, built):
+    """A sparse CCD: 10 bright stars (fewer than 4 per term of a plane). Spread over the CCD, their
+    plane's predicted noise is within the limit and it follows the PSF's size gradient, which a
+    constant model turns into PSF-flux errors; bunched in one corner, the plane would be
+    extrapolated over the rest and the model stays constant."""
+    stars, _ = built
+    ny, nx = SHAPE
+    pool = stars[~stars["reserved"]]
+    pool = pool[np.argsort(-pool["flux"] / pool["flux_err"])][:80]
+    targets = [(x, y) for x in (0.2 * nx, 0.8 * nx) for y in np.linspace(0.1, 0.9, 5) * ny]
+    spread = pool[[int(np.argmin(np.hypot(pool["x"] - x, pool["y"] - y))) for x, y in targets]]
+    corner = pool[np.argsort(np.hypot(pool["x"], pool["y"]))[:10]]
+    cfg = PsfConfig()
+    assert len(set(spread["x"])) == 10 and len(spread) < cfg.stars_per_term * 3
+    plane = build_psf(field["image"], field["variance"], field["mask"], spread, cfg)
+    constant = build_psf(field["image"], field["variance"], field["mask"], spread, PsfConfig(degree=0))
+    err_plane = np.sqrt(np.mean(_grid_shape_errors(plane.psf) ** 2, axis=0))
+    err_constant = np.sqrt(np.mean(_grid_shape_errors(constant.psf) ** 2, axis=0))
+    print(f"10 spread stars: degree {plane.degree} (noise {plane.shape_noise:.4f}) grid RMS FWHM "
+          f"{100 * err_plane[0]:.2f} % e {np.hypot(*err_plane[1:]):.4f}; degree 0: FWHM {100 * err_constant[0]:.2f} % "
+          f"e {np.hypot(*err_constant[1:]):.4f}")
+    assert plane.degree == 1 and plane.shape_noise <= cfg.max_shape_noise
+    assert err_plane[0] < 0.8 * err_constant[0]
+    bunched = build_psf(field["image"], field["variance"], field["mask"], corner, cfg)
+    assert bunched.degree == 0
+
+
 def test_predicted_shape_noise_matches_noisy_fits():
     """The prediction is the RMS over the CCD of a weighted polynomial fit to ellipticities with errors 2 / S/N."""
     rng = np.random.default_rng(5)

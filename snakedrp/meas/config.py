@@ -124,7 +124,7 @@ class PsfConfig(Config):
     kernel_size_min: int = option(15, "Smallest automatic kernel side [pixel]", min=5)
     kernel_size_max: int = option(51, "Largest automatic kernel side [pixel]", min=5)
     degree: int = option(2, "Degree of the polynomial variation of every kernel pixel over the CCD", min=0, max=5)
-    stars_per_term: float = option(4.0, "Lower the degree until there are at least this many fitted stars per polynomial term", min=1.0)
+    stars_per_term: float = option(4.0, "Lower the degree until there are at least this many fitted stars per polynomial term (a plane is kept with fewer when its predicted ellipticity noise is at most max_shape_noise)", min=1.0)
     max_shape_noise: float = option(0.004, "Lower a degree above 1 until the model's ellipticity noise predicted from the fitted stars' positions and S/N (2 / SNR per star), RMS over the CCD, is at most this", min=0.0)
     min_stars: int = option(8, "Fewest fitted (non-reserved) stars for a PSF model; fewer raises PsfError", min=1)
     max_stars: int = option(200, "Fit at most this many of the highest-S/N stars", min=1)

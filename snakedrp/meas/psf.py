@@ -146,7 +146,8 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
     of degree ``config.degree``, lowered until there are ``config.stars_per_term`` stars per
     term and, above degree 1, until the ellipticity noise the stars' positions and S/N predict
     for the model (RMS over the CCD, :func:`predicted_shape_noise`) is at most
-    ``config.max_shape_noise``; with model-based weights ``F^2 / (sky variance + F * model)``
+    ``config.max_shape_noise`` (a plane is also kept with fewer stars per term when its
+    predicted noise is within that limit); with model-based weights ``F^2 / (sky variance + F * model)``
     (data-based weights would bias the fluxes). Star pixels far off the model (cosmic rays, neighbours) are replaced by
     the model and get no weight; stars whose chi^2 is an outlier are dropped; fluxes are re-fitted
     with the new model and the fit repeated ``n_iter`` times.
@@ -210,10 +211,17 @@ def build_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, stars: 
 
     # few stars, faint ones or stars leaving part of the CCD empty: the quadratic and higher terms
     # would fit their noise, worst where the polynomial is extrapolated. A plane is kept whatever
-    # its noise: the PSF size varies over a CCD by ~1 %, which a constant model would miss.
+    # its noise when there are stars_per_term stars per term, and with fewer (8-11 stars: a sparse
+    # CCD) when its predicted noise is within the limit: the PSF size varies over a CCD by 1-3 %,
+    # which a constant model turns into PSF-flux errors of the same size.
+    def too_free(d: int) -> bool:
+        few = len(cand) < config.stars_per_term * len(poly_terms(d))
+        if d == 1:
+            return few and not shape_noise(1) <= config.max_shape_noise
+        return few or shape_noise(d) > config.max_shape_noise
+
     degree = config.degree
-    while degree > 0 and (len(cand) < config.stars_per_term * len(poly_terms(degree))
-                          or (degree > 1 and shape_noise(degree) > config.max_shape_noise)):
+    while degree > 0 and too_free(degree):
         degree -= 1
 
     bad_bits = mask_bits(*config.bad_mask_planes)
