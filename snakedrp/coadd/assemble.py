@@ -1,6 +1,9 @@
 """Coadd assembly (assembleCoadd): weighted mean of the warps with artifact rejection.
 
-Weights: ONE per warp, the inverse of the warp's sigma-clipped mean variance (as LSST). Per-pixel
+Weights: ONE per warp, the inverse of the warp's sigma-clipped mean variance (as LSST), or with
+``weighting = "psf"`` the inverse variance of its point-source flux (that times ``sum(P^2)`` of its
+PSF): a visit of 1.3" seeing then counts as much as its point-source depth says, not as its sky,
+and the coadd is deeper for stars and faint compact galaxies. Per-pixel
 inverse-variance weights would include each star's own photon noise and bias every star faint
 (30 mmag on the demo with SWarp's per-pixel weight maps; shared/recipes/peers.md). Warp pixels
 in ``bad_mask_planes`` do not enter; the coadd variance is the propagated variance of the
@@ -597,6 +600,21 @@ def find_artifacts(image: np.ndarray, variance: np.ndarray, good: np.ndarray, co
     return clipped
 
 
+def psf_power(warp: Exposure) -> float:
+    """Mean over a warp's input CCDs of ``sum(P**2)`` [1 / pixel], ``P`` the CCD's PSF on the patch grid at
+    the centre of its valid region, normalised to sum 1: a point source's flux variance is the pixel
+    variance over it. 1 for a warp without a :class:`CoaddPsf` (its weight is then the variance's)."""
+    psf = warp.psf
+    if not isinstance(psf, CoaddPsf) or not psf.inputs:
+        return 1.0
+    power = []
+    for item in psf.inputs:
+        x, y = np.mean(np.asarray(item.polygon, float), axis=0)
+        kernel = psf.input_kernel(item, float(x), float(y))
+        power.append(float(np.sum((kernel / kernel.sum()) ** 2)))
+    return float(np.mean(power))
+
+
 def _sum_over_warps(term, n: int) -> np.ndarray:
     """``term(0) + term(1) + ... + term(n - 1)``, added in that order (``term(k)``: an ``(h, w)`` array of warp ``k``)."""
     if n == 1:
@@ -650,6 +668,8 @@ def assemble_coadd(warps: Sequence[Exposure], *, config: AssembleConfig | None =
     warps, mean_var = [w for w, ok in zip(warps, usable) if ok], mean_var[usable]
     n = len(warps)
     weights = 1.0 / mean_var
+    if config.weighting == "psf":
+        weights = weights * np.array([psf_power(w) for w in warps])
 
     # pass 2: blocks of rows of all warps
     image = np.full((ny, nx), np.nan, np.float32)
@@ -721,7 +741,8 @@ def assemble_coadd(warps: Sequence[Exposure], *, config: AssembleConfig | None =
             metadata[key] = (first[key], first.comments[key])
     metadata["NWARP"] = (n, "warps coadded")
     metadata["NCLIPPED"] = (int(n_clipped.sum()), "warp pixels clipped as artifacts")
-    metadata["COADDWT"] = ("1/clipped-mean variance per warp", "coadd weights")
+    metadata["COADDWT"] = ("sum(psf^2)/clipped-mean variance per warp" if config.weighting == "psf"
+                           else "1/clipped-mean variance per warp", "coadd weights")
     coadd = Exposure(image=image, mask=mask, variance=variance, wcs=warps[0].wcs, psf=psf,
                      zeropoint=zeropoints.pop() if zeropoints else None, zeropoint_err=0.0, metadata=metadata)
     return AssembleResult(coadd=coadd, n_image=n_image, inputs=inputs, dropped=dropped)
@@ -732,7 +753,7 @@ def _inputs_table(rows: list[dict]) -> Table:
     described = {
         "visit": ("", "Visit of the input"),
         "ccd": ("", "CCD of the input"),
-        "weight": ("", "Coadd weight of the visit's warp: 1 / its clipped-mean variance [1 / flux units^2]"),
+        "weight": ("", "Coadd weight of the visit's warp: 1 / its clipped-mean variance, times sum(psf^2) with assemble.weighting 'psf' [1 / flux units^2]"),
         "warp_variance": ("", "Clipped-mean variance of the warp [flux units^2 at the coadd zeropoint]"),
         "n_clipped": ("pix", "Pixels of the visit's warp clipped as artifacts"),
         "depth": ("mag", "Median 5-sigma point-source depth of the visit's input calexps"),
