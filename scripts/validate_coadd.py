@@ -65,7 +65,8 @@ def validate_patch(path, n_image_path, inputs_path, skymap, camera, objects, vis
             calexp, visit_depth, stars, config, where=full, mixes=mixes)
         if out["depth"] is None:
             logger.info("%s tract=%d patch=%s: no depth figure (no star of the depth position's PSF mix with a "
-                        "total flux to scale the PSF fluxes)", filt, tract, patch)
+                        "total flux to scale the PSF fluxes, or fewer than %d empty positions)", filt, tract, patch,
+                        config.depth_min_positions)
     out["trail"] = []
     if trail_visits:
         near_objects = objects_mask(objects, band, calexp.wcs, calexp.shape, fwhm)

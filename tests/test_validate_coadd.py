@@ -13,7 +13,8 @@ from astropy.wcs import WCS
 from snakedrp.coadd.coadd_psf import CoaddPsf, CoaddPsfInput
 from snakedrp.repo.exposure import Exposure, mask_bit
 from snakedrp.repo.psf_model import GaussianPsf
-from snakedrp.validate.coadd import PsfMixes, clipped_stars_figure, measured, star_measurements, star_metrics
+from snakedrp.validate.coadd import (PsfMixes, clipped_stars_figure, measured, measured_depth, star_measurements,
+                                    star_metrics)
 from snakedrp.validate.config import CoaddValidateConfig
 
 NY, NX = 360, 720
@@ -144,3 +145,30 @@ def test_clipped_stars_local_fwhm_and_trail(coadd):
     trail = np.zeros((NY, NX), bool)
     trail[iy, :] = True
     assert clipped_stars_figure(clipped, objects, "r", config, trail=trail).value == 0
+
+
+def _crowded_noise(spacing, seed=4):
+    """Pure white noise (sigma 1) with DETECTED discs of radius 2 pixels on a grid of ``spacing`` pixels."""
+    ny = nx = 600
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((ny, nx), np.int32)
+    yy, xx = np.mgrid[:ny, :nx]
+    near = (np.hypot((xx + spacing / 2) % spacing - spacing / 2, (yy + spacing / 2) % spacing - spacing / 2) <= 2)
+    mask[near] = mask_bit("DETECTED")
+    psf = GaussianPsf(2.0, 41)
+    return Exposure(rng.normal(0.0, 1.0, (ny, nx)).astype(np.float32), mask, np.ones((ny, nx), np.float32),
+                    wcs=_wcs(), psf=psf, zeropoint=ZEROPOINT)
+
+
+def test_depth_positions_in_a_crowded_patch():
+    """Detections every 34 pixels leave no 41-pixel kernel box free, but positions 3 FWHM (14 pixels)
+    from every detection: the depth is that of the white noise; detections every 12 pixels leave
+    none, and there is no depth figure."""
+    calexp = _crowded_noise(34)
+    kernel = calexp.psf.kernel(300.0, 300.0)
+    kernel = kernel / kernel.sum()
+    expected = 1.0 / np.sqrt(np.sum(kernel**2))         # PSF-weighted flux noise of unit white noise
+    depth = measured_depth(calexp, CoaddValidateConfig())
+    sigma = 10 ** (-0.4 * (depth - ZEROPOINT)) / 5
+    assert sigma == pytest.approx(expected, rel=0.05)
+    assert np.isnan(measured_depth(_crowded_noise(12), CoaddValidateConfig()))

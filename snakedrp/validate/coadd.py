@@ -483,25 +483,41 @@ def measured_depth(calexp: Exposure, config: CoaddValidateConfig, where: np.ndar
     (:func:`star_measurements`): the kernel, normalised within its box and placed at whole
     pixels, recovers less than a star's total flux, so its noise is divided by it to be a
     total-flux noise, as the inputs' depths are. The kernel is the coadd PSF at ``at``
-    (default the patch centre), which should lie in ``where``.
+    (default the patch centre), which should lie in ``where``. A position is empty when no
+    DETECTED pixel lies within ``depth_clear_fwhm`` FWHM of it and its kernel box has no unusable
+    pixel; NaN with fewer than ``depth_min_positions`` such positions.
     """
     ny, nx = calexp.shape
     psf = calexp.psf
-    k = psf.kernel(*(at if at is not None else ((nx - 1) / 2, (ny - 1) / 2)))
+    centre = at if at is not None else ((nx - 1) / 2, (ny - 1) / 2)
+    k = psf.kernel(*centre)
     n = k.shape[0]
     h = n // 2
+    radius = config.depth_clear_fwhm * psf.fwhm(*centre)
+    clear = min(h, int(np.ceil(radius)))
+    yy, xx = np.mgrid[-clear:clear + 1, -clear:clear + 1]
+    disc = np.hypot(xx, yy) <= radius
     rng = np.random.default_rng(config.seed)
-    xs = rng.integers(h, nx - h, 4 * config.n_depth_positions)
-    ys = rng.integers(h, ny - h, 4 * config.n_depth_positions)
-    bad = mask_bits("DETECTED", "NO_DATA", "BAD", "SAT", "CLIPPED", "EDGE")
+    # enough tries for a crowded patch, where most positions have a detection near them
+    xs = rng.integers(h, nx - h, 40 * config.n_depth_positions)
+    ys = rng.integers(h, ny - h, 40 * config.n_depth_positions)
+    unusable = mask_bits("NO_DATA", "BAD", "SAT", "CLIPPED", "EDGE")
+    detected = mask_bit("DETECTED")
     fluxes = []
     for xc, yc in zip(xs, ys):
+        if where is not None and not where[yc, xc]:
+            continue
+        near = calexp.mask[yc - clear:yc + clear + 1, xc - clear:xc + clear + 1]
+        if ((near & detected) != 0)[disc].any():
+            continue
         box = np.s_[yc - h:yc + h + 1, xc - h:xc + h + 1]
-        if (where is not None and not where[yc, xc]) or (calexp.mask[box] & bad).any():
+        if (calexp.mask[box] & unusable).any():
             continue
         fluxes.append(float((k * calexp.image[box]).sum() / (k**2).sum()))
         if len(fluxes) >= config.n_depth_positions:
             break
+    if len(fluxes) < config.depth_min_positions:
+        return float("nan")
     fluxes = np.array(fluxes)
     sigma = 1.4826 * np.median(np.abs(fluxes - np.median(fluxes))) / psf_ratio
     return float(calexp.zeropoint) - 2.5 * np.log10(5 * sigma)
@@ -562,7 +578,8 @@ def depth_figure(calexp: Exposure, visit_depths: dict, stars: dict, config: Coad
     Returns
     -------
     metric, measured, predicted
-        ``None, nan, nan`` without a star of that PSF mix to scale the PSF fluxes.
+        ``None, nan, nan`` without a star of that PSF mix to scale the PSF fluxes, or with too few
+        empty positions (:func:`measured_depth`).
     """
     ny, nx = calexp.shape
     mixes = mixes or PsfMixes(calexp.psf)
@@ -582,6 +599,8 @@ def depth_figure(calexp: Exposure, visit_depths: dict, stars: dict, config: Coad
         return None, float("nan"), float("nan")
     predicted = predicted_depth(calexp, visit_depths, xc, yc)
     measured_mag = measured_depth(calexp, config, where, psf_ratio, at=(xc, yc))
+    if not np.isfinite(measured_mag):
+        return None, float("nan"), float("nan")
     metric = Metric("coadd 5-sigma depth - prediction", abs(measured_mag - predicted), config.depth_goal, "mag",
                      len(visit_depths))
     return metric, measured_mag, predicted

@@ -83,6 +83,8 @@ class CoaddValidateConfig(Config):
     detect_nsigma: float = option(1.5, "Footprints of the neighbours left out of the stars' apertures and curve of growth: pixels above this many sigma [sigma]", min=0.5)
     curve_of_growth: ApertureLossConfig = subconfig(ApertureLossConfig, "The curve of growth of the coadd's bright stars (as the single frame's, measure.aperture_loss)")
     n_depth_positions: int = option(3000, "Random empty positions for the depth measurement", min=100)
+    depth_clear_fwhm: float = option(3.0, "A depth position is empty when no DETECTED pixel lies within this many coadd-PSF FWHM of it (a single visit's PSF kernel reaches 3 FWHM) and no unusable pixel in its kernel box, whose side is that of the widest input's kernel: a crowded patch has few such boxes free of detections", min=0.5)
+    depth_min_positions: int = option(300, "With fewer empty positions than this (a very crowded patch), no depth figure", min=10)
     seed: int = option(1, "Seed of the random positions", min=0)
 
 
