@@ -1,14 +1,17 @@
-"""Single-frame validation on fields, seeds and conditions that neither the demo nor CI holds.
+"""Single-frame and coadd validation on fields, seeds and conditions that neither the demo nor CI holds.
 
-Each case is one ``ci`` CCD, two visits (0.5" and 1.3" seeing unless the case says otherwise), run
-through the whole workflow (simulate, calibrations, process_ccd, validation against truth; no
-coadd) into ``<out>/<case>/repo``; the validation is not strict, so every figure is reported and
-the sweep goes on. Prints each case's missed goals, then a summary line; exits 1 if any case
-missed a goal or failed.
+Each single-frame case is one ``ci`` CCD, two visits (0.5" and 1.3" seeing unless the case says
+otherwise), run through the workflow (simulate, calibrations, process_ccd, validation against
+truth; no coadd). Each ``--coadd`` case is two CCDs and three visits of one filter (0.5", 0.9",
+1.3" unless the case says otherwise) run through the whole workflow, coadds included, and reports
+the single-frame and the coadd figures. Every case runs into ``<out>/<case>/repo``; the validation
+is not strict, so every figure is reported and the sweep goes on. Prints each case's missed goals,
+then a summary line; exits 1 if any case missed a goal or failed.
 
-    python validation/sweep.py [--out DIR] [--cores N] [CASE ...]    # default: every case
+    python validation/sweep.py [--out DIR] [--cores N] [CASE ...]            # default: every case
+    python validation/sweep.py --coadd [--out DIR] [--cores N] [CASE ...]    # the coadd cases
 
-About 40 s a case on 2 cores, ~20 minutes for all of them.
+About 40 s a single-frame case on 2 cores (~20 minutes for all of them), 3-4 minutes a coadd case.
 """
 from __future__ import annotations
 
@@ -51,6 +54,22 @@ CASES: dict[str, dict] = {
 }
 
 
+#: name -> simulate options on top of two CCDs, three visits of one filter (HSC-R unless given)
+COADD_CASES: dict[str, dict] = {
+    "seed3": dict(seed=3, ra=10.0, dec=5.0, rotation=12.0),
+    "seed21": dict(seed=21, ra=300.0, dec=-45.0, rotation=80.0),
+    "bad_seeing41": dict(seed=41, seeing_min=1.4, seeing_max=1.6),
+    "good_seeing43": dict(seed=43, seeing_min=0.4, seeing_max=0.5),
+    "sparse44": dict(SPARSE, seed=44, ra=180.0, dec=-40.0),
+    "mid60": dict(MID, seed=60, ra=80.0, dec=-10.0),
+    "dense45": dict(DENSE, seed=45, ra=270.0, dec=-20.0),
+    "bright_sky46": dict(seed=46, sky_offset_min=-2.0, sky_offset_max=-1.5),
+    "hsc_i47": dict(seed=47, filters=["HSC-I"]),
+    "hsc_g48": dict(seed=48, filters=["HSC-G"]),
+    "five_visits49": dict(seed=49, n_visits=5),
+}
+
+
 def flow(values: dict) -> str:
     """Flow-style YAML of ``values`` for ``--config``."""
     def one(v):
@@ -58,35 +77,50 @@ def flow(values: dict) -> str:
     return "{" + ", ".join(f"{k}: {one(v)}" for k, v in values.items()) + "}"
 
 
+def missed_goals(report: dict) -> list[str]:
+    """One line per missed goal of a validation report (single-frame reports list them; coadd ones flag them)."""
+    if "missed" in report:
+        return list(report["missed"])
+    return [f"FAIL {m['name']}: {m['value']:.4g} {m['unit']} (goal {m['goal']:g}; n={m['n']})"
+            for m in report["metrics"] if not m["passed"]]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("cases", nargs="*", metavar="CASE", help=f"cases to run (default: all): {', '.join(CASES)}")
+    parser.add_argument("cases", nargs="*", metavar="CASE",
+                        help=f"cases to run (default: all): {', '.join(CASES)}; with --coadd: {', '.join(COADD_CASES)}")
+    parser.add_argument("--coadd", action="store_true", help="run the coadd cases (two CCDs, three visits, coadds)")
     parser.add_argument("--out", type=Path, default=Path("sweep"), help="directory of the case repositories")
     parser.add_argument("--cores", type=int, default=2)
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.cases) - set(CASES))
+    cases = COADD_CASES if args.coadd else CASES
+    unknown = sorted(set(args.cases) - set(cases))
     if unknown:
-        parser.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
+        parser.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(cases)}")
+    base = ({"ccds": [0, 1], "n_visits": 3, "filters": ["HSC-R"]} if args.coadd
+            else {"ccds": [0], "n_visits": 2, "filters": ["HSC-R"]})
+    reports = ("single_frame.json", "coadd.json") if args.coadd else ("single_frame.json",)
     missed_cases = []
-    for name in args.cases or list(CASES):
+    for name in args.cases or list(cases):
         repo = (args.out / name / "repo").resolve()
-        simulate = flow({"ccds": [0], "n_visits": 2, "filters": ["HSC-R"], **CASES[name]})
+        options = [f"repo={repo}", f"simulate={flow({**base, **cases[name]})}"]
+        if not args.coadd:
+            options.append("coadd={enabled: false}")
         t0 = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", str(args.cores), "-q", "--config",
-                               f"repo={repo}", f"simulate={simulate}", "coadd={enabled: false}"],
-                              cwd=ROOT, capture_output=True, text=True)
-        report = repo / "rerun/ci/validation/single_frame.json"
-        if proc.returncode != 0 or not report.exists():
+                               *options], cwd=ROOT, capture_output=True, text=True)
+        paths = [repo / "rerun/ci/validation" / r for r in reports]
+        if proc.returncode != 0 or not all(p.exists() for p in paths):
             errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "ERROR" in line][:3]
             print(f"{name}: FAILED (exit {proc.returncode})", *errors, sep="\n  ", flush=True)
             missed_cases.append(name)
             continue
-        missed = json.loads(report.read_text())["missed"]
+        missed = [line for p in paths for line in missed_goals(json.loads(p.read_text()))]
         print(f"{name} ({time.monotonic() - t0:.0f} s): {'all goals met' if not missed else ''}",
               *missed, sep="\n  " if missed else "", flush=True)
         if missed:
             missed_cases.append(name)
-    n = len(args.cases or CASES)
+    n = len(args.cases or cases)
     print(f"{n - len(missed_cases)} of {n} cases met every goal" + (f"; not: {', '.join(missed_cases)}" if missed_cases else ""))
     return 1 if missed_cases else 0
 
