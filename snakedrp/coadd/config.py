@@ -100,11 +100,10 @@ class AssembleConfig(Config):
 
 def _coadd_detection() -> DetectionConfig:
     # on a coadd the noise of a 5x5 matched filter is fine, but the PSF is wider: 9 px filter
-    # CLEAN stays on here, unlike the calexps' detection: on the ci demo without it the HSC-I
-    # coadd's depth figure moved from 0.18 to 0.24 mag (goal 0.2), its measured depth 0.06 mag
-    # shallower (the empty positions and the PSF-flux scale's stars change with the footprints);
-    # not yet understood, so the coadd keeps the detection it was validated with
-    return DetectionConfig(filter_size=9, clean=True)
+    # no CLEAN, as the calexps' detection. It once moved the ci demo's HSC-I depth figure by
+    # 0.06 mag: the calexps then kept a fifth of their fringes (a biased fringe fit), whose peaks
+    # the footprints followed; with the fringes removed, with or without CLEAN differ by <= 0.006 mag
+    return DetectionConfig(filter_size=9)
 
 
 def _coadd_refined_background() -> BackgroundConfig:
