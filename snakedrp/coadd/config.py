@@ -69,7 +69,7 @@ class AssembleConfig(Config):
 
     bad_mask_planes: list[str] = option(["NO_DATA", "BAD", "SAT", "EDGE", "SUSPECT", "CR"],
                                         "Warp pixels in these mask planes do not enter the coadd")
-    weighting: str = option("variance", "Weight of each warp: 'variance' = 1 / its clipped-mean variance (LSST's deepCoadd); 'psf' = sum(P^2) / that variance, the inverse variance of its point-source (PSF) flux, with P its PSF normalised to sum 1: the most point-source depth from visits of different seeing (0.5, 0.9 and 1.3\" visits: 0.07 mag deeper where all three cover), the coadd PSF nearer the best seeing", choices=("variance", "psf"))
+    weighting: str = option("variance", "Weight of each warp: 'variance' = 1 / its clipped-mean variance (LSST's deepCoadd); 'psf' = sum(P^2) / that variance, the inverse variance of its point-source (PSF) flux, with P its PSF normalised to sum 1: the most point-source depth from visits of different seeing (0.5, 0.9 and 1.3\" visits: 0.07-0.13 mag deeper where all three cover), the coadd PSF nearer the best seeing", choices=("variance", "psf"))
     weight_clip_sigma: float = option(3.0, "Sigma clip of the warp's variance plane for its weight (weight = 1 / clipped-mean variance)", min=1.0)
     weight_clip_iter: int = option(3, "Clipping iterations of the weight's clipped mean", min=1, max=10)
     weight_subsample: int = option(4, "The weight's clipped mean uses every this many-th row and column of the warp", min=1, max=64)
