@@ -117,7 +117,7 @@ def main(inputs, outputs, params, log_path):
     for m in metrics:
         logger.info(m.line())
     failed = [m for m in metrics if not m.passed]
-    report = {"strict": strict, "passed": not failed,
+    report = {"strict": strict, "passed": not failed, "missed": [m.line() for m in failed],
               "metrics": [dict(name=m.name, value=float(m.value), goal=float(m.goal), unit=m.unit, n=int(m.n),
                                passed=bool(m.passed)) for m in metrics],
               "patches": per_patch}

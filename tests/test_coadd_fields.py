@@ -54,3 +54,4 @@ def test_coadd_validation_passes_beyond_the_demo(case, tmp_path, capsys):
         assert figure in names, f"no {figure} figure in {names}"
     failed = [m for m in report["metrics"] if not m["passed"]]
     assert failed == []
+    assert report["missed"] == []

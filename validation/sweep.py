@@ -77,14 +77,6 @@ def flow(values: dict) -> str:
     return "{" + ", ".join(f"{k}: {one(v)}" for k, v in values.items()) + "}"
 
 
-def missed_goals(report: dict) -> list[str]:
-    """One line per missed goal of a validation report (single-frame reports list them; coadd ones flag them)."""
-    if "missed" in report:
-        return list(report["missed"])
-    return [f"FAIL {m['name']}: {m['value']:.4g} {m['unit']} (goal {m['goal']:g}; n={m['n']})"
-            for m in report["metrics"] if not m["passed"]]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="*", metavar="CASE",
@@ -115,7 +107,7 @@ def main(argv=None) -> int:
             print(f"{name}: FAILED (exit {proc.returncode})", *errors, sep="\n  ", flush=True)
             missed_cases.append(name)
             continue
-        missed = [line for p in paths for line in missed_goals(json.loads(p.read_text()))]
+        missed = [line for p in paths for line in json.loads(p.read_text())["missed"]]
         print(f"{name} ({time.monotonic() - t0:.0f} s): {'all goals met' if not missed else ''}",
               *missed, sep="\n  " if missed else "", flush=True)
         if missed:
