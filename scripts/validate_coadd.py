@@ -1,7 +1,7 @@
 """Validate the coadds against the simulator's truth (rule validate_coadd; the issue's must-show figures).
 
 Per filter, the figures pool every patch: stars count in each patch's inner box (so stars of
-patch borders count once; the patch's border stars still enter its curves of growth and depth
+patch borders count once; the patch's border stars still enter its depth
 scale), each measured with the coadd PSF mix covering it; the trail, CLIPPED-star, noise and depth figures are per patch
 and the worst patch counts. Writes rerun/<name>/validation/coadd.json with each figure, its
 goal and pass/fail; a missed goal fails the job only when ``validation.strict`` is true.

@@ -61,3 +61,19 @@ def test_coadd_psf_round_trip_through_fits():
     assert [i.visit for i in back.inputs] == [1, 2]
     np.testing.assert_allclose([i.weight for i in back.inputs], [i.weight for i in psf.inputs])
     np.testing.assert_allclose(back.kernel(60.0, 61.0), psf.kernel(60.0, 61.0), atol=1e-12)
+
+
+def test_inputs_carry_their_calexps_curve_of_growth():
+    """The light beyond each calexp's calibration aperture (APLOSS - 1 - APLOSSSK) reaches the coadd PSF and its FITS form; without a curve of growth it is NaN."""
+    sky = (np.array([RA0]), np.array([DEC0]), np.array([1e5]))
+    wcs, shape = patch_grid(shape=(120, 120))
+    warps = []
+    for k, (loss, sky_term, n) in enumerate([(1.012, -0.002, 40), (1.0, 0.0, 0)]):
+        calexp = make_calexp(sky, sigma=1.5 + k, visit=k + 1, noise=False)
+        calexp.metadata["APLOSS"], calexp.metadata["APLOSSSK"], calexp.metadata["APLOSSN"] = loss, sky_term, n
+        warps.append(warp_exposures([calexp], [{"visit": k + 1, "ccd": 0}], wcs, shape).exposure)
+    psf = assemble_coadd(warps).coadd.psf
+    back = psf_from_hdu(fits.BinTableHDU(psf.to_hdu().data, psf.to_hdu().header))
+    for model in (psf, back):
+        wings = {i.visit: i.aperture_wing for i in model.inputs}
+        assert wings[1] == np.float64(1.012 - 1 - (-0.002)) and np.isnan(wings[2])

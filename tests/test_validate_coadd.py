@@ -5,6 +5,8 @@ the whole image and a wide one over its left part only, so that the coadd PSF is
 one on the right (where the patch centre is) and a 50/50 mix on the left, as a patch of a
 0.5" visit and a 1.3" one.
 """
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from astropy.table import Table
@@ -42,8 +44,9 @@ def _box(x1):
 @pytest.fixture(scope="module")
 def coadd():
     wcs = _wcs()
-    psf = CoaddPsf(wcs, [CoaddPsfInput(1, 0, 1.0, GaussianPsf(SIGMA_NARROW, 61), wcs, _box(NX)),
-                         CoaddPsfInput(2, 0, 1.0, GaussianPsf(SIGMA_WIDE, 61), wcs, _box(SPLIT))])
+    # a Gaussian has no light beyond 4 FWHM (9.4 sigma) to speak of: no wing beyond the calibration aperture
+    psf = CoaddPsf(wcs, [CoaddPsfInput(1, 0, 1.0, GaussianPsf(SIGMA_NARROW, 61), wcs, _box(NX), 0.0),
+                         CoaddPsfInput(2, 0, 1.0, GaussianPsf(SIGMA_WIDE, 61), wcs, _box(SPLIT), 0.0)])
     rng = np.random.default_rng(3)
     noise = 0.5
     image = rng.normal(0.0, noise, (NY, NX))
@@ -94,15 +97,46 @@ def test_each_star_measured_with_its_psf_mix(coadd):
     assert not stars["inexact_psf"].any() and not stars["mix_boundary"].any()
 
 
-def test_too_few_stars_for_a_curve_of_growth_give_nan(coadd):
-    """The mixed group (8 stars) has fewer than min_stars: NaN, not the narrow group's factor."""
+def test_an_input_without_a_curve_of_growth_gives_nan(coadd):
+    """The wide input's calexp had no curve of growth: its stars get NaN, not a guess; the others are measured."""
     calexp, objects, _ = coadd
-    config = CoaddValidateConfig.from_dict({"curve_of_growth": {"min_stars": 10}})
-    stars = star_measurements(calexp, objects, "r", config)
+    psf = CoaddPsf(calexp.psf.coadd_wcs, [replace(i, aperture_wing=np.nan) if i.visit == 2 else i
+                                          for i in calexp.psf.inputs], calexp.psf.size)
+    stars = star_measurements(replace(calexp, psf=psf), objects, "r", CoaddValidateConfig())
     mixed = _mixed(stars)
     assert mixed.sum() == len(MIXED_XY)
     assert np.isnan(stars["dmag"][mixed]).all()
     assert np.isfinite(stars["dmag"][~mixed]).all()
+
+
+def test_local_sky_under_the_stars_is_fitted_out(coadd):
+    """A sky level left under the stars (0.1 flux units a pixel, 1.8 % of a mixed star in its aperture) moves the totals by < 3 mmag."""
+    calexp, objects, _ = coadd
+    config = CoaddValidateConfig()
+    sky = replace(calexp, image=calexp.image + np.float32(0.1))
+    plain = star_measurements(calexp, objects, "r", config)
+    lifted = star_measurements(sky, objects, "r", config)
+    aperture = star_measurements(sky, objects, "r", CoaddValidateConfig.from_dict({"curve_of_growth": {"enabled": False}}))
+    mixed = _mixed(lifted)
+    assert np.median(aperture["dmag"][mixed]) < -0.015         # the aperture alone takes in the sky
+    assert abs(np.median(lifted["dmag"][mixed] - plain["dmag"][mixed])) < 0.003
+    assert abs(np.median(lifted["dmag"][~mixed] - plain["dmag"][~mixed])) < 0.003
+
+
+def test_enclosed_light_is_the_weighted_inputs_curves_of_growth():
+    """Two inputs with wings of 1 % and 3 % beyond their 4-FWHM apertures, weights 1 and 3."""
+    wcs = _wcs()
+    psf = CoaddPsf(wcs, [CoaddPsfInput(1, 0, 1.0, GaussianPsf(SIGMA_NARROW, 61), wcs, _box(NX), 0.01),
+                         CoaddPsfInput(2, 0, 3.0, GaussianPsf(SIGMA_WIDE, 61), wcs, _box(NX), 0.03)])
+    r_narrow, r_wide = 4 * 2.3548 * SIGMA_NARROW, 4 * 2.3548 * SIGMA_WIDE
+    radii = np.array([r_wide, 2 * r_wide, 1e6])
+    got = psf.enclosed_light(360.0, 180.0, radii, 4.0, 1.7)
+    narrow = (1 + 0.01 * (1 - (radii / r_narrow) ** -1.7)) / 1.01
+    wide = (1 + 0.03 * (1 - (radii / r_wide) ** -1.7)) / 1.03
+    assert got == pytest.approx((narrow + 3 * wide) / 4, rel=2e-4)       # the kernels' moments: FWHM to < 1 %
+    assert got[0] == pytest.approx((narrow[0] + 3 / 1.03) / 4, rel=2e-4)
+    assert got[-1] == pytest.approx(1.0, abs=1e-6)
+    assert np.isnan(psf.enclosed_light(360.0, 180.0, [0.5 * r_wide], 4.0, 1.7)).all()
 
 
 def test_region_counts_stars_in_it_only(coadd):
@@ -145,6 +179,18 @@ def test_clipped_stars_local_fwhm_and_trail(coadd):
     trail = np.zeros((NY, NX), bool)
     trail[iy, :] = True
     assert clipped_stars_figure(clipped, objects, "r", config, trail=trail).value == 0
+    # the trail's clipped band reaches 3 rows beyond the trail strip, up to the star's 2-FWHM disc:
+    # the trail's rejection, not the star's
+    band = mask.copy()
+    band[iy - 4:iy + 1, ix + d + 1] |= mask_bit("CLIPPED")     # joins the pixel next to the star
+    strip = np.zeros((NY, NX), bool)
+    strip[iy - 4, :] = True              # the trail strip, 4 rows from the star; the clipped band joins it
+    grown = Exposure(calexp.image, band, calexp.variance, calexp.wcs, calexp.psf, calexp.zeropoint)
+    assert clipped_stars_figure(grown, objects, "r", config, trail=strip).value == 0
+    # a clipped region apart from the trail strip counts
+    apart = np.zeros((NY, NX), bool)
+    apart[iy - 20, :] = True
+    assert clipped_stars_figure(grown, objects, "r", config, trail=apart).value == 1
 
 
 def _crowded_noise(spacing, seed=4):

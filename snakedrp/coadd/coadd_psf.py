@@ -20,7 +20,9 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from snakedrp.repo.psf_model import PsfModel, psf_from_hdu, register
-from snakedrp.stamps import lanczos
+from snakedrp.stamps import kernel_moments, lanczos
+
+FWHM_PER_SIGMA = 2.3548
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,10 @@ class CoaddPsfInput:
     polygon : ndarray, shape (n, 2)
         Corners ``(x, y)`` of the input's valid region on the coadd grid [pixel, zero-based],
         in order around the (convex) region.
+    aperture_wing : float
+        The calexp's light beyond its calibration aperture, as a fraction of the light inside,
+        from its curve of growth (``APLOSS - 1 - APLOSSSK``: the local-sky part left out); NaN
+        when the calexp had no curve of growth.
     """
 
     visit: int
@@ -47,6 +53,7 @@ class CoaddPsfInput:
     psf: PsfModel
     wcs: WCS
     polygon: np.ndarray
+    aperture_wing: float = float("nan")
 
     def contains(self, x: float, y: float) -> bool:
         """Whether the coadd position ``(x, y)`` lies inside :attr:`polygon` (convex, either orientation)."""
@@ -183,6 +190,49 @@ class CoaddPsf(PsfModel):
         stamp = self._sum(float(x), float(y), offset=(float(x) - ix, float(y) - iy))
         return stamp, ix - self.size // 2, iy - self.size // 2
 
+    def enclosed_light(self, x: float, y: float, radii, calib_aperture_fwhm: float = 4.0,
+                       tail_index: float = 1.7) -> np.ndarray:
+        """Fraction of a point source's total light within ``radii`` of coadd ``(x, y)``, from the inputs' curves of growth.
+
+        Each covering input ``k`` (weight ``w_k``) measured, on its calexp, the light ``L_k``
+        beyond its calibration aperture ``R_k`` (``calib_aperture_fwhm`` x its FWHM, here on the
+        coadd grid) as a power-law wing, so its fraction within ``r >= R_k`` is
+        ``E_k(r) = (1 + L_k (1 - (r / R_k)**-tail_index)) / (1 + L_k)``; the coadd, a weighted
+        mean of the inputs at one zeropoint, holds ``sum_k w_k E_k(r) / sum_k w_k``. As LSST
+        carries the inputs' aperture corrections to a coadd, this needs no star of the coadd.
+
+        Parameters
+        ----------
+        x, y : float
+            Coadd position [pixel, zero-based].
+        radii : array_like
+            Radii [coadd pixel]; each at least 0.9 x every covering input's ``R_k`` (the wing's
+            power law holds a little inside ``R_k``; the light within 10 % of ``R_k`` is ~0.3 %).
+        calib_aperture_fwhm : float
+            The calexps' calibration-aperture radius [FWHM] (``measure.calib_aperture_fwhm``).
+        tail_index : float
+            Index of the wing's power law (``measure.aperture_loss.tail_index``).
+
+        Returns
+        -------
+        ndarray, shape of ``radii``
+            NaN where a radius is well inside an input's calibration aperture or an input has no
+            ``aperture_wing``.
+        """
+        radii = np.asarray(radii, float)
+        total = np.zeros(radii.shape)
+        weight = 0.0
+        for item in self.covering(float(x), float(y)):
+            kernel = self.input_kernel(item, float(x), float(y))
+            calib_radius = calib_aperture_fwhm * FWHM_PER_SIGMA * kernel_moments(kernel)[0]
+            wing = float(item.aperture_wing)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                inside = np.where(radii >= 0.9 * calib_radius,
+                                  (1.0 + wing * (1.0 - (radii / calib_radius) ** -tail_index)) / (1.0 + wing), np.nan)
+            total += item.weight * inside
+            weight += item.weight
+        return total / weight if weight > 0 else np.full(radii.shape, np.nan)
+
     def with_weights(self, factor: float) -> "CoaddPsf":
         """The same model with every input weight multiplied by ``factor``."""
         return CoaddPsf(self.coadd_wcs, [replace(i, weight=i.weight * factor) for i in self.inputs], self.size)
@@ -212,6 +262,7 @@ class CoaddPsf(PsfModel):
             fits.Column("visit", "K", array=np.array([i.visit for i in self.inputs], np.int64)),
             fits.Column("ccd", "J", array=np.array([i.ccd for i in self.inputs], np.int32)),
             fits.Column("weight", "D", array=np.array([i.weight for i in self.inputs], float)),
+            fits.Column("aperture_wing", "D", array=np.array([i.aperture_wing for i in self.inputs], float)),
             fits.Column("polygon_x", f"{n_corner}D", array=poly[:, :, 0], unit="pix"),
             fits.Column("polygon_y", f"{n_corner}D", array=poly[:, :, 1], unit="pix"),
             fits.Column("wcs_header", f"{max(len(t) for t in wcs_text)}A", array=np.array(wcs_text)),
@@ -249,8 +300,9 @@ class CoaddPsf(PsfModel):
             wcs = WCS(fits.Header.fromstring(str(row["wcs_header"])), relax=True)
             px, py = np.asarray(row["polygon_x"], float), np.asarray(row["polygon_y"], float)
             good = np.isfinite(px) & np.isfinite(py)
+            wing = float(row["aperture_wing"]) if "aperture_wing" in hdu.columns.names else float("nan")
             inputs.append(CoaddPsfInput(int(row["visit"]), int(row["ccd"]), float(row["weight"]), psf, wcs,
-                                        np.stack([px[good], py[good]], axis=1)))
+                                        np.stack([px[good], py[good]], axis=1), wing))
         return cls(coadd_wcs, inputs, int(h["PSFSIZE"]))
 
 

@@ -151,11 +151,14 @@ def detect_coadd(coadd: Exposure, *, config: DetectCoaddConfig | None = None) ->
         background = estimate_background(image, bg_mask, config.refined_background)
         image -= background.evaluate()
         if config.subtract_sky_mean:
-            # zero mean outside the footprints as detected (not the discs), the pixels an aperture
-            # keeps once its neighbours' footprints are replaced; the mode-type mesh sits below that
-            # mean (faint undetected sources, wings). The calexps now leave out the pixels near the
-            # footprints too; on the coadd that moved the demo's HSC-I bright-star magnitudes by 6 mmag
-            level = sky_mean_level(image, variance, first.mask, config.detection.bad_mask_planes)
+            # zero mean far from the footprints as detected (not the discs), as the calexps' zero
+            # level: the light of undetected sources, which an aperture holds too; nearer, the
+            # pixels hold the detected sources' wings, light of those sources, not sky
+            footprints = (first.mask & np.int32(mask_bits("DETECTED"))) != 0
+            level = sky_mean_level(image, variance, first.mask, config.detection.bad_mask_planes,
+                                   footprints=footprints,
+                                   exclude_radius=int(np.ceil(config.sky_mean_grow_fwhm * sigma * FWHM_PER_SIGMA)))
+            del footprints
             image -= np.float32(level)
             background = replace(background, mesh=background.mesh + np.float32(level),
                                  global_background=background.global_background + level)

@@ -374,7 +374,8 @@ def warp_exposures(calexps: list[Exposure], calexp_ids: list[dict], wcs: WCS, sh
                          n_pixels=info["n_pixels"], x_min=info["x_min"], x_max=info["x_max"],
                          y_min=info["y_min"], y_max=info["y_max"], variance_mean=info["variance_mean"]))
         if calexp.psf is not None:
-            psf_inputs.append(CoaddPsfInput(visit, ccd, 1.0, calexp.psf, calexp.wcs, info["polygon"]))
+            psf_inputs.append(CoaddPsfInput(visit, ccd, 1.0, calexp.psf, calexp.wcs, info["polygon"],
+                                            aperture_wing(calexp.metadata)))
     if not rows:
         # a visit whose overlap was decided from the CCDs' nominal bounding boxes can miss the
         # patch once resampled: that is a valid, empty warp, not a failed job
@@ -398,6 +399,13 @@ def warp_exposures(calexps: list[Exposure], calexp_ids: list[dict], wcs: WCS, sh
     exposure = Exposure(image=image, mask=mask, variance=variance, wcs=wcs, psf=psf, zeropoint=zeropoint,
                         zeropoint_err=0.0, metadata=metadata)
     return WarpResult(exposure=exposure, inputs=inputs)
+
+
+def aperture_wing(metadata) -> float:
+    """A calexp's light beyond its calibration aperture / the light inside (from its APLOSS cards); NaN without a curve of growth."""
+    if int(metadata.get("APLOSSN", 0) or 0) <= 0 or "APLOSS" not in metadata:
+        return float("nan")
+    return float(metadata["APLOSS"]) - 1.0 - float(metadata.get("APLOSSSK", 0.0))
 
 
 def calexp_depth(calexp: Exposure, nsigma: float = 5.0) -> float:

@@ -87,7 +87,7 @@ class ApertureLoss:
                 ("APLOSSN", int(self.n_stars), "stars in the curve of growth (0: not measured)")]
 
 
-def _annulus_fluxes(data, var, bad, seg, ids, x, y, rin, rout):
+def annulus_fluxes(data, var, bad, seg, ids, x, y, rin, rout):
     """Annulus fluxes and errors with other sources' footprints and bad pixels replaced by the annulus mean.
 
     sep masks by ``segmap``/``seg_id`` without correcting the area; the unmasked area comes from
@@ -163,7 +163,7 @@ def measure_aperture_loss(image: np.ndarray, variance: np.ndarray, bad: np.ndarr
     fractions = np.empty((len(rows), config.n_annuli))
     errors = np.empty((len(rows), config.n_annuli))
     for k in range(config.n_annuli):
-        f, e = _annulus_fluxes(data, var, bad, seg, ids[rows], x[rows], y[rows], edges[:, k], edges[:, k + 1])
+        f, e = annulus_fluxes(data, var, bad, seg, ids[rows], x[rows], y[rows], edges[:, k], edges[:, k + 1])
         fractions[:, k], errors[:, k] = f / f0[rows], e / f0[rows]
     good = np.isfinite(fractions).all(axis=1) & np.isfinite(errors).all(axis=1) & (errors > 0).all(axis=1)
     fractions, errors, edges, radius = fractions[good], errors[good], edges[good], r0[rows][good]

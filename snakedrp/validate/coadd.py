@@ -12,17 +12,18 @@ Each figure is a function of in-memory data (a coadd calexp, its PSF, truth tabl
 - coadd PSF model FWHM vs. the FWHM of bright isolated stars;
 - star positions vs. truth (RMS of the offsets, mas);
 - bright-star fluxes vs. truth: total fluxes measured on the coadd as the single frame calibrates
-  them (calibration-aperture flux without the neighbours' footprints, times the light beyond it from
-  a curve of growth of the coadd's bright stars), not from the PSF model, whose kernels are
-  normalised within a finite box and so lack the wings;
+  them (calibration-aperture flux without the neighbours' footprints, plus the light beyond it
+  from the covering inputs' curves of growth, with a local sky level fitted to the star's
+  annuli), not from the PSF model, whose kernels are normalised within a finite box and so lack
+  the wings;
 - 5-sigma point-source depth (PSF-weighted fluxes at random empty positions, scaled to total flux
   with the bright stars of the same PSF mix) vs. the depth predicted from the inputs' depths, the
   coadd's weights and the inputs' PSFs on the coadd grid.
 
 A patch holds regions covered by different sets of visits, and the coadd PSF differs between
 them (a factor 2.6 in FWHM with 0.5" and 1.3" visits), so each star is measured with the PSF
-mix that covers it (:class:`PsfMixes`): centroid window, aperture, curve of growth (one per set
-of covering visits), margins and radii. Stars with an INEXACT_PSF pixel near them (the model is
+mix that covers it (:class:`PsfMixes`): centroid window, aperture, curve of growth (the covering
+inputs'), margins and radii. Stars with an INEXACT_PSF pixel near them (the model is
 not the image's PSF there) or whose aperture crosses a change of the covering visits are left
 out of the star figures.
 """
@@ -32,9 +33,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import sep
+from scipy import ndimage
 from astropy.table import Table
 
-from snakedrp.meas.apcorr import measure_aperture_loss
+from snakedrp.meas.apcorr import annulus_fluxes
 from snakedrp.validate.config import CoaddValidateConfig
 from snakedrp.repo.exposure import Exposure, mask_bit, mask_bits
 from snakedrp.stamps import kernel_moments
@@ -231,8 +233,10 @@ def clipped_stars_figure(calexp: Exposure, objects: Table, band: str, config: Co
     A clipped pixel near a star means artifact rejection took a warp's star light for an outlier
     (the star damaged). The radius is 2 FWHM of the coadd PSF at the star (:class:`PsfMixes`).
     CLIPPED pixels on ``trail`` (bool, shape (ny, nx): the simulated satellite trails of the
-    inputs) are not counted: there the trail visit's pixel was rightly rejected, under a star or
-    not.
+    inputs) are not counted, nor the clipped regions that touch it (the trail's footprint, as
+    far as its light stands out of the noise, and that footprint's growth: at 1.5" seeing they
+    reached 15-23 pixels from three stars, beyond a 1.5-sigma strip): there the trail visit's
+    pixel was rightly rejected, under a star or not.
     """
     mixes = mixes or PsfMixes(calexp.psf)
     mag = np.asarray(objects[f"mag_{band}"], float)
@@ -240,8 +244,10 @@ def clipped_stars_figure(calexp: Exposure, objects: Table, band: str, config: Co
     x, y = calexp.wcs.all_world2pix(np.asarray(objects["ra"], float)[star], np.asarray(objects["dec"], float)[star], 0)
     ny, nx = calexp.shape
     clipped = (calexp.mask & mask_bit("CLIPPED")) != 0
-    if trail is not None:
-        clipped &= ~trail
+    if trail is not None and clipped.any():
+        labels, _ = ndimage.label(clipped, structure=np.ones((3, 3), bool))
+        on_trail = np.unique(labels[clipped & trail])
+        clipped &= ~np.isin(labels, on_trail[on_trail > 0])
     inside = np.isfinite(x) & np.isfinite(y) & (np.round(x) >= 0) & (np.round(x) < nx) & (np.round(y) >= 0) & (np.round(y) < ny)
     x, y = x[inside], y[inside]
     radius = np.array([2 * mixes.at(xc, yc).fwhm for xc, yc in zip(x, y)])
@@ -324,6 +330,67 @@ def clean_aperture_flux(image, variance, bad, segmentation, ids, x, y, radius):
     return flux, np.sqrt(var_sum)
 
 
+def total_fluxes(image, variance, bad, segmentation, ids, x, y, radius, flux, flux_err, psf,
+                 config: CoaddValidateConfig) -> np.ndarray:
+    """Stars' total fluxes: aperture and annuli fitted by the coadd's curve of growth from its inputs, plus a local sky.
+
+    The light beyond the aperture comes from the covering inputs' own curves of growth, each
+    measured on its calexp from all its bright stars (:meth:`CoaddPsf.enclosed_light`), as
+    LSST carries the inputs' aperture corrections to a coadd; a curve of growth measured on
+    the coadd's stars of one set of covering visits (3-6 stars above S/N 200 in a patch) moved
+    the figure by +-15 mmag from set to set. Each star's aperture flux and its
+    ``curve_of_growth.n_annuli`` annuli out to ``radius_max`` apertures (neighbours' footprints
+    replaced by the annulus mean) are fitted, weighted, by ``F * (enclosed light) + s * area``:
+    ``F`` is the total flux, ``s`` the local sky level the background left near the star (in a
+    crowded field, undetected neighbours and wings), which the calexps' curves of growth take
+    out of their aperture too.
+
+    Parameters
+    ----------
+    image, variance, bad, segmentation, ids
+        As :func:`clean_aperture_flux`.
+    x, y, radius, flux, flux_err : ndarray
+        Centres and aperture radii [pixel], aperture fluxes and errors (from :func:`clean_aperture_flux`).
+    psf : CoaddPsf
+        The coadd's PSF model (a model without ``enclosed_light`` gives NaN).
+    config : CoaddValidateConfig
+
+    Returns
+    -------
+    ndarray
+        Total fluxes [image units]; NaN where an input covering the star has no curve of growth,
+        or fewer than 2 annuli are usable.
+    """
+    cog = config.curve_of_growth
+    n = len(x)
+    out = np.full(n, np.nan)
+    if n == 0 or not hasattr(psf, "enclosed_light"):
+        return out
+    radius = np.asarray(radius, float)
+    r_out = np.minimum(cog.radius_max * radius, cog.radius_max_pixels)
+    steps = np.linspace(0.0, 1.0, cog.n_annuli + 1)
+    edges = radius[:, None] * (r_out / radius)[:, None] ** steps[None, :]
+    ring, ring_err = np.empty((n, cog.n_annuli)), np.empty((n, cog.n_annuli))
+    data = np.ascontiguousarray(image, dtype=np.float32)
+    seg = np.ascontiguousarray(segmentation, dtype=np.int32)
+    for k in range(cog.n_annuli):
+        ring[:, k], ring_err[:, k] = annulus_fluxes(data, variance, bad, seg, np.asarray(ids), x, y,
+                                                    edges[:, k], edges[:, k + 1])
+    for j in range(n):
+        enclosed = psf.enclosed_light(x[j], y[j], edges[j], config.calib_aperture_fwhm, cog.tail_index)
+        values = np.r_[flux[j], ring[j]]
+        errors = np.r_[flux_err[j], ring_err[j]]
+        design = np.column_stack([np.r_[enclosed[0], np.diff(enclosed)],
+                                  np.pi * np.r_[edges[j, 0] ** 2, np.diff(edges[j] ** 2)]])
+        use = np.isfinite(values) & np.isfinite(errors) & (errors > 0) & np.isfinite(design).all(axis=1)
+        if not np.isfinite(enclosed).all() or not use[0] or use.sum() < 3:
+            continue
+        w = 1.0 / errors[use]
+        solution, *_ = np.linalg.lstsq(design[use] * w[:, None], values[use] * w, rcond=None)
+        out[j] = solution[0]
+    return out
+
+
 STAR_KEYS = ("fwhm_ratio", "dra", "ddec", "dmag", "x", "y", "total", "fwhm", "radius")
 
 
@@ -347,15 +414,14 @@ def star_measurements(calexp: Exposure, objects: Table, band: str, config: Coadd
       calexps' total-flux zeropoint): the flux within ``aperture_fwhm`` x the FWHM of the widest
       covering input at the star (so that the aperture holds the same fraction of each input's
       light, as each input's own calibration aperture does), the neighbours' footprints left
-      out, times the light beyond it from a curve of growth
-      (:func:`snakedrp.meas.apcorr.measure_aperture_loss`: a power-law wing plus a local sky
-      level) of the bright stars with the same set of covering visits. A set with too few stars
-      for a curve of growth gives NaN, not another set's factor. No truth and no PSF model enter
-      the flux: the model's kernels are normalised within a box of a few FWHM and lack the wings;
+      out, and the light beyond it from the covering inputs' curves of growth, with a local sky
+      level, fitted to the star's annuli (:func:`total_fluxes`). No truth enters the flux, and
+      of the PSF model only the inputs' widths and weights: its kernels are normalised within a
+      box of a few FWHM and lack the wings;
     - the edge margins and the isolation radius are in local FWHM.
 
     Two kinds of star are measured but flagged, and :func:`star_metrics` leaves them out (nor
-    do they enter the curve of growth): ``inexact_psf``, an INEXACT_PSF coadd pixel within
+    do they enter the depth figure's flux scale): ``inexact_psf``, an INEXACT_PSF coadd pixel within
     2 local FWHM (a warp with data was left out there, so the model is not the image's PSF);
     ``mix_boundary``, the set of covering visits changes within the aperture (the star's image
     is part one coadd PSF and part another, which no model at its centre describes).
@@ -365,8 +431,8 @@ def star_measurements(calexp: Exposure, objects: Table, band: str, config: Coadd
     region : ndarray of bool, shape (ny, nx), optional
         The pixels whose stars (by true position) count in the figures (``in_region``): the
         patch's inner box, so that stars of patch borders count once. The stars outside are
-        measured too and enter the curves of growth and the depth figure's PSF-flux scale of
-        this patch (a set of covering visits may hold few stars inside).
+        measured too and enter the depth figure's PSF-flux scale of this patch (a set of
+        covering visits may hold few stars inside).
     mixes : PsfMixes, optional
         The coadd PSF's mixes (a cache shared with the other figures of the patch).
 
@@ -374,8 +440,8 @@ def star_measurements(calexp: Exposure, objects: Table, band: str, config: Coadd
     -------
     dict of ndarray, one entry per star
         ``fwhm_ratio`` (model / star second-moment size), ``dra``, ``ddec`` [mas] (measured -
-        true), ``dmag`` [mag] (total magnitude - truth; NaN when the star's curve of growth had
-        too few stars), ``x``, ``y`` [pixel], ``total`` (total flux [coadd units]), ``fwhm``
+        true), ``dmag`` [mag] (total magnitude - truth; NaN when an input covering the star had
+        no curve of growth), ``x``, ``y`` [pixel], ``total`` (total flux [coadd units]), ``fwhm``
         (local coadd FWHM [pixel]), ``radius`` (aperture radius [pixel]), ``mix`` (covering
         visits, ``+``-joined), ``inexact_psf`` and ``mix_boundary`` (bool, see above) and
         ``in_region`` (bool; all True without ``region``).
@@ -414,14 +480,7 @@ def star_measurements(calexp: Exposure, objects: Table, band: str, config: Coadd
     flux, flux_err = clean_aperture_flux(image, var, bad, segmentation, ids, xw, yw, radius)
     total = flux.copy()
     if config.curve_of_growth.enabled:
-        total[:] = np.nan
-        for group in np.unique(label):
-            members = label == group
-            cog = members & ~inexact & ~boundary
-            loss = measure_aperture_loss(image, var, bad, segmentation, ids[cog], xw[cog], yw[cog], radius[cog],
-                                         flux[cog], flux_err[cog], config.curve_of_growth)
-            if loss.n_stars > 0:
-                total[members] = flux[members] * loss.factor
+        total = total_fluxes(image, var, bad, segmentation, ids, xw, yw, radius, flux, flux_err, psf, config)
 
     ratios = []
     for xc, yc in zip(xw, yw):
