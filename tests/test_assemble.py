@@ -193,45 +193,6 @@ def test_trail_over_faint_sources_is_removed_whole():
     assert reference.inputs["n_clipped"].sum() == 0
 
 
-def _faint_trail(image):
-    """A trail as faint as a bright sky leaves it: peak 20 e-, 4.5 sigma of the warp's noise a pixel."""
-    ny, nx = image.shape
-    yy, xx = np.mgrid[:ny, :nx]
-    d = np.abs(0.6 * xx - 0.8 * yy + 100.0)
-    image += 20.0 * np.exp(-0.5 * d**2)
-
-
-@pytest.mark.parametrize("smoothing", [1.0, 0.0])
-def test_faint_trail_is_removed_whole(smoothing):
-    """Pixel by pixel a faint trail dips below the footprint threshold and breaks into short pieces,
-    too short to be a trail, that the sources near them keep; the smoothed outliers join them
-    (assemble.clip_grow_smoothing): 91 % of it clipped and the coadd on it as without it, against 29 %."""
-    seeings, sky_vars = [1.06, 1.6, 2.2], [25.0, 30.0, 25.0]
-    bright, _, sky = _faint_and_bright_sky()
-    warps, wcs, shape = _warps(sky, seeings=seeings, sky_vars=sky_vars, artifact_visit=2, artifact=_faint_trail)
-    clean, _, _ = _warps(sky, seeings=seeings, sky_vars=sky_vars)
-    config = AssembleConfig(clip_grow_smoothing=smoothing)
-    result, reference = assemble_coadd(warps, config=config), assemble_coadd(clean, config=config)
-    clipped = (result.coadd.mask & mask_bit("CLIPPED")) != 0
-    excess = np.nan_to_num(warps[2].image - clean[2].image)
-    trail = excess > 0.5 * excess.max()
-    x, y = wcs.all_world2pix(bright[0], bright[1], 0)
-    on = trail & ~_near(x, y, shape, 2 * 2.3548 * max(seeings)) & (result.n_image + clipped >= 3)
-    assert on.sum() > 100
-    if not smoothing:
-        assert clipped[on].mean() < 0.5                            # what the smoothing is for
-        return
-    assert clipped[on].mean() > 0.85
-    delta = (result.coadd.image - reference.coadd.image)[on]
-    sigma = np.sqrt(np.mean(result.coadd.variance[on]) / on.sum()) * 3    # x3: correlated noise
-    assert abs(delta.mean()) < 3 * sigma
-    assert reference.inputs["n_clipped"].sum() == 0               # noise alone is not joined into artifacts
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    for xc, yc in zip(x, y):
-        core = np.hypot(xx - xc, yy - yc) < 2 * 2.3548 * min(seeings)
-        assert not (clipped & core & ~trail).any()
-
-
 @pytest.mark.parametrize("bright_visits", [(0,), (4,), (1, 3)])
 def test_variable_star_is_kept_whatever_the_seeing_of_its_bright_epochs(bright_visits):
     # one star 2.5 mag brighter in the best-seeing, the worst-seeing or two visits (a flare)

@@ -12,8 +12,7 @@ weighted mean, ``sum w_i^2 V_i / (sum w_i)^2`` over the pixels used.
 Artifact rejection in the manner of LSST's CompareWarp: each warp's reference is the per-pixel
 median of the *other* warps (an artifact then does not lift its own reference); in each warp,
 footprints of ``warp - reference`` above ``clip_threshold`` sigma (grown through the connected
-pixels above ``clip_grow_threshold``, in each pixel's S/N or in the S/N smoothed over
-``clip_grow_smoothing``, which joins the pieces of a faint trail) are candidates, and the decision is made per footprint
+pixels above ``clip_grow_threshold``) are candidates, and the decision is made per footprint
 (:func:`classify_footprints`), not per pixel: an elongated footprint (a satellite trail) or one
 peaking off the reference's sources (a missed cosmic ray, a ghost) is an artifact, excluded and
 marked CLIPPED; a compact footprint peaking on a reference source (S/N of the PSF-smoothed
@@ -557,12 +556,7 @@ def find_artifacts(image: np.ndarray, variance: np.ndarray, good: np.ndarray, co
         seeds = z > config.clip_threshold
         if not seeds.any():
             continue
-        region = z > config.clip_grow_threshold
-        if config.clip_grow_smoothing > 0:
-            # white noise smoothed by a Gaussian of sigma s has a sigma of 1 / (2 sqrt(pi) s)
-            s = config.clip_grow_smoothing
-            region |= ndimage.gaussian_filter(z, s, mode="nearest") * (2 * np.sqrt(np.pi) * s) > config.clip_grow_threshold
-        labels, n_labels = ndimage.label(region, structure=structure)
+        labels, n_labels = ndimage.label(z > config.clip_grow_threshold, structure=structure)
         hit = np.unique(labels[seeds])
         hit = hit[hit > 0]
         # the reference's sources (PSF-smoothed S/N; the noise of the smoothing without the warps'

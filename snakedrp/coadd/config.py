@@ -76,7 +76,6 @@ class AssembleConfig(Config):
     do_clip: bool = option(True, "Reject artifacts (CompareWarp): outlier footprints in warp - reference absent from the reference?")
     clip_threshold: float = option(5.0, "An outlier footprint needs a pixel of warp - reference above this S/N [sigma]", min=1.0)
     clip_grow_threshold: float = option(2.5, "An outlier footprint includes the connected pixels above this S/N [sigma]", min=0.5)
-    clip_grow_smoothing: float = option(1.0, "An outlier footprint also takes the connected pixels where warp - reference smoothed by a Gaussian of this sigma exceeds clip_grow_threshold in its own noise: a faint trail's pixels dip below the threshold one by one and break it into short pieces, too short to be a trail, that a faint source near them keeps [pixel]; 0: off", min=0.0, max=5.0)
     clip_grow: int = option(2, "Grow each outlier footprint by this many pixels (square) [pixel]", min=0, max=20)
     clip_max_epochs: int = option(2, "A pixel that is an outlier in more than this many warps is real (a variable or moving source region) and not clipped", min=1)
     clip_min_warps: int = option(2, "Reject artifacts only where at least this many warps have data (with 2, the brighter one of a positive outlier pair is the artifact)", min=2)
