@@ -187,10 +187,16 @@ def test_clipped_stars_local_fwhm_and_trail(coadd):
     strip[iy - 4, :] = True              # the trail strip, 4 rows from the star; the clipped band joins it
     grown = Exposure(calexp.image, band, calexp.variance, calexp.wcs, calexp.psf, calexp.zeropoint)
     assert clipped_stars_figure(grown, objects, "r", config, trail=strip).value == 0
+    # a piece of the trail's clipped band holed apart by a star's protection, 3 rows off the strip
+    near = np.zeros((NY, NX), bool)
+    near[iy - 3, :] = True
+    assert clipped_stars_figure(clipped, objects, "r", config, trail=near).value == 0
     # a clipped region apart from the trail strip counts
     apart = np.zeros((NY, NX), bool)
     apart[iy - 20, :] = True
     assert clipped_stars_figure(grown, objects, "r", config, trail=apart).value == 1
+    assert clipped_stars_figure(clipped, objects, "r", CoaddValidateConfig.from_dict(
+        {"clipped_mag_max": 20.0, "trail_clip_margin": 0}), trail=near).value == 1
 
 
 def _crowded_noise(spacing, seed=4):

@@ -233,10 +233,11 @@ def clipped_stars_figure(calexp: Exposure, objects: Table, band: str, config: Co
     A clipped pixel near a star means artifact rejection took a warp's star light for an outlier
     (the star damaged). The radius is 2 FWHM of the coadd PSF at the star (:class:`PsfMixes`).
     CLIPPED pixels on ``trail`` (bool, shape (ny, nx): the simulated satellite trails of the
-    inputs) are not counted, nor the clipped regions that touch it (the trail's footprint, as
-    far as its light stands out of the noise, and that footprint's growth: at 1.5" seeing they
-    reached 15-23 pixels from three stars, beyond a 1.5-sigma strip): there the trail visit's
-    pixel was rightly rejected, under a star or not.
+    inputs) are not counted, nor the clipped regions that come within ``trail_clip_margin``
+    pixels of it: the trail's footprint reaches as far as its light stands out of the noise, and
+    is grown (``assemble.clip_grow``); where a star's protection holes it, its pieces lie apart
+    (at 1.5" seeing, 2-4 pixels off a 1.5-sigma strip, 15-23 pixels from three stars). There
+    the trail visit's pixel was rightly rejected, under a star or not.
     """
     mixes = mixes or PsfMixes(calexp.psf)
     mag = np.asarray(objects[f"mag_{band}"], float)
@@ -246,7 +247,9 @@ def clipped_stars_figure(calexp: Exposure, objects: Table, band: str, config: Co
     clipped = (calexp.mask & mask_bit("CLIPPED")) != 0
     if trail is not None and clipped.any():
         labels, _ = ndimage.label(clipped, structure=np.ones((3, 3), bool))
-        on_trail = np.unique(labels[clipped & trail])
+        near_trail = ndimage.binary_dilation(trail, structure=np.ones((3, 3), bool),
+                                             iterations=config.trail_clip_margin) if config.trail_clip_margin else trail
+        on_trail = np.unique(labels[clipped & near_trail])
         clipped &= ~np.isin(labels, on_trail[on_trail > 0])
     inside = np.isfinite(x) & np.isfinite(y) & (np.round(x) >= 0) & (np.round(x) < nx) & (np.round(y) >= 0) & (np.round(y) < ny)
     x, y = x[inside], y[inside]

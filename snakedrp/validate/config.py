@@ -72,6 +72,7 @@ class CoaddValidateConfig(Config):
 
     trail_nsigma_goal: float = option(3.0, "Goal: |mean coadd flux on the trail - control strips| in units of the strips' scatter", min=0.0)
     clipped_mag_max: float = option(20.0, "Stars brighter than this [AB mag] must have no CLIPPED pixel within 2 FWHM of the coadd PSF at the star (CLIPPED pixels on the simulated satellite trails, the trail rightly rejected, not counted)", min=10.0)
+    trail_clip_margin: int = option(5, "CLIPPED regions within this many pixels of a simulated trail's 1.5-sigma strip are the trail's (its footprint beyond the strip, grown by assemble.clip_grow, and holed by the stars' protection), not a star's damage [pixel]", min=0, max=50)
     noise_goal: float = option(5.0, "Goal: |measured empty-pixel noise / variance-plane prediction - 1| [%]", min=0.0)
     psf_fwhm_goal: float = option(1.0, "Goal: |median model / star FWHM - 1| on bright isolated stars [%]", min=0.0)
     astrometry_rms_goal: float = option(10.0, "Goal: RMS of bright-star coadd positions vs truth [mas]", min=0.0)
