@@ -18,7 +18,8 @@ peaking off the reference's sources (a missed cosmic ray, a ghost) is an artifac
 marked CLIPPED; a compact footprint peaking on a reference source (S/N of the PSF-smoothed
 reference above ``protect_threshold``, grown by ``protect_grow``) is that source changed by the
 seeing (star cores differ by factors of several between 0.5" and 1.3") or by variability, and is
-kept. Within an artifact footprint, reference-source pixels are clipped only where the excess is
+kept. A faint trail breaks into pieces; those along the axis of a long one are the trail too
+(:func:`trail_pieces`). Within an artifact footprint, reference-source pixels are clipped only where the excess is
 far above what a seeing change could make (``protect_ratio``), so a trail is removed over faint
 sources but not over a star's core. Where the other warps' coverage ends inside a star, their
 reference lacks the core, and pieces of a wider-seeing warp's wing look like compact outliers off
@@ -510,6 +511,53 @@ def sources_cut_by_mask(labels: np.ndarray, index: np.ndarray, cut: np.ndarray, 
     return touching[index] & on_star & near & short
 
 
+def trail_pieces(labels: np.ndarray, artifacts: np.ndarray, z: np.ndarray, config: AssembleConfig) -> np.ndarray:
+    """Labels of the outlier pieces that lie along a long trail footprint (``trail_join_width``).
+
+    Pixel by pixel a faint trail dips below ``clip_grow_threshold`` and falls into pieces; the
+    long ones are trails (elongated), the short ones are too short to tell and a source near them
+    keeps them. A trail is straight: every outlier footprint (above ``clip_grow_threshold``,
+    seeded or not) whose pixels all lie within ``trail_join_width`` pixels of the axis of an
+    artifact footprint elongated over ``trail_join_length`` pixels or more is part of it. A
+    star's residual is wider than that and stays out; a cosmic ray is shorter.
+
+    Parameters
+    ----------
+    labels : ndarray of int, shape (h, w)
+        Outlier footprints (0: none).
+    artifacts : ndarray of int
+        The labels already judged artifacts.
+    z : ndarray, shape (h, w)
+        S/N of warp - reference.
+    config : AssembleConfig
+
+    Returns
+    -------
+    ndarray of int
+        Labels to add (may repeat ``artifacts``).
+    """
+    if len(artifacts) == 0:
+        return np.zeros(0, np.int64)
+    axes = _label_axes(labels, artifacts)
+    length = np.sqrt(12 * axes.major)
+    elongated = (np.sqrt(axes.major / axes.minor) > config.clip_elongation) & (length >= config.trail_join_length)
+    if not elongated.any():
+        return np.zeros(0, np.int64)
+    yy, xx, lab = axes.yy, axes.xx, axes.lab
+    present = np.bincount(lab, minlength=axes.n_labels) > 0
+    out = []
+    for k in np.flatnonzero(elongated):
+        mine = lab == artifacts[k]
+        dx, dy = xx[mine] - axes.mx[k], yy[mine] - axes.my[k]
+        angle = 0.5 * np.arctan2(2 * np.mean(dx * dy), np.mean(dx * dx) - np.mean(dy * dy))   # the major axis
+        distance = np.abs((xx - axes.mx[k]) * np.sin(angle) - (yy - axes.my[k]) * np.cos(angle))
+        widest = np.zeros(axes.n_labels)
+        np.maximum.at(widest, lab, distance)
+        out.append(np.flatnonzero((widest <= config.trail_join_width) & present))
+    members = np.unique(np.concatenate(out))
+    return members[members > 0]
+
+
 def find_artifacts(image: np.ndarray, variance: np.ndarray, good: np.ndarray, config: AssembleConfig) -> np.ndarray:
     """Artifact pixels of each warp of a block (CompareWarp; see the module docstring).
 
@@ -582,6 +630,8 @@ def find_artifacts(image: np.ndarray, variance: np.ndarray, good: np.ndarray, co
             continue
         lookup = np.zeros(n_labels + 1, bool)
         lookup[hit[artifact]] = True
+        if config.trail_join_width > 0:
+            lookup[trail_pieces(labels, hit[artifact], z, config)] = True
         footprint = lookup[labels]
         if config.clip_grow:
             footprint = grow_mask(footprint, int(config.clip_grow))

@@ -76,6 +76,8 @@ class AssembleConfig(Config):
     do_clip: bool = option(True, "Reject artifacts (CompareWarp): outlier footprints in warp - reference absent from the reference?")
     clip_threshold: float = option(5.0, "An outlier footprint needs a pixel of warp - reference above this S/N [sigma]", min=1.0)
     clip_grow_threshold: float = option(2.5, "An outlier footprint includes the connected pixels above this S/N [sigma]", min=0.5)
+    trail_join_width: float = option(3.0, "Outlier footprints whose pixels all lie within this distance of the axis of a trail footprint (elongated over trail_join_length) are part of the trail: a faint trail's pixels dip below clip_grow_threshold one by one and break it into pieces too short to be elongated, which a source near them keeps [pixel]; 0: off", min=0.0, max=20.0)
+    trail_join_length: float = option(60.0, "... a trail footprint that long at least (cosmic rays are shorter) [pixel]", min=1.0)
     clip_grow: int = option(2, "Grow each outlier footprint by this many pixels (square) [pixel]", min=0, max=20)
     clip_max_epochs: int = option(2, "A pixel that is an outlier in more than this many warps is real (a variable or moving source region) and not clipped", min=1)
     clip_min_warps: int = option(2, "Reject artifacts only where at least this many warps have data (with 2, the brighter one of a positive outlier pair is the artifact)", min=2)
