@@ -35,12 +35,12 @@ def _near(x, y, shape, radius):
     return out
 
 
-def _trail(image):
-    """A satellite-like trail: a Gaussian line (sigma 1 pixel, 300 e- peak) across the calexp."""
+def _trail(image, peak=300.0):
+    """A satellite-like trail: a Gaussian line (sigma 1 pixel, ``peak`` e-) across the calexp."""
     ny, nx = image.shape
     yy, xx = np.mgrid[:ny, :nx]
     d = np.abs(0.6 * xx - 0.8 * yy + 100.0)
-    image += 300.0 * np.exp(-0.5 * d**2)
+    image += peak * np.exp(-0.5 * d**2)
 
 
 def test_one_weight_per_warp_and_unbiased_star_fluxes():
@@ -195,10 +195,7 @@ def test_trail_over_faint_sources_is_removed_whole():
 
 def _faint_trail(image):
     """A trail as faint as a bright sky leaves it: peak 23 e-, 5.2 sigma of the warp's noise a pixel."""
-    ny, nx = image.shape
-    yy, xx = np.mgrid[:ny, :nx]
-    d = np.abs(0.6 * xx - 0.8 * yy + 100.0)
-    image += 23.0 * np.exp(-0.5 * d**2)
+    _trail(image, peak=23.0)
 
 
 def test_trail_pieces_are_the_thin_footprints_along_a_long_trail():
