@@ -19,9 +19,9 @@ marked CLIPPED; a compact footprint peaking on a reference source (S/N of the PS
 reference above ``protect_threshold``, grown by ``protect_grow``) is that source changed by the
 seeing (star cores differ by factors of several between 0.5" and 1.3") or by variability, and is
 kept. A faint trail breaks into pieces; those along the axis of a long one are the trail too
-(:func:`trail_pieces`). Within an artifact footprint, reference-source pixels are clipped only where the excess is
-far above what a seeing change could make (``protect_ratio``), so a trail is removed over faint
-sources but not over a star's core. Where the other warps' coverage ends inside a star, their
+(:func:`trail_pieces`). Within an artifact footprint, reference-source pixels are clipped only
+where the excess is far above what a seeing change could make (``protect_ratio``), so a trail is
+removed over faint sources but not over a star's core. Where the other warps' coverage ends inside a star, their
 reference lacks the core, and pieces of a wider-seeing warp's wing look like compact outliers off
 every source: they are kept when they lie on a compact source of the warp's own image peaking
 where the reference has no data (:func:`sources_beyond_reference`). A pixel that is an outlier

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import sep
-from scipy import ndimage
 from astropy.table import Table
+from scipy import ndimage
 
 from snakedrp.meas.apcorr import annulus_fluxes
 from snakedrp.validate.config import CoaddValidateConfig
