@@ -106,6 +106,15 @@ def annulus_fluxes(data, var, bad, seg, ids, x, y, rin, rout):
     return flux * scale, err * scale
 
 
+def annulus_edges(calib_radius, config: ApertureLossConfig) -> np.ndarray:
+    """Edges of the curve-of-growth annuli [pixel], shape (n_stars, n_annuli + 1): logarithmic steps from
+    each star's calibration radius to ``radius_max`` of it, at most ``radius_max_pixels``."""
+    r0 = np.asarray(calib_radius, float)
+    r_out = np.minimum(config.radius_max * r0, config.radius_max_pixels)
+    steps = np.linspace(0.0, 1.0, config.n_annuli + 1)
+    return r0[:, None] * (r_out / r0)[:, None] ** steps[None, :]
+
+
 def measure_aperture_loss(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, segmentation, ids, x, y,
                           calib_radius, calib_flux, calib_flux_err, config: ApertureLossConfig | None = None
                           ) -> ApertureLoss:
@@ -156,10 +165,7 @@ def measure_aperture_loss(image: np.ndarray, variance: np.ndarray, bad: np.ndarr
     data = np.ascontiguousarray(image, dtype=np.float32)
     var = np.ascontiguousarray(variance, dtype=np.float32)
     seg = None if segmentation is None else np.ascontiguousarray(segmentation, dtype=np.int32)
-    r_out_max = np.minimum(config.radius_max * r0[rows], config.radius_max_pixels)
-    steps = np.linspace(0.0, 1.0, config.n_annuli + 1)
-    # logarithmic radii between R and the star's last radius
-    edges = r0[rows, None] * (r_out_max / r0[rows])[:, None] ** steps[None, :]
+    edges = annulus_edges(r0[rows], config)
     fractions = np.empty((len(rows), config.n_annuli))
     errors = np.empty((len(rows), config.n_annuli))
     for k in range(config.n_annuli):

@@ -36,7 +36,8 @@ import sep
 from astropy.table import Table
 from scipy import ndimage
 
-from snakedrp.meas.apcorr import annulus_fluxes
+from snakedrp.meas.apcorr import annulus_edges, annulus_fluxes
+from snakedrp.meas.detect import grow_mask
 from snakedrp.validate.config import CoaddValidateConfig
 from snakedrp.repo.exposure import Exposure, mask_bit, mask_bits
 from snakedrp.stamps import kernel_moments
@@ -247,9 +248,7 @@ def clipped_stars_figure(calexp: Exposure, objects: Table, band: str, config: Co
     clipped = (calexp.mask & mask_bit("CLIPPED")) != 0
     if trail is not None and clipped.any():
         labels, _ = ndimage.label(clipped, structure=np.ones((3, 3), bool))
-        near_trail = ndimage.binary_dilation(trail, structure=np.ones((3, 3), bool),
-                                             iterations=config.trail_clip_margin) if config.trail_clip_margin else trail
-        on_trail = np.unique(labels[clipped & near_trail])
+        on_trail = np.unique(labels[clipped & grow_mask(trail, config.trail_clip_margin)])
         clipped &= ~np.isin(labels, on_trail[on_trail > 0])
     inside = np.isfinite(x) & np.isfinite(y) & (np.round(x) >= 0) & (np.round(x) < nx) & (np.round(y) >= 0) & (np.round(y) < ny)
     x, y = x[inside], y[inside]
@@ -369,10 +368,7 @@ def total_fluxes(image, variance, bad, segmentation, ids, x, y, radius, flux, fl
     out = np.full(n, np.nan)
     if n == 0 or not hasattr(psf, "enclosed_light"):
         return out
-    radius = np.asarray(radius, float)
-    r_out = np.minimum(cog.radius_max * radius, cog.radius_max_pixels)
-    steps = np.linspace(0.0, 1.0, cog.n_annuli + 1)
-    edges = radius[:, None] * (r_out / radius)[:, None] ** steps[None, :]
+    edges = annulus_edges(radius, cog)
     ring, ring_err = np.empty((n, cog.n_annuli)), np.empty((n, cog.n_annuli))
     data = np.ascontiguousarray(image, dtype=np.float32)
     seg = np.ascontiguousarray(segmentation, dtype=np.int32)
