@@ -1,10 +1,11 @@
 # snakedrp: raw CCD frames → calibrated exposures and catalogs, the Snakemake way.
 #
-#   snakemake --cores 2                         # the ci demo: simulate, ingest, calibs, processCcd, coadds, validate
+#   snakemake --cores 2                         # the ci demo: simulate, ingest, calibs, processCcd, coadds, object tables, validate
 #   snakemake --cores 2 --config id="visit=903334..903338:2 ccd=0^1"
 #   snakemake --cores 2 --config set="isr.do_flat=false" rerun=noflat
 #   snakemake show_config                        # every option, its description and origin
 #   snakemake coadd --cores 2                    # deep coadds of every band and patch, through detection
+#   snakemake multiband --cores 2                # the multi-band object tables of every patch and tract
 #   snakemake --cores 2 --config id="tract=0 patch=0..2,0..2 filter=HSC-R" select_id="visit=903334..903338"
 from snakemake.utils import min_version
 
@@ -37,6 +38,7 @@ include: "rules/calibs.smk"
 include: "rules/single_frame.smk"
 include: "rules/validate.smk"
 include: "rules/coadd.smk"
+include: "rules/multiband.smk"
 include: "rules/qa.smk"
 
 

@@ -465,8 +465,69 @@ def get_all_coadd_targets(wildcards):
     targets = get_coadd_targets(wildcards)
     if coadd_validation_wanted():
         targets.append(str(RERUN_DIR / "validation" / "coadd.json"))
+    if multiband_wanted():
+        targets += get_multiband_targets(wildcards)
+        if multiband_validation_wanted():
+            targets.append(str(RERUN_DIR / "validation" / "multiband.json"))
     return targets
 # ------------------------------------------------------------------ end of coadd block 2
+
+
+# ------------------------------------------------------------------ multi-band (rules/multiband.smk)
+def multiband_filters(tract, patch):
+    """The filters with a coadd of (tract, patch), sorted (the order of a multi-band job's inputs and bands)."""
+    key = (int(tract), dataid.patch_id(patch))
+    return sorted({p["filter"] for p in coadd_patches() if (int(p["tract"]), str(p["patch"])) == key})
+
+
+def multiband_products(dataset_type, wildcards):
+    """One dataset of every band of the wildcards' patch, in multiband_filters order."""
+    return [BUTLER.output_path(dataset_type, filter=f, tract=int(wildcards.tract), patch=wildcards.patch)
+            for f in multiband_filters(wildcards.tract, wildcards.patch)]
+
+
+def multiband_bands(wildcards):
+    """Params function: the bands (camera band letters) of multiband_products' files."""
+    return [CAMERA.filters[f].band for f in multiband_filters(wildcards.tract, wildcards.patch)]
+
+
+def multiband_params(*parts):
+    """{"multiband": {"priority": ..., part: ...}} for the parts the calling job reads."""
+    return {"multiband": {"priority": RESOLVED["multiband"]["priority"], **{p: RESOLVED["multiband"][p] for p in parts}}}
+
+
+def multiband_patches():
+    """(tract, patch) of every patch with a coadd, sorted."""
+    return sorted({(int(p["tract"]), str(p["patch"])) for p in coadd_patches()})
+
+
+def multiband_tract_patches(tract):
+    return [p for t, p in multiband_patches() if t == tract]
+
+
+def multiband_wanted():
+    return bool(COADD_INPUTS) and CFG.multiband.enabled and (CFG.coadd.enabled or bool(COADD_IDS))
+
+
+def get_multiband_targets(wildcards):
+    """The object tables: each patch's and each tract's."""
+    patches = multiband_patches()
+    tracts = sorted({t for t, _ in patches})
+    return ([BUTLER.output_path("objectTable", tract=t, patch=p) for t, p in patches]
+            + [BUTLER.output_path("objectTable_tract", tract=t) for t in tracts])
+
+
+def multiband_validation_wanted():
+    return multiband_wanted() and coadd_validation_wanted()
+
+
+def get_multiband_validation_inputs(wildcards):
+    tracts = sorted({t for t, _ in multiband_patches()})
+    return {
+        "tables": [BUTLER.output_path("objectTable_tract", tract=t) for t in tracts],
+        "skymap": butler_template("deepCoadd_skyMap"),
+        "objects": str(TRUTH_DIR / "objects.fits"),
+    }
 
 
 # ------------------------------------------------------------------ resources
@@ -525,4 +586,6 @@ def get_validate_targets(wildcards):
         targets += list(rules.qa_coadd_plots.output)
         if coadd_validation_wanted():
             targets.append(str(RERUN_DIR / "validation" / "coadd.json"))
+        if multiband_validation_wanted():
+            targets.append(str(RERUN_DIR / "validation" / "multiband.json"))
     return targets

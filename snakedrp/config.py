@@ -18,6 +18,7 @@ import yaml
 # the light config modules only: every Snakefile parse and job imports this one
 from snakedrp.coadd.config import AssembleConfig, DetectCoaddConfig, SkyMapConfig, WarpConfig
 from snakedrp.isr.config import CalibsConfig, IsrConfig
+from snakedrp.multiband.config import MultibandConfig
 from snakedrp.pexconfig import Config, ConfigError, merge_into, option, subconfig
 from snakedrp.repo.config import IngestConfig
 from snakedrp.simulate.presets import SimulateConfig
@@ -66,6 +67,7 @@ class PipelineConfig(Config):
     characterize: CharacterizeConfig = subconfig(CharacterizeConfig, "Characterize: background, PSF, cosmic rays, aperture correction")
     calibrate: CalibrateConfig = subconfig(CalibrateConfig, "Calibrate: detection, measurement, astrometry, photometry")
     coadd: CoaddConfig = subconfig(CoaddConfig, "Deep coadds: sky map, warps, assembly, coadd detection")
+    multiband: MultibandConfig = subconfig(MultibandConfig, "Multi-band processing of the coadds: merged detections, measurement, reference band, forced photometry, object tables")
     validation: ValidateConfig = subconfig(ValidateConfig, "Validation against simulator truth: accuracy goals")
     metrics: MetricsConfig = subconfig(MetricsConfig, "Survey metrics (LSST SRD: PA1, PF1/PA2, AM1, AF1/AD1) from the src catalogs")
 

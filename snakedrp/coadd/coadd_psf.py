@@ -306,6 +306,48 @@ class CoaddPsf(PsfModel):
         return cls(coadd_wcs, inputs, int(h["PSFSIZE"]))
 
 
+class CellCachedPsf(PsfModel):
+    """A :class:`CoaddPsf` evaluated once per set of covering inputs and cell of ``cell`` pixels.
+
+    Drawing a ``CoaddPsf`` warps every covering input's kernel (about 9 ms a source with three
+    inputs), which is most of the cost of measuring a coadd. The inputs' own PSFs vary slowly over
+    their CCDs, so this model keeps, for each cell and set of covering inputs, the coadd kernel
+    at the cell's centre, and draws a source by its Lanczos-3 sub-pixel shift (as
+    :meth:`PsfModel.draw`). A cell never mixes two sets of covering inputs: where an input's
+    region ends within a cell, each side has its own kernel. Not persisted: the coadd keeps
+    its ``CoaddPsf``.
+
+    Parameters
+    ----------
+    psf : CoaddPsf
+    cell : float
+        Cell side [pixel].
+    """
+
+    def __init__(self, psf: CoaddPsf, cell: float = 128.0):
+        self.psf = psf
+        self.cell = float(cell)
+        self._cache: dict = {}
+
+    def kernel(self, x, y):
+        x, y = float(x), float(y)
+        items = self.psf.covering(x, y)
+        cx, cy = int(x // self.cell), int(y // self.cell)
+        key = (tuple((int(i.visit), int(i.ccd)) for i in items), cx, cy)
+        if key not in self._cache:
+            xc, yc = (cx + 0.5) * self.cell, (cy + 0.5) * self.cell
+            total = sum(i.weight * self.psf.input_kernel(i, xc, yc) for i in items)
+            self._cache[key] = total / total.sum()
+        return self._cache[key]
+
+    def to_hdu(self):
+        return self.psf.to_hdu()
+
+    @classmethod
+    def from_hdu(cls, hdu):
+        return cls(CoaddPsf.from_hdu(hdu))
+
+
 def _centre(item: CoaddPsfInput) -> tuple[float, float]:
     """A position on the input CCD (its PSF model's reference point when it has one)."""
     return (float(getattr(item.psf, "x_center", 0.0)), float(getattr(item.psf, "y_center", 0.0)))

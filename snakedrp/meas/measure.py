@@ -47,7 +47,7 @@ from snakedrp.stamps import padded_cutouts
 def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, detections: Table,
                     psf: PsfModel, config: MeasureConfig | None = None, *, wcs=None,
                     segmentation: np.ndarray | None = None, footprints: Table | None = None,
-                    bad: np.ndarray | None = None, minimal: bool = False) -> Table:
+                    bad: np.ndarray | None = None, minimal: bool = False, forced: bool = False) -> Table:
     """Measure every detected source.
 
     Parameters
@@ -83,6 +83,10 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
         windowed centroids); the aperture, calibration-aperture, Kron and adaptive-moment
         columns are present but NaN (their flags True). Those columns and the centroids are
         most of the cost.
+    forced : bool
+        Forced photometry: the given positions are the centroids (e.g. an object's reference-band
+        position on another band's coadd); every other column is measured as usual, the centroid
+        errors from this image. ``centroid_flag`` is set only for non-finite or off-image positions.
 
     Returns
     -------
@@ -119,14 +123,14 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, d
     fwhm = 2.3548 * sigma
 
     # ---- centroids: windowed (XWIN), Gaussian weight of the local PSF sigma
-    if n and not minimal:
+    if n and not (minimal or forced):
         xw, yw, wflag = sep.winpos(data, x0c, y0c, sigma, mask=bad, subpix=1)
     else:
         xw, yw, wflag = x0c.copy(), y0c.copy(), np.zeros(n, int)
     ok = finite0 & (wflag == 0) & np.isfinite(xw) & np.isfinite(yw)
     ok &= np.hypot(xw - x0c, yw - y0c) < config.max_centroid_shift * sigma
     ok &= (xw > -0.5) & (xw < nx - 0.5) & (yw > -0.5) & (yw < ny - 0.5)
-    if seg is not None:
+    if seg is not None and not forced:
         jx = np.clip(np.floor(np.nan_to_num(xw) + 0.5).astype(int), 0, nx - 1)
         jy = np.clip(np.floor(np.nan_to_num(yw) + 0.5).astype(int), 0, ny - 1)
         ok &= (seg[jy, jx] == ids) | (seg[jy, jx] == 0)

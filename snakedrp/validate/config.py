@@ -91,6 +91,20 @@ class CoaddValidateConfig(Config):
 
 
 @dataclass
+class MultibandValidateConfig(Config):
+    """Accuracy goals of the multi-band object tables, checked against the simulator's truth."""
+
+    star_mag_range: list[float] = option([17.5, 21.0], "Magnitudes of the bright stars used, in every band [AB mag]")
+    snr_min: float = option(100.0, "... with a forced PSF-flux S/N of at least this in every band", min=1.0)
+    isolation_radius: float = option(5.0, "A star is isolated without an object brighter than it + 3 mag (in the band of the figure, or any band for colours) within this radius [arcsec]", min=0.0)
+    match_radius: float = option(0.5, "Primary objects within this radius of a true star are its matches [arcsec]", min=0.01)
+    flux_bias_goal: float = option(5.0, "Goal: |median forced PSF magnitude - true total magnitude| of the bright isolated stars, each band [mmag]", min=0.0)
+    colour_bias_goal: float = option(5.0, "Goal: |median measured - true colour| of the bright isolated stars, each pair of bands adjacent in wavelength [mmag]", min=0.0)
+    astrometry_rms_goal: float = option(10.0, "Goal: RMS of the bright isolated stars' reference positions vs truth [mas]", min=0.0)
+    duplicate_goal: float = option(0.5, "Goal: bright isolated stars matched by more than one primary object (a patch or tract overlap counted twice) [%]", min=0.0, max=100.0)
+
+
+@dataclass
 class ValidateConfig(Config):
     """Accuracy goals of single-frame processing, checked against the simulator's truth."""
 
@@ -116,3 +130,4 @@ class ValidateConfig(Config):
     completeness_match_fwhm: float = option(0.3, "Completeness matches a true star to a detection within match_radius or this many PSF FWHM, whichever is larger (5 sigma of the centroid error of an S/N-10 star)", min=0.0)
     isolation_flux_ratio: float = option(0.05, "... has more than this fraction of its flux (blends have no single true position)", min=0.0)
     coadd: CoaddValidateConfig = subconfig(CoaddValidateConfig, "Accuracy goals of the coadds (validate_coadd)")
+    multiband: MultibandValidateConfig = subconfig(MultibandValidateConfig, "Accuracy goals of the multi-band object tables (validate_multiband)")
