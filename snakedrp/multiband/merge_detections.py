@@ -130,30 +130,21 @@ def split_footprints(footprints: np.ndarray, snr: np.ndarray, x, y, smoothing_si
     ndarray of int32, shape (ny, nx)
         0 outside the footprints and in footprints holding no peak.
     """
-    # scipy's image-foresting watershed: no image-processing package (scikit-image) for one call
+    from skimage.segmentation import watershed
+
     ny, nx = footprints.shape
     image = np.nan_to_num(np.asarray(snr, float))
     if smoothing_sigma > 0:
         image = ndimage.gaussian_filter(image, smoothing_sigma)
-    level = np.log1p(np.clip(image, 0.0, None))
-    top = float(level[footprints].max()) if footprints.any() else 1.0
-    # cost rises away from the peaks; outside the footprints it is the highest, so that no
-    # watershed crosses from one footprint into another through the sky
-    cost = np.full((ny, nx), 65535, np.uint16)
-    cost[footprints] = (64000 - np.round(level[footprints] / max(top, 1e-12) * 64000)).astype(np.uint16)
     markers = np.zeros((ny, nx), np.int32)
     ix = np.clip(np.floor(np.asarray(x, float) + 0.5).astype(int), 0, nx - 1)
     iy = np.clip(np.floor(np.asarray(y, float) + 0.5).astype(int), 0, ny - 1)
     inside = footprints[iy, ix]
     markers[iy[inside], ix[inside]] = np.flatnonzero(inside) + 1
-    labels = ndimage.watershed_ift(cost, markers) if inside.any() else markers
-    labels = np.where(footprints, labels, 0).astype(np.int32)
-    # a footprint without a peak (a band's footprint whose peak merged elsewhere) belongs to nobody
-    components, _ = ndimage.label(footprints)
-    seeded = np.zeros(components.max() + 1, bool)
-    seeded[components[iy[inside], ix[inside]]] = True
-    labels[~seeded[components]] = 0
-    return labels
+    # flooding the negative image from the peaks, within the footprints: a footprint without a
+    # peak (a band's footprint whose peak merged elsewhere) stays 0
+    labels = watershed(-image, markers, mask=footprints) if inside.any() else markers
+    return np.asarray(labels, np.int32)
 
 
 def merge_detections(detections: dict[str, Table], masks: dict[str, np.ndarray], snr_images: dict[str, np.ndarray],

@@ -90,7 +90,9 @@ def patch_object_table(reference: Table, forced: dict[str, Table], *, tract: int
     for band, table in forced.items():
         if len(table) != n or (np.asarray(table["id"]) != np.asarray(reference["id"])).any():
             raise ValueError(f"the {band}-band forced photometry must hold the reference table's objects, in order")
-        scale = njy_per_unit(float(table.meta["ZEROPT"]))
+        zeropoint = table.meta["ZEROPT"]
+        # (value, comment) in memory, the value once read back from FITS
+        scale = njy_per_unit(float(zeropoint[0] if isinstance(zeropoint, tuple) else zeropoint))
         for src, dst in FLUX_COLUMNS.items():
             add(f"{band}_{dst}", np.asarray(table[src], float) * scale, "nJy",
                 f"{band}-band forced {table[src].description or src} at the reference position")
