@@ -1,16 +1,19 @@
-"""The coadd validation beyond the demo, each case run from simulation with ``validation.strict`` true.
+"""The coadd and multi-band validations beyond the demo, each case run from simulation with ``validation.strict`` true.
 
 - A second field: another seed, centre and rotation, the ``rings`` sky map (2 CCDs, 3 HSC-R
   visits; the second has the satellite trail).
 - Mixed seeing: 2 CCDs x 2 HSC-R visits of the ``ci`` preset, whose seeing is 0.50" and 1.30",
   so that each patch holds regions covered by one visit and by both (the coadd PSF changes 2.6x
   within a patch) and pixels where one warp is masked hold only the other's PSF.
+- Two other bands: seed 13, g and i (2 CCDs x 2 visits each), so that the multi-band stage
+  merges, chooses reference bands and measures colours on a field and bands the demo lacks.
 
-A missed coadd goal fails the run.
+A missed coadd or multi-band goal fails the run.
 """
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +31,12 @@ CASES = {
     # the second visit's trail crosses too few pixels that both visits cover for the trail figure
     "mixed_seeing": ('mixed seeing: 0.50" and 1.30" visits, 2 CCDs',
                      "{ccds: [0, 1], n_visits: 2, filters: [HSC-R]}", "", FIGURES),
+    "two_bands": ("two other bands: seed 13, RA 200, Dec 10, g and i, 2 CCDs x 2 visits",
+                  "{seed: 13, ra: 200.0, dec: 10.0, rotation: -15.0, ccds: [0, 1], n_visits: 2, filters: [HSC-G, HSC-I]}",
+                  "", FIGURES),
 }
+#: figures each case's multi-band report must hold (colours with two bands)
+MULTIBAND_FIGURES = ("median forced PSF mag", "reference positions", "more than one primary")
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -41,11 +49,12 @@ def test_coadd_validation_passes_beyond_the_demo(case, tmp_path, capsys):
                              timeout=TIMEOUT, what=what)
     err = proc.stderr
     report_path = repo / "rerun" / "ci" / "validation" / "coadd.json"
-    log = repo / "rerun" / "ci" / "logs" / "validate_coadd" / "all.log"
+    logs = [repo / "rerun" / "ci" / "logs" / rule / "all.log" for rule in ("validate_coadd", "validate_multiband")]
     with capsys.disabled():
         print(f"\n[{what}]")
-        if log.exists():
-            print(*[line for line in log.read_text().splitlines() if "PASS" in line or "FAIL" in line], sep="\n")
+        for log in filter(Path.exists, logs):
+            print(*[line for line in log.read_text().splitlines() if "PASS" in line or "FAIL" in line
+                    or "no goal" in line], sep="\n")
     assert proc.returncode == 0, f"snakemake failed:\n{err[-6000:]}"
     report = json.loads(report_path.read_text())
     assert report["strict"] is True
@@ -55,3 +64,9 @@ def test_coadd_validation_passes_beyond_the_demo(case, tmp_path, capsys):
     failed = [m for m in report["metrics"] if not m["passed"]]
     assert failed == []
     assert report["missed"] == []
+    multiband = json.loads((repo / "rerun" / "ci" / "validation" / "multiband.json").read_text())
+    names = " ".join(m["name"] for m in multiband["metrics"])
+    bands = 2 if "HSC-G" in field else 1
+    for figure in MULTIBAND_FIGURES + (("median colour",) if bands == 2 else ()):
+        assert figure in names, f"no {figure} figure in {names}"
+    assert multiband["strict"] is True and multiband["missed"] == [] and multiband["passed"]

@@ -223,3 +223,45 @@ def test_merge_needs_one_grid():
         merge_detections({"r": Table(dict(x=[1.0], y=[1.0], detection_snr=[10.0]))},
                          {"r": np.zeros((10, 10), np.int32)}, {"r": np.zeros((12, 10))}, priority=["r"],
                          pixel_scale=0.2, config=MergeDetectionsConfig())
+
+
+# ------------------------------------------------------------------ the ci demo's multi-band products
+@pytest.mark.workflow
+def test_demo_multiband_validation_passes_every_goal(ci_repo, capsys):
+    import json
+
+    report = json.loads((ci_repo / "rerun/ci/validation/multiband.json").read_text())
+    lines = [f"{'PASS' if m['passed'] else 'FAIL'} {m['name']}: {m['value']:.4g} {m['unit']} (goal {m['goal']}, n={m['n']})"
+             for m in report["metrics"]]
+    lines += [f"{s['colour']} S/N {s['snr_min']:g}-{s['snr_max']:g}: scatter {s['scatter_mmag']:.1f} mmag, quoted "
+              f"{s['quoted_mmag']:.1f} mmag (n={s['n']}; no goal)" for s in report["colour_scatter"]]
+    with capsys.disabled():
+        print("\n[ci multi-band validation: rerun/ci/validation/multiband.json]", *lines, sep="\n")
+    names = " ".join(m["name"] for m in report["metrics"])
+    for figure in ("r: |median forced PSF mag", "i: |median forced PSF mag", "r-i: |median colour", "reference positions",
+                   "more than one primary"):
+        assert figure in names, figure
+    assert report["strict"] is True and report["passed"] and report["missed"] == []
+    assert all(m["n"] >= 100 for m in report["metrics"])
+
+
+@pytest.mark.workflow
+def test_demo_object_tables_hold_each_object_once(ci_repo):
+    import pyarrow.parquet as pq
+
+    merged = ci_repo / "rerun/ci/deepCoadd-results/merged"
+    tract = Table.read(merged / "0" / "objectTable-0.fits")
+    patches = [Table.read(p) for p in sorted(merged.glob("0/*/objectTable-0-*.fits"))]
+    assert len(patches) == 9
+    assert len(tract) == sum(int(p["detect_isPrimary"].sum()) for p in patches) > 1000
+    assert len(set(tract["objectId"])) == len(tract) and tract["detect_isPrimary"].all()
+    assert set(tract["refBand"]) <= {"r", "i"} and (tract["refBand"] == "i").sum() > len(tract) / 3
+    for name in tract.colnames:
+        assert tract[name].description, name
+    for band in ("r", "i"):
+        assert tract[f"{band}_psfFlux"].unit == "nJy" and tract[f"{band}_psfMag"].unit == "mag"
+        assert np.isfinite(tract[f"{band}_psfFlux"]).mean() > 0.95
+    parquet = pq.read_table(merged / "0" / "objectTable-0.parq")
+    assert parquet.num_rows == len(tract)
+    assert np.array_equal(parquet.column("objectId").to_numpy(), np.asarray(tract["objectId"]))
+    assert parquet.schema.field("r_psfFlux").metadata[b"unit"] == b"nJy"

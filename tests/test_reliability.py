@@ -1,8 +1,8 @@
-"""Reliability on a small demo (one CCD, two visits, one band): kill and resume at each stage,
-the same products with --cores 1 and --cores 2, FITS-standard products, Snakemake's lock against a
-second run, and two reruns of one repository side by side.
+"""Reliability on a small demo (one CCD, one visit in each of two bands): kill and resume at each
+stage, the same products with --cores 1 and --cores 2, FITS-standard products, Snakemake's lock
+against a second run, and two reruns of one repository side by side.
 
-Every run goes through the whole workflow (simulation to coadd detection). The reference run is
+Every run goes through the whole workflow (simulation to the multi-band object tables). The reference run is
 made once per module; each other test compares its products with it by data (pixels and table
 values, not headers, which hold dates).
 """
@@ -23,7 +23,7 @@ import snakemake_run
 
 pytestmark = pytest.mark.workflow
 
-SMALL = "simulate={ccds: [0], n_visits: 2, filters: [HSC-R]}"
+SMALL = "simulate={ccds: [0], n_visits: 1, filters: [HSC-R, HSC-I]}"
 RUN_TIMEOUT = 15 * 60          # s; one small run takes about a minute on 2 cores
 KILL_WAIT = 10 * 60            # s; longest wait for the stage to be killed in
 
@@ -59,6 +59,20 @@ def reference(tmp_path_factory) -> Path:
     return completed_run(tmp_path_factory.mktemp("reference") / "repo")
 
 
+def test_the_small_demo_reaches_the_multiband_catalog(reference):
+    """What the comparisons below cover: both bands' forced photometry and the object tables."""
+    merged = reference / "rerun" / "ci" / "deepCoadd-results" / "merged"
+    tracts = list(merged.glob("*/objectTable-*.fits"))
+    patches = list(merged.glob("*/*/objectTable-*.fits"))
+    assert tracts and patches
+    for band in ("HSC-R", "HSC-I"):
+        assert list((reference / "rerun" / "ci" / "deepCoadd-results" / band).glob("*/*/forced_src-*.fits")), band
+    from astropy.table import Table
+
+    table = Table.read(tracts[0])
+    assert len(table) > 10 and {"r_psfFlux", "i_psfFlux", "refBand"} <= set(table.colnames)
+
+
 # ------------------------------------------------------------------ kill and resume
 def _wait_for(proc: subprocess.Popen, ready, what: str) -> None:
     t0 = time.monotonic()
@@ -91,6 +105,8 @@ STAGES = {
     "coadd": ("a warp job started",
               lambda repo: any((repo / "rerun" / "ci" / "logs").glob("make_warp*/*.log"))
               or any((repo / "rerun" / "ci" / "logs").glob("make_warp*"))),
+    "multiband": ("a measure_coadd job started",
+                  lambda repo: any((repo / "rerun" / "ci" / "logs").glob("measure_coadd/*.log"))),
 }
 
 

@@ -4,14 +4,17 @@ Each single-frame case is one ``ci`` CCD, two visits (0.5" and 1.3" seeing unles
 otherwise), run through the workflow (simulate, calibrations, process_ccd, validation against
 truth; no coadd). Each ``--coadd`` case is two CCDs and three visits of one filter (0.5", 0.9",
 1.3" unless the case says otherwise) run through the whole workflow, coadds included, and reports
-the single-frame and the coadd figures. Every case runs into ``<out>/<case>/repo``; the validation
+the single-frame and the coadd figures. Each ``--multiband`` case is two CCDs and two visits in each
+of two or three bands, through the object tables, and reports the multi-band figures too. Every case runs into ``<out>/<case>/repo``; the validation
 is not strict, so every figure is reported and the sweep goes on. Prints each case's missed goals,
 then a summary line; exits 1 if any case missed a goal or failed.
 
     python validation/sweep.py [--out DIR] [--cores N] [CASE ...]            # default: every case
     python validation/sweep.py --coadd [--out DIR] [--cores N] [CASE ...]    # the coadd cases
+    python validation/sweep.py --multiband [--out DIR] [--cores N] [CASE ...]  # the multi-band cases
 
-About 40 s a single-frame case on 2 cores (~20 minutes for all of them), 3-4 minutes a coadd case.
+About 40 s a single-frame case on 2 cores (~20 minutes for all of them), 3-4 minutes a coadd case,
+4-6 minutes a multi-band case.
 """
 from __future__ import annotations
 
@@ -70,6 +73,17 @@ COADD_CASES: dict[str, dict] = {
 }
 
 
+#: name -> simulate options on top of two CCDs, two visits in each of HSC-R and HSC-I unless given
+MULTIBAND_CASES: dict[str, dict] = {
+    "gri50": dict(seed=50, ra=40.0, dec=20.0, rotation=-30.0, filters=["HSC-G", "HSC-R", "HSC-I"]),
+    "bad_seeing51": dict(seed=51, seeing_min=1.2, seeing_max=1.6),
+    "good_seeing52": dict(seed=52, seeing_min=0.4, seeing_max=0.6),
+    "sparse53": dict(SPARSE, seed=53, ra=160.0, dec=-50.0),
+    "dense54": dict(DENSE, seed=54, ra=265.0, dec=-25.0),
+    "gi_mid55": dict(MID, seed=55, ra=330.0, dec=5.0, filters=["HSC-G", "HSC-I"]),
+}
+
+
 def flow(values: dict) -> str:
     """Flow-style YAML of ``values`` for ``--config``."""
     def one(v):
@@ -80,24 +94,33 @@ def flow(values: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="*", metavar="CASE",
-                        help=f"cases to run (default: all): {', '.join(CASES)}; with --coadd: {', '.join(COADD_CASES)}")
+                        help=f"cases to run (default: all): {', '.join(CASES)}; with --coadd: {', '.join(COADD_CASES)}; "
+                             f"with --multiband: {', '.join(MULTIBAND_CASES)}")
     parser.add_argument("--coadd", action="store_true", help="run the coadd cases (two CCDs, three visits, coadds)")
+    parser.add_argument("--multiband", action="store_true",
+                        help="run the multi-band cases (two CCDs, two visits a band, through the object tables)")
     parser.add_argument("--out", type=Path, default=Path("sweep"), help="directory of the case repositories")
     parser.add_argument("--cores", type=int, default=2)
     args = parser.parse_args(argv)
-    cases = COADD_CASES if args.coadd else CASES
+    if args.coadd and args.multiband:
+        parser.error("--coadd and --multiband are two sets of cases; give one")
+    cases = MULTIBAND_CASES if args.multiband else COADD_CASES if args.coadd else CASES
     unknown = sorted(set(args.cases) - set(cases))
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(cases)}")
-    base = ({"ccds": [0, 1], "n_visits": 3, "filters": ["HSC-R"]} if args.coadd
+    base = ({"ccds": [0, 1], "n_visits": 2, "filters": ["HSC-R", "HSC-I"]} if args.multiband
+            else {"ccds": [0, 1], "n_visits": 3, "filters": ["HSC-R"]} if args.coadd
             else {"ccds": [0], "n_visits": 2, "filters": ["HSC-R"]})
-    reports = ("single_frame.json", "coadd.json") if args.coadd else ("single_frame.json",)
+    reports = (("single_frame.json", "coadd.json", "multiband.json") if args.multiband
+               else ("single_frame.json", "coadd.json") if args.coadd else ("single_frame.json",))
     missed_cases = []
     for name in args.cases or list(cases):
         repo = (args.out / name / "repo").resolve()
         options = [f"repo={repo}", f"simulate={flow({**base, **cases[name]})}"]
-        if not args.coadd:
+        if not (args.coadd or args.multiband):
             options.append("coadd={enabled: false}")
+        elif args.coadd:
+            options.append("multiband={enabled: false}")
         t0 = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", str(args.cores), "-q", "--config",
                                *options], cwd=ROOT, capture_output=True, text=True)

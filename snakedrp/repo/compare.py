@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-#: Product files compared, by suffix.
-SUFFIXES = (".fits", ".parquet")
+#: Product files compared, by suffix (.parq: the Parquet copies of tables, snakedrp.repo.io.write_table).
+SUFFIXES = (".fits", ".parq", ".parquet")
 
 #: Directories never compared: logs and benchmarks hold times, .snakemake is Snakemake's.
 SKIPPED_DIRS = {"logs", "benchmarks", ".snakemake"}
