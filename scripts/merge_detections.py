@@ -10,7 +10,7 @@ from snakedrp.config import provenance_cards
 from snakedrp.multiband.config import MergeDetectionsConfig
 from snakedrp.multiband.merge_detections import merge_detections
 from snakedrp.repo.exposure import Exposure
-from snakedrp.repo.io import write_hdulist, write_table
+from snakedrp.repo.io import FitsReadError, check_fits_file, write_hdulist, write_table
 from snakedrp.runtime import tune_memory
 
 if TYPE_CHECKING:
@@ -21,18 +21,25 @@ def main(inputs, outputs, params, log_path):
     tune_memory()
     logger = sdlog.configure(log_path)
     config = MergeDetectionsConfig.from_dict(params.config["multiband"]["merge"])
+    where = f"tract={params.tract} patch={params.patch}"
     detections, masks, snr = {}, {}, {}
     wcs = scale = None
-    for band, calexp_path, det_path in zip(params.bands, inputs.calexps, inputs.dets):
-        calexp = Exposure.read(calexp_path)
-        detections[band] = Table.read(det_path)
-        masks[band] = calexp.mask
-        with np.errstate(invalid="ignore", divide="ignore"):
-            snr[band] = np.where(calexp.variance > 0, calexp.image / np.sqrt(calexp.variance), 0.0)
-        wcs = calexp.wcs
-        scale = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600.0)
-    result = merge_detections(detections, masks, snr, priority=params.config["multiband"]["priority"],
-                              pixel_scale=scale, config=config, wcs=wcs)
+    try:
+        for band, calexp_path, det_path in zip(params.bands, inputs.calexps, inputs.dets):
+            check_fits_file(calexp_path)
+            check_fits_file(det_path)
+            calexp = Exposure.read(calexp_path)
+            detections[band] = Table.read(det_path)
+            masks[band] = calexp.mask
+            with np.errstate(invalid="ignore", divide="ignore"):
+                snr[band] = np.where(calexp.variance > 0, calexp.image / np.sqrt(calexp.variance), 0.0)
+            wcs = calexp.wcs
+            scale = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600.0)
+        result = merge_detections(detections, masks, snr, priority=params.config["multiband"]["priority"],
+                                  pixel_scale=scale, config=config, wcs=wcs)
+    except (FitsReadError, ValueError) as err:
+        logger.error("merge_detections %s: %s", where, err)
+        raise SystemExit(f"merge_detections {where}: {err}") from None
     objects = result.objects
     for key, value, _ in provenance_cards("multiband.merge", config):
         objects.meta[key] = value
@@ -42,9 +49,8 @@ def main(inputs, outputs, params, log_path):
     header["BUNIT"] = ("", "object id (deepCoadd_mergeDet id); 0: no footprint")
     footprints = fits.CompImageHDU(result.segmentation, header=header, compression_type="RICE_1", name="FOOTPRINTS")
     write_hdulist(fits.HDUList([fits.PrimaryHDU(), footprints]), outputs.footprints)
-    logger.info("tract=%s patch=%s: %d objects from %s (%s), %d in footprints with several", params.tract, params.patch,
-                len(objects), ", ".join(f"{b} {len(d)} peaks" for b, d in detections.items()),
-                objects.meta["BANDS"][0], int(np.sum(objects["is_blended"])))
+    logger.info("%s: %d objects from %s (%s), %d in footprints with several", where, len(objects), ", ".join(f"{b} {len(d)} peaks" for b, d in detections.items()),
+                objects.meta["BANDS"], int(np.sum(objects["is_blended"])))
 
 
 main(snakemake.input, snakemake.output, snakemake.params, snakemake.log[0])

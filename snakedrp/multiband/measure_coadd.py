@@ -117,8 +117,9 @@ def measure_coadd(calexp: Exposure, objects: Table, segmentation: np.ndarray, *,
         :func:`snakedrp.meas.measure.measure_sources`' columns (fluxes in coadd units), with
         ``psf_flux`` and its error scaled to total flux by ``psf_apcorr`` (NaN, and
         ``psf_apcorr_flag`` set, when the patch has no aperture correction), and ``psf_mag``,
-        ``psf_mag_err`` [AB mag]. ``meta``: ``ZEROPT``, ``APCORRN`` (point sources in the fit),
-        ``APCORRSC`` (their scatter), ``FORCED``.
+        ``psf_mag_err`` [AB mag]. ``meta``: ``ZEROPT`` (AB mag of total flux 1), ``APCORRN``
+        (point sources in the aperture correction), ``APCORRSC`` (their RMS about the fit,
+        fraction), ``FORCED`` (positions fixed at the reference band's).
     """
     config = config or MeasureCoaddConfig()
     config.validate()
@@ -158,8 +159,8 @@ def measure_coadd(calexp: Exposure, objects: Table, segmentation: np.ndarray, *,
     sources["psf_mag"].unit = sources["psf_mag_err"].unit = "mag"
     sources["psf_mag"].description = "AB magnitude of the total PSF flux (NaN for non-positive fluxes)"
     sources["psf_mag_err"].description = "1-sigma error of psf_mag"
-    sources.meta["ZEROPT"] = (zeropoint, "AB mag of a source of total flux 1 (flux columns)")
-    sources.meta["APCORRN"] = (int(n_stars), "point sources in the aperture correction")
-    sources.meta["APCORRSC"] = (float(scatter), "their RMS about the fit (fraction)")
-    sources.meta["FORCED"] = (reference is not None, "positions fixed at the reference band's")
+    sources.meta["ZEROPT"] = zeropoint
+    sources.meta["APCORRN"] = int(n_stars)
+    sources.meta["APCORRSC"] = float(scatter)
+    sources.meta["FORCED"] = reference is not None
     return sources

@@ -173,7 +173,8 @@ def merge_detections(detections: dict[str, Table], masks: dict[str, np.ndarray],
     MergeDetectionsResult
         Its ``objects`` hold :func:`merge_peaks`' columns and ``id`` (= the segmentation value),
         ``parent`` (the footprint's id when it holds several objects, else 0), ``blend_nchild``,
-        ``is_blended``, ``coord_ra``, ``coord_dec``.
+        ``is_blended``, ``coord_ra``, ``coord_dec``; ``meta``: ``BANDS`` (the bands merged, in
+        priority order, comma-separated), ``NEWPEAK`` (``min_new_peak`` [arcsec]).
     """
     config = config or MergeDetectionsConfig()
     config.validate()
@@ -216,6 +217,6 @@ def merge_detections(detections: dict[str, Table], masks: dict[str, np.ndarray],
     objects["coord_ra"].unit = objects["coord_dec"].unit = "deg"
     objects["coord_ra"].description = "Right ascension of the peak position"
     objects["coord_dec"].description = "Declination of the peak position"
-    objects.meta["BANDS"] = (",".join(band_order(detections, priority)), "bands merged, in priority order")
-    objects.meta["NEWPEAK"] = (config.min_new_peak, "min_new_peak [arcsec]")
+    objects.meta["BANDS"] = ",".join(band_order(detections, priority))
+    objects.meta["NEWPEAK"] = config.min_new_peak
     return MergeDetectionsResult(objects=objects, segmentation=segmentation)

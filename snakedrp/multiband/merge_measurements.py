@@ -105,5 +105,5 @@ def merge_measurements(objects: Table, measurements: dict[str, Table], priority,
         out[name] = values
         out[name].unit = column.unit
         out[name].description = column.description
-    out.meta["BANDS"] = (",".join(order), "bands measured, in priority order")
+    out.meta["BANDS"] = ",".join(order)
     return out

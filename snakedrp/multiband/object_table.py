@@ -15,8 +15,12 @@ from astropy.table import Table, vstack
 #: AB magnitude of 1 nJy.
 AB_NJY_ZEROPOINT = 31.4
 
-#: forced-table column -> object-table column (after the ``<band>_`` prefix), each a flux in coadd units
-FLUX_COLUMNS = {"psf_flux": "psfFlux", "calib_flux": "calibFlux", "kron_flux": "kronFlux"}
+#: forced-table column (a flux in coadd units) -> object-table column (after the ``<band>_`` prefix), what it is
+FLUX_COLUMNS = {
+    "psf_flux": ("psfFlux", "PSF flux, scaled to total flux by the patch's aperture correction"),
+    "calib_flux": ("calibFlux", "flux in the calibration aperture (4 PSF FWHM), neighbours replaced by the PSF model"),
+    "kron_flux": ("kronFlux", "Kron flux (2.5 Kron radii)"),
+}
 
 
 def njy_per_unit(zeropoint: float) -> float:
@@ -90,12 +94,9 @@ def patch_object_table(reference: Table, forced: dict[str, Table], *, tract: int
     for band, table in forced.items():
         if len(table) != n or (np.asarray(table["id"]) != np.asarray(reference["id"])).any():
             raise ValueError(f"the {band}-band forced photometry must hold the reference table's objects, in order")
-        zeropoint = table.meta["ZEROPT"]
-        # (value, comment) in memory, the value once read back from FITS
-        scale = njy_per_unit(float(zeropoint[0] if isinstance(zeropoint, tuple) else zeropoint))
-        for src, dst in FLUX_COLUMNS.items():
-            add(f"{band}_{dst}", np.asarray(table[src], float) * scale, "nJy",
-                f"{band}-band forced {table[src].description or src} at the reference position")
+        scale = njy_per_unit(float(table.meta["ZEROPT"]))
+        for src, (dst, what) in FLUX_COLUMNS.items():
+            add(f"{band}_{dst}", np.asarray(table[src], float) * scale, "nJy", f"{band}-band forced {what}, at the reference position")
             add(f"{band}_{dst}Err", np.asarray(table[src + '_err'], float) * scale, "nJy", f"1-sigma error of {band}_{dst}")
         with np.errstate(invalid="ignore", divide="ignore"):
             flux = np.asarray(out[f"{band}_psfFlux"], float)
@@ -111,7 +112,7 @@ def patch_object_table(reference: Table, forced: dict[str, Table], *, tract: int
             if name.startswith("flag_"):
                 add(f"{band}_pixelFlags_{name[5:]}", np.asarray(table[name], bool), None,
                     f"{band} band: {table[name].description or name}")
-    out.meta["BANDS"] = (",".join(forced), "bands of the forced photometry")
+    out.meta["BANDS"] = ",".join(forced)
     return out
 
 
