@@ -409,13 +409,18 @@ def get_coadd_warps(wildcards):
                                patch=wildcards.patch, visit=v) for v in _patch_visits(wildcards)]
 
 
-def coadd_patches():
-    """Data IDs (filter, tract, patch) of the coadds to build: the patches the coadd inputs touch,
-    narrowed by the coadd ids. Reads the overlap checkpoints (one per filter)."""
+def coadd_filters_wanted():
+    """The filters whose coadds may be built: those of the coadd inputs, narrowed by the coadd ids' filters."""
     wanted = set(COADD_FILTERS)
     if COADD_IDS and all("filter" in d for d in COADD_IDS):
         wanted &= {d["filter"] for d in COADD_IDS}  # do not wait for other filters' overlaps
-    rows = [dict(tract=tract, patch=patch, filter=f) for f in sorted(wanted) for tract, patch in patch_overlaps(f)]
+    return sorted(wanted)
+
+
+def coadd_patches():
+    """Data IDs (filter, tract, patch) of the coadds to build: the patches the coadd inputs touch,
+    narrowed by the coadd ids. Reads the overlap checkpoints (one per filter)."""
+    rows = [dict(tract=tract, patch=patch, filter=f) for f in coadd_filters_wanted() for tract, patch in patch_overlaps(f)]
     if COADD_IDS:
         try:
             rows = dataid.select(rows, COADD_IDS, keys=COADD_ID_KEYS, what="patch with coadd inputs")
@@ -475,9 +480,18 @@ def get_all_coadd_targets(wildcards):
 
 # ------------------------------------------------------------------ multi-band (rules/multiband.smk)
 def multiband_filters(tract, patch):
-    """The filters with a coadd of (tract, patch), sorted (the order of a multi-band job's inputs and bands)."""
+    """The filters with a coadd of (tract, patch), sorted (the order of a multi-band job's inputs and bands).
+
+    One look-up per filter in its overlap index, not a pass over every patch: each multi-band job
+    asks, and a survey has many patches."""
     key = (int(tract), dataid.patch_id(patch))
-    return sorted({p["filter"] for p in coadd_patches() if (int(p["tract"]), str(p["patch"])) == key})
+    rows = [dict(tract=key[0], patch=key[1], filter=f) for f in coadd_filters_wanted() if key in patch_overlaps(f)]
+    if COADD_IDS and rows:
+        try:
+            rows = dataid.select(rows, COADD_IDS, keys=COADD_ID_KEYS, what="patch with coadd inputs")
+        except dataid.DataIdError:
+            return []
+    return [r["filter"] for r in rows]
 
 
 def multiband_products(dataset_type, wildcards):

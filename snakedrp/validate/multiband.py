@@ -11,6 +11,10 @@ than the star + 3 mag within ``isolation_radius``), each matched to its nearest 
 - the fraction of those stars matched by more than one primary object [%] (an overlap of
   patches or tracts counted twice).
 
+As in the coadd validation, the magnitude, colour and position figures leave out the stars
+whose footprint holds an INEXACT_PSF pixel in any band (a warp with data left out there: the
+coadd PSF model is not the image's PSF).
+
 Reported without a goal (:func:`colour_scatter`): per pair of bands and range of S/N, the robust
 scatter of measured - true colour against the one the quoted errors predict.
 """
@@ -57,6 +61,16 @@ def isolated_bright_stars(objects: Table, bands, config: MultibandValidateConfig
     return np.asarray(keep, int)
 
 
+def inexact_psf(table: Table, rows: np.ndarray, bands) -> np.ndarray:
+    """Whether each of the object-table ``rows`` has an INEXACT_PSF pixel in its footprint in any band."""
+    out = np.zeros(len(rows), bool)
+    for band in bands:
+        name = f"{band}_pixelFlags_inexact_psf"
+        if name in table.colnames:
+            out |= np.asarray(table[name], bool)[rows]
+    return out
+
+
 def match_stars(table: Table, objects: Table, rows: np.ndarray, radius: float):
     """Nearest primary object of each true star ``rows`` within ``radius`` [arcsec] (-1 if none), and how many lie within it."""
     if len(table) == 0 or len(rows) == 0:
@@ -83,6 +97,8 @@ def colour_scatter(table: Table, objects: Table, bands, config: MultibandValidat
     rows = isolated_bright_stars(objects, bands, config)
     nearest, _ = match_stars(table, objects, rows, config.match_radius)
     rows, nearest = rows[nearest >= 0], nearest[nearest >= 0]
+    keep = ~inexact_psf(table, nearest, bands)
+    rows, nearest = rows[keep], nearest[keep]
     out = []
     for blue, red in zip(bands[:-1], bands[1:]):
         diff = np.zeros(len(rows))
@@ -132,6 +148,7 @@ def multiband_figures(table: Table, objects: Table, bands, config: MultibandVali
         with np.errstate(invalid="ignore", divide="ignore"):
             snr = np.asarray(table[f"{band}_psfFlux"], float)[nearest] / np.asarray(table[f"{band}_psfFluxErr"], float)[nearest]
         good &= (snr >= config.snr_min) & ~np.asarray(table[f"{band}_psfFlux_flag"], bool)[nearest]
+    good &= ~inexact_psf(table, nearest, bands)
     metrics = []
     dmag = {}
     for band in bands:
