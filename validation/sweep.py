@@ -81,6 +81,9 @@ MULTIBAND_CASES: dict[str, dict] = {
     "sparse53": dict(SPARSE, seed=53, ra=160.0, dec=-50.0),
     "dense54": dict(DENSE, seed=54, ra=265.0, dec=-25.0),
     "gi_mid55": dict(MID, seed=55, ra=330.0, dec=5.0, filters=["HSC-G", "HSC-I"]),
+    # the two fields that miss in the CI field tests' first runs (README "Multi-band")
+    "gi13": dict(seed=13, ra=200.0, dec=10.0, rotation=-15.0, filters=["HSC-G", "HSC-I"]),
+    "mixed_seeing_r": dict(filters=["HSC-R"]),
 }
 
 

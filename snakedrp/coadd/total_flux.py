@@ -162,7 +162,8 @@ def clean_aperture_flux(image, variance, bad, segmentation, ids, x, y, radius):
 
 
 def total_fluxes(image, variance, bad, segmentation, ids, x, y, radius, flux, flux_err, psf,
-                 curve_of_growth: ApertureLossConfig, calib_aperture_fwhm: float = 4.0) -> np.ndarray:
+                 curve_of_growth: ApertureLossConfig, calib_aperture_fwhm: float = 4.0, *,
+                 with_errors: bool = False):
     """Stars' total fluxes: aperture and annuli fitted by the coadd's curve of growth from its inputs, plus a local sky.
 
     The light beyond the aperture comes from the covering inputs' own curves of growth, each
@@ -190,17 +191,21 @@ def total_fluxes(image, variance, bad, segmentation, ids, x, y, radius, flux, fl
     calib_aperture_fwhm : float
         The calexps' calibration-aperture radius [FWHM] (``measure.calib_aperture_fwhm``).
 
+    with_errors : bool
+        Also return each total flux's 1-sigma error, from the fit's covariance (the aperture's and
+        annuli's variance-plane errors; the local sky level's uncertainty is most of it).
+
     Returns
     -------
-    ndarray
-        Total fluxes [image units]; NaN where an input covering the star has no curve of growth,
-        or fewer than 2 annuli are usable.
+    ndarray, or (ndarray, ndarray) with ``with_errors``
+        Total fluxes [image units] (and their errors); NaN where an input covering the star has
+        no curve of growth, or fewer than 2 annuli are usable.
     """
     cog = curve_of_growth
     n = len(x)
-    out = np.full(n, np.nan)
+    out, err = np.full(n, np.nan), np.full(n, np.nan)
     if n == 0 or not hasattr(psf, "enclosed_light"):
-        return out
+        return (out, err) if with_errors else out
     edges = annulus_edges(radius, cog)
     ring, ring_err = np.empty((n, cog.n_annuli)), np.empty((n, cog.n_annuli))
     data = np.ascontiguousarray(image, dtype=np.float32)
@@ -220,4 +225,6 @@ def total_fluxes(image, variance, bad, segmentation, ids, x, y, radius, flux, fl
         w = 1.0 / errors[use]
         solution, *_ = np.linalg.lstsq(design[use] * w[:, None], values[use] * w, rcond=None)
         out[j] = solution[0]
-    return out
+        # the fit's covariance: the local sky's uncertainty, over the wide aperture, dominates
+        err[j] = float(np.sqrt(np.linalg.pinv((design[use] * w[:, None]).T @ (design[use] * w[:, None]))[0, 0]))
+    return (out, err) if with_errors else out

@@ -84,14 +84,14 @@ def coadd_aperture_correction(calexp: Exposure, sources: Table, config: MeasureC
     ny, nx = image.shape
     ids = segmentation[np.clip(np.round(y).astype(int), 0, ny - 1), np.clip(np.round(x).astype(int), 0, nx - 1)]
     flux, flux_err = clean_aperture_flux(image, variance, bad, segmentation, ids, x, y, radius)
-    total = total_fluxes(image, variance, bad, segmentation, ids, x, y, radius, flux, flux_err, psf,
-                         config.curve_of_growth, config.calib_aperture_fwhm)
-    good = np.isfinite(total) & (total > 0)
+    total, total_err = total_fluxes(image, variance, bad, segmentation, ids, x, y, radius, flux, flux_err, psf,
+                                    config.curve_of_growth, config.calib_aperture_fwhm, with_errors=True)
+    good = np.isfinite(total) & (total > 0) & np.isfinite(total_err) & (total_err > 0)
     if not good.any():
         raise ApCorrError(f"none of {len(rows)} point sources has a total flux (an input without a curve of growth?)")
     return fit_aperture_correction(x[good], y[good], np.asarray(sources["psf_flux"], float)[rows][good],
                                    np.asarray(sources["psf_flux_err"], float)[rows][good], total[good],
-                                   flux_err[good], shape=(ny, nx), config=config.apcorr)
+                                   total_err[good], shape=(ny, nx), config=config.apcorr)
 
 
 def measure_coadd(calexp: Exposure, objects: Table, segmentation: np.ndarray, *, config: MeasureCoaddConfig | None = None,
