@@ -49,7 +49,8 @@ def main(inputs, outputs, params, log_path):
     header["BUNIT"] = ("", "object id (deepCoadd_mergeDet id); 0: no footprint")
     footprints = fits.CompImageHDU(result.segmentation, header=header, compression_type="RICE_1", name="FOOTPRINTS")
     write_hdulist(fits.HDUList([fits.PrimaryHDU(), footprints]), outputs.footprints)
-    logger.info("%s: %d objects from %s (%s), %d in footprints with several", where, len(objects), ", ".join(f"{b} {len(d)} peaks" for b, d in detections.items()),
+    peaks = ", ".join(f"{band} {len(table)} peaks" for band, table in detections.items())
+    logger.info("%s: %d objects from %s (%s), %d in footprints with several", where, len(objects), peaks,
                 objects.meta["BANDS"], int(np.sum(objects["is_blended"])))
 
 

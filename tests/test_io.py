@@ -89,6 +89,23 @@ def test_table_parquet_keeps_units_descriptions_and_meta(catalog, tmp_path):
     assert field.metadata[b"unit"] == b"ct" and field.metadata[b"description"].startswith(b"psf_flux:")
 
 
+def test_a_float_column_read_back_masked_keeps_its_parquet_metadata(catalog, tmp_path):
+    """FITS float columns with NaN read back masked; their Parquet copy holds NaN and the units."""
+    flat = catalog.copy()
+    del flat["shape"]
+    flat["psf_flux"][1] = np.nan
+    write_table(flat, tmp_path / "src.fits", parquet=True)
+    read = Table.read(tmp_path / "src.fits")
+    read["psf_flux"] = MaskedColumn(read["psf_flux"], mask=np.isnan(read["psf_flux"]))
+    write_table(read, tmp_path / "again.fits", parquet=True)
+    import pyarrow.parquet as pq
+
+    parquet = pq.read_table(tmp_path / "again.parq")
+    assert parquet.schema.field("psf_flux").metadata[b"unit"] == b"ct"
+    values = parquet.column("psf_flux").to_numpy()
+    assert np.isnan(values[1]) and np.array_equal(values, np.asarray(flat["psf_flux"]), equal_nan=True)
+
+
 def test_tables_astropy_must_write_still_round_trip(catalog, tmp_path):
     masked = catalog.copy()
     masked["parent"] = MaskedColumn(masked["parent"], mask=[0, 1, 0, 0, 0])

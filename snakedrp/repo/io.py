@@ -369,9 +369,18 @@ def _write_parquet(table: Table, path: Path) -> bool:
         return False
     fields, arrays, metadata = [], [], {}
     for col in table.itercols():
-        if col.ndim != 1 or col.dtype.kind not in "biufSU" or isinstance(col, np.ma.MaskedArray):
+        if col.ndim != 1 or col.dtype.kind not in "biufSU":
             return False
-        values = np.asarray(col)
+        if isinstance(col, np.ma.MaskedArray):
+            # a FITS float column read back with NaNs comes masked: NaN is its masked value here too
+            if col.dtype.kind == "f":
+                values = col.filled(np.nan)
+            elif not np.any(col.mask):
+                values = np.asarray(col.data)
+            else:
+                return False
+        else:
+            values = np.asarray(col)
         values = values.astype(values.dtype.newbyteorder("="), copy=False)
         field_meta = {}
         if col.unit is not None:
