@@ -73,6 +73,49 @@ def test_the_small_demo_reaches_the_multiband_catalog(reference):
     assert len(table) > 10 and {"r_psfFlux", "i_psfFlux", "refBand"} <= set(table.colnames)
 
 
+# ------------------------------------------------------------------ a bad input of the multi-band stage
+def test_a_truncated_coadd_fails_only_its_patchs_multiband_jobs(reference, tmp_path):
+    """A truncated HSC-I coadd: merge_detections of its patch fails with one line, every other patch is made."""
+    import re
+
+    from snakedrp.repo.butler import Butler
+    from snakedrp.repo.dataid import patch_id
+
+    repo = tmp_path / "repo"
+    shutil.copytree(reference, repo, symlinks=True)
+    butler = Butler(repo, rerun="ci")
+    results = repo / "rerun" / "ci" / "deepCoadd-results"
+    calexps = sorted(results.glob("HSC-I/*/*/calexp-HSC-I-*.fits"))
+    assert len(calexps) >= 2, "the small demo needs two HSC-I patches for this test"
+    bad = calexps[0]
+    tract, patch = int(bad.parent.parent.name), patch_id(bad.parent.name)   # a path spells patch 1,2 as 1_2
+    stat = bad.stat()
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    os.utime(bad, ns=(stat.st_atime_ns, stat.st_mtime_ns))   # nothing upstream of it runs again
+    # every multi-band product is made again: the other patches show that their jobs go on
+    multiband = [*results.glob("merged/**/*.*"), *results.glob("*/*/*/meas-*"), *results.glob("*/*/*/forced_src-*")]
+    for path in multiband:
+        path.unlink()
+
+    proc = snakemake(repo, "--keep-going", "multiband", "--rerun-triggers", "mtime")
+    out = finish(proc)
+    assert proc.returncode != 0
+    assert "Traceback" not in out, out[-6000:]
+    assert out.count("RuleException:") == 1, out[-6000:]   # one failed job (-q prints no "Error in rule")
+    line = (rf"merge_detections tract={tract} patch={re.escape(patch)}: {re.escape(str(bad))}: "
+            r"truncated \(\d+ bytes, headers and data need \d+\)")
+    assert re.search(rf"^{line}$", out, re.M), out[-4000:]
+    assert not Path(butler.output_path("objectTable", tract=tract, patch=patch)).exists()
+    for good in calexps[1:]:
+        t, p = int(good.parent.parent.name), patch_id(good.parent.name)
+        made = Path(butler.output_path("objectTable", tract=t, patch=p))
+        rel = made.relative_to(repo)
+        assert made.is_file(), rel
+        assert_same_products(reference / rel.parent, made.parent)
+    assert not list(repo.rglob("*.tmp")), "a temporary file was left behind"
+
+
 # ------------------------------------------------------------------ kill and resume
 def _wait_for(proc: subprocess.Popen, ready, what: str) -> None:
     t0 = time.monotonic()
