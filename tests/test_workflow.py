@@ -170,6 +170,26 @@ def test_bad_data_id_stops_before_any_job(tmp_path, data_id, words):
     assert not repo.exists()
 
 
+@pytest.mark.parametrize("rerun, words", [
+    ("c:b", "rerun b already chains onto a; cannot re-point it to c"),
+    ("../outside", "../outside"),
+])
+def test_bad_rerun_stops_before_any_job_in_one_line(tmp_path, rerun, words):
+    """A rerun that contradicts the recorded chain, or would leave the repository, is refused."""
+    repo = tmp_path / "repo"
+    Butler(repo, rerun="a")
+    Butler(repo, rerun="a:b")
+    before = sorted(p.relative_to(repo) for p in repo.rglob("*"))
+    proc = dry_run(repo, f"rerun={rerun}")
+    text = output_of(proc)
+    assert proc.returncode != 0
+    lines = [line for line in text.splitlines() if "rerun error" in line]
+    assert len(lines) == 1 and words in lines[0], text[-3000:]
+    assert "Traceback" not in text and "Job stats" not in text, text[-3000:]
+    assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before
+    assert not (tmp_path / "outside").exists()
+
+
 # ------------------------------------------------------------------ 3: the full run's products
 def test_validation_passes_every_goal(ci_repo, ci_timings, capsys):
     report = json.loads((ci_repo / "rerun/ci/validation/single_frame.json").read_text())
