@@ -17,6 +17,10 @@ ROOT = snakemake_run.ROOT
 FULL_RUN_TIMEOUT = 25 * 60  # s; the run takes 3-4 min on 2 cores, CI allows 30 min for everything
 #: --config words of the ci demo run (after repo=...); a run to compare with it uses the same
 CI_RUN_CONFIG = ("rerun=ci", "validation={strict: true}")
+#: --config words of the small demo (one CCD, one visit in each of two bands, every stage): the
+#: reliability and Slurm tests, which run the workflow many times or slowly, run this one
+SMALL_RUN_CONFIG = ("simulate={ccds: [0], n_visits: 1, filters: [HSC-R, HSC-I]}",)
+SMALL_RUN_TIMEOUT = 15 * 60  # s; the run takes about 2 min on 2 cores
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +43,19 @@ def ci_repo(tmp_path_factory, ci_timings) -> Path:
                              timeout=FULL_RUN_TIMEOUT, what="the ci demo", merge_output=True)
     ci_timings["full ci run [s]"] = time.monotonic() - t0
     assert proc.returncode == 0, f"the ci demo failed (exit {proc.returncode}):\n{proc.stdout[-6000:]}"
+    return repo
+
+
+@pytest.fixture(scope="session")
+def small_repo(tmp_path_factory, ci_timings) -> Path:
+    """The small demo (SMALL_RUN_CONFIG) run once, uninterrupted, with --cores 2: the reference the
+    reliability and Slurm tests compare their runs with."""
+    repo = tmp_path_factory.mktemp("small") / "repo"
+    t0 = time.monotonic()
+    proc = snakemake_run.run("--cores", "2", "-q", "--config", f"repo={repo}", *SMALL_RUN_CONFIG,
+                             timeout=SMALL_RUN_TIMEOUT, what="the small demo", merge_output=True)
+    ci_timings["small demo run [s]"] = time.monotonic() - t0
+    assert proc.returncode == 0, f"the small demo failed (exit {proc.returncode}):\n{proc.stdout[-6000:]}"
     return repo
 
 

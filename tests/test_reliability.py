@@ -3,8 +3,8 @@ stage, the same products with --cores 1 and --cores 2, FITS-standard products, S
 against a second run, and two reruns of one repository side by side.
 
 Every run goes through the whole workflow (simulation to the multi-band object tables). The reference run is
-made once per module; each other test compares its products with it by data (pixels and table
-values, not headers, which hold dates).
+made once per session (conftest.py ``small_repo``); each other test compares its products with it by
+data (pixels and table values, not headers, which hold dates).
 """
 from __future__ import annotations
 
@@ -20,17 +20,18 @@ import pytest
 from snakedrp.repo.compare import compare_trees, product_files
 
 import snakemake_run
+from conftest import SMALL_RUN_CONFIG, SMALL_RUN_TIMEOUT
 
 pytestmark = pytest.mark.workflow
 
-SMALL = "simulate={ccds: [0], n_visits: 1, filters: [HSC-R, HSC-I]}"
-RUN_TIMEOUT = 15 * 60          # s; one small run takes about a minute on 2 cores
+RUN_TIMEOUT = SMALL_RUN_TIMEOUT
 KILL_WAIT = 10 * 60            # s; longest wait for the stage to be killed in
 
 
 def snakemake(repo: Path, *args: str, cores: int = 2) -> subprocess.Popen:
     """Start snakemake on ``repo`` (small demo config) in its own process group."""
-    return snakemake_run.start("--cores", cores, "-q", "--config", f"repo={repo}", SMALL, *args, merge_output=True)
+    return snakemake_run.start("--cores", cores, "-q", "--config", f"repo={repo}", *SMALL_RUN_CONFIG, *args,
+                               merge_output=True)
 
 
 def finish(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> str:
@@ -54,9 +55,9 @@ def assert_same_products(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """The small demo, uninterrupted, with --cores 2."""
-    return completed_run(tmp_path_factory.mktemp("reference") / "repo")
+def reference(small_repo) -> Path:
+    """The small demo, uninterrupted, with --cores 2 (conftest.py; tests/test_slurm.py compares with it too)."""
+    return small_repo
 
 
 def test_the_small_demo_reaches_the_multiband_catalog(reference):

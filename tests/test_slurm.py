@@ -1,8 +1,9 @@
-"""The ci demo end to end through a real Slurm (``--profile profiles/slurm``), compared with the local run.
+"""The small demo end to end through a real Slurm (``--profile profiles/slurm``), compared with the local run.
 
 Needs a running Slurm whose node is idle: CI starts a one-node cluster with .ci/slurm/start.sh
 (.ci/run); elsewhere the tests skip, saying why. The run goes to a temporary repository with the
-same config as the local demo (conftest.py), every Slurm job's log in a temporary directory. The
+config of the local small demo (conftest.py ``small_repo``: one CCD, one visit in each of two bands,
+every stage and every job group of the profile), every Slurm job's log in a temporary directory. The
 checks: every job that runs a script ran inside a Slurm job (the Slurm job logs hold, per rule, at
 least as many executed jobs as the main log has finished ones), every Slurm job id of the main log
 completed according to Slurm (its job-completion log, or ``squeue --states=all``), and the products
@@ -21,14 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CI_RUN_CONFIG, ROOT
+from conftest import ROOT, SMALL_RUN_CONFIG
 from snakedrp.repo.compare import compare_trees
 
 pytestmark = [
     pytest.mark.slurm, pytest.mark.workflow,
 ]
 
-SLURM_TIMEOUT = 30 * 60  # s; about 8 min on an idle 2-core machine
+SLURM_TIMEOUT = 30 * 60  # s
 JOBCOMP_LOG = Path("/var/log/slurm/jobcomp.log")
 SUBMITTED = re.compile(r"^Job (\S+) has been submitted with SLURM jobid (\d+) \(log: (.+?)\)\.$", re.M)
 FINISHED = re.compile(r"^Finished jobid: \d+ \(Rule: (\w+)\)$", re.M)
@@ -55,7 +56,7 @@ def slurm_not_ready() -> str | None:
 
 @pytest.fixture(scope="module")
 def slurm_run(tmp_path_factory) -> dict:
-    """The ci demo through Slurm: repository, main log, Slurm logs, wall seconds."""
+    """The small demo through Slurm: repository, main log, Slurm logs, wall seconds."""
     reason = slurm_not_ready()
     if reason:
         pytest.skip(reason)
@@ -64,7 +65,7 @@ def slurm_run(tmp_path_factory) -> dict:
     # CI-only flags: no accounting to pick an account from; check status every 5 s, not 20
     cmd = ["timeout", "-k", "10", str(SLURM_TIMEOUT), sys.executable, "-m", "snakemake",
            "--profile", "profiles/slurm", "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "5",
-           "--slurm-logdir", str(logdir), "--config", f"repo={repo}", *CI_RUN_CONFIG]
+           "--slurm-logdir", str(logdir), "--config", f"repo={repo}", *SMALL_RUN_CONFIG]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seconds = time.monotonic() - t0
@@ -73,7 +74,7 @@ def slurm_run(tmp_path_factory) -> dict:
         pytest.fail(f"the Slurm run did not finish within {SLURM_TIMEOUT} s (killed):\n{proc.stdout[-4000:]}")
     assert proc.returncode == 0, f"the Slurm run failed (exit {proc.returncode}):\n{proc.stdout[-6000:]}"
     submitted = SUBMITTED.findall(proc.stdout)
-    print(f"\n[slurm: ci demo in {seconds:.0f} s, {len(submitted)} Slurm jobs, "
+    print(f"\n[slurm: small demo in {seconds:.0f} s, {len(submitted)} Slurm jobs, "
           f"{len(FINISHED.findall(proc.stdout))} workflow jobs; logs in {work}]")
     return dict(repo=repo, log=proc.stdout, logdir=logdir, submitted=submitted, seconds=seconds)
 
@@ -81,7 +82,8 @@ def slurm_run(tmp_path_factory) -> dict:
 def test_every_job_ran_in_a_slurm_job(slurm_run):
     finished = Counter(FINISHED.findall(slurm_run["log"]))
     remote = dict(finished - Counter(EXECUTED_IN_SLURM.findall(slurm_run["log"])))
-    assert remote.get("process_ccd") == 24 and remote.get("simulate_raw", 0) > 24, finished
+    assert remote.get("process_ccd") == 2 and remote.get("simulate_raw", 0) > 2, finished
+    assert remote.get("object_table", 0) > 0, finished
     inside = Counter()
     for _, _, log in slurm_run["submitted"]:
         inside.update(EXECUTED_IN_SLURM.findall(Path(log).read_text(errors="replace")))
@@ -104,8 +106,8 @@ def test_slurm_saw_every_job_complete(slurm_run):
     assert all(state == "COMPLETED" for state in seen.values()), f"{where}: {seen}"
 
 
-def test_products_equal_the_local_run(slurm_run, ci_repo):
-    report = compare_trees(ci_repo, slurm_run["repo"])  # every FITS and Parquet product, by data
+def test_products_equal_the_local_run(slurm_run, small_repo):
+    report = compare_trees(small_repo, slurm_run["repo"])  # every FITS and Parquet product, by data
     print(f"\n[slurm vs local: {report.summary()}]")
     assert report.compared > 100
     assert report.ok, report.summary()
