@@ -1,7 +1,10 @@
-"""Session fixtures shared by the workflow tests: the ci demo run once, locally, end to end.
+"""Session fixtures shared by the workflow tests: the ci demo and a small demo, each run once,
+locally, end to end.
 
-tests/test_workflow.py checks that run's products; tests/test_slurm.py runs the same demo through
-Slurm and compares the two by data, so the demo is simulated and processed locally only once.
+tests/test_workflow.py and the coadd and multi-band tests check the ci demo's products; the small
+demo (one CCD, one visit in each of two bands) is the reference of tests/test_reliability.py, whose
+runs repeat the workflow many times, and of tests/test_slurm.py, which runs it through Slurm and
+compares the two by data.
 """
 from __future__ import annotations
 
