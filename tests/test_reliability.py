@@ -182,11 +182,14 @@ def test_one_core_gives_the_same_products_as_two(reference, tmp_path):
 
 
 # ------------------------------------------------------------------ FITS standard
-def test_every_fits_product_passes_fitsverify(reference):
+@pytest.mark.parametrize("demo", ["small_repo", "ci_repo"])
+def test_every_fits_product_passes_fitsverify(demo, request):
+    """Every FITS product of the small demo and of the ci demo (conftest.py; a few seconds each)."""
     if shutil.which("fitsverify") is None:
         pytest.skip("fitsverify is not installed (Debian package fitsverify; .ci/run installs it)")
-    files = [reference / rel for rel in product_files(reference) if rel.endswith(".fits")]
-    assert files
+    repo = request.getfixturevalue(demo)
+    files = [repo / rel for rel in product_files(repo) if rel.endswith(".fits")]
+    assert len(files) > 100
     problems = []
     for i in range(0, len(files), 50):
         proc = subprocess.run(["fitsverify", "-q", *map(str, files[i:i + 50])], capture_output=True, text=True)
