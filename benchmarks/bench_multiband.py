@@ -130,7 +130,7 @@ def run_peer(paths: dict, workdir: Path, cpu: int | None) -> dict:
     images, steps = {}, []
     for f, p in paths.items():
         sub = workdir / BANDS[f]
-        image, variance, header = peers.prepare_image(p["calexp"], sub, recenter=False)
+        image, variance, header = peers.prepare_image(p["calexp"], sub, recenter=False, saturation_from_mask=False)
         images[f] = (sub, image, variance)
         conf = peers._dump_defaults(peers.SEXTRACTOR, sub / "default.sex")
         peers._dump_defaults(peers.PSFEX, sub / "default.psfex")

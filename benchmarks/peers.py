@@ -266,7 +266,7 @@ def recenter_tan_header(header: fits.Header, shape: tuple[int, int]) -> tuple[fi
 
 
 def prepare_image(image_path: str | Path, workdir: str | Path, *, use_variance: bool = True,
-                  recenter: bool = True):
+                  recenter: bool = True, saturation_from_mask: bool = True):
     """Write the image (and its variance map) as single-HDU FITS files the tools can read.
 
     Parameters
@@ -281,6 +281,10 @@ def prepare_image(image_path: str | Path, workdir: str | Path, *, use_variance: 
     recenter : bool
         Move a plain TAN WCS's tangent point to the image centre
         (:func:`recenter_tan_header`; changes the mapping by ~0.01 pixel).
+    saturation_from_mask : bool
+        Set ``SATURATE`` to the lowest SAT-masked value. Not for coadds: their SAT bit marks
+        pixels saturated in any input, down to the sky level of the coadd, and SExtractor would
+        then flag every source as saturated (PSFEx finds no star).
 
     Returns
     -------
@@ -304,7 +308,7 @@ def prepare_image(image_path: str | Path, workdir: str | Path, *, use_variance: 
                     header[card.keyword] = (card.value, card.comment)
             data = np.array(hdul["IMAGE"].data, np.float32)
             mask = np.asarray(hdul["MASK"].data) if "MASK" in names else None
-            if mask is not None and "SATURATE" not in header:
+            if mask is not None and saturation_from_mask and "SATURATE" not in header:
                 # SExtractor flags saturation by level: take it from the SAT-masked pixels
                 sat = ((mask & (1 << 1)) != 0) & np.isfinite(data)
                 if sat.any():
