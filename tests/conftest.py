@@ -32,6 +32,18 @@ def ci_timings() -> dict[str, float]:
     return {}
 
 
+def _demo_run(repo: Path, config: tuple[str, ...], timeout: float, what: str, timings: dict[str, float],
+              timing_key: str) -> Path:
+    """Run the workflow on ``repo`` with --cores 2 and ``config`` words to the end; its wall seconds go
+    to ``timings[timing_key]``."""
+    t0 = time.monotonic()
+    proc = snakemake_run.run("--cores", "2", "-q", "--config", f"repo={repo}", *config,
+                             timeout=timeout, what=what, merge_output=True)
+    timings[timing_key] = time.monotonic() - t0
+    assert proc.returncode == 0, f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-6000:]}"
+    return repo
+
+
 @pytest.fixture(scope="session")
 def ci_repo(tmp_path_factory, ci_timings) -> Path:
     """The default ci demo run once, end to end, with validation, into a temporary repository."""
@@ -41,25 +53,15 @@ def ci_repo(tmp_path_factory, ci_timings) -> Path:
     given = os.environ.get("SNAKEDRP_TEST_CI_REPO")
     repo = Path(given).resolve() if given else tmp_path_factory.mktemp("workflow") / "repo"
     reuse = ("clobber_config=true",) if given else ()
-    t0 = time.monotonic()
-    proc = snakemake_run.run("--cores", "2", "-q", "--config", f"repo={repo}", *CI_RUN_CONFIG, *reuse,
-                             timeout=FULL_RUN_TIMEOUT, what="the ci demo", merge_output=True)
-    ci_timings["full ci run [s]"] = time.monotonic() - t0
-    assert proc.returncode == 0, f"the ci demo failed (exit {proc.returncode}):\n{proc.stdout[-6000:]}"
-    return repo
+    return _demo_run(repo, (*CI_RUN_CONFIG, *reuse), FULL_RUN_TIMEOUT, "the ci demo", ci_timings, "full ci run [s]")
 
 
 @pytest.fixture(scope="session")
 def small_repo(tmp_path_factory, ci_timings) -> Path:
     """The small demo (SMALL_RUN_CONFIG) run once, uninterrupted, with --cores 2: the reference the
     reliability and Slurm tests compare their runs with."""
-    repo = tmp_path_factory.mktemp("small") / "repo"
-    t0 = time.monotonic()
-    proc = snakemake_run.run("--cores", "2", "-q", "--config", f"repo={repo}", *SMALL_RUN_CONFIG,
-                             timeout=SMALL_RUN_TIMEOUT, what="the small demo", merge_output=True)
-    ci_timings["small demo run [s]"] = time.monotonic() - t0
-    assert proc.returncode == 0, f"the small demo failed (exit {proc.returncode}):\n{proc.stdout[-6000:]}"
-    return repo
+    return _demo_run(tmp_path_factory.mktemp("small") / "repo", SMALL_RUN_CONFIG, SMALL_RUN_TIMEOUT,
+                     "the small demo", ci_timings, "small demo run [s]")
 
 
 # ------------------------------------------------------------------ inputs of one demo exposure

@@ -9,6 +9,7 @@ data (pixels and table values, not headers, which hold dates).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,14 +18,15 @@ from pathlib import Path
 
 import pytest
 
+from snakedrp.repo.butler import Butler
 from snakedrp.repo.compare import compare_trees, product_files
+from snakedrp.repo.dataid import patch_id
 
 import snakemake_run
 from conftest import SMALL_RUN_CONFIG, SMALL_RUN_TIMEOUT
 
 pytestmark = pytest.mark.workflow
 
-RUN_TIMEOUT = SMALL_RUN_TIMEOUT
 KILL_WAIT = 10 * 60            # s; longest wait for the stage to be killed in
 
 
@@ -34,7 +36,7 @@ def snakemake(repo: Path, *args: str, cores: int = 2) -> subprocess.Popen:
                                merge_output=True)
 
 
-def finish(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> str:
+def finish(proc: subprocess.Popen, timeout: float = SMALL_RUN_TIMEOUT) -> str:
     return snakemake_run.finish(proc, timeout, "snakemake").stdout
 
 
@@ -77,11 +79,6 @@ def test_the_small_demo_reaches_the_multiband_catalog(reference):
 # ------------------------------------------------------------------ a bad input of the multi-band stage
 def test_a_truncated_coadd_fails_only_its_patchs_multiband_jobs(reference, tmp_path):
     """A truncated HSC-I coadd: merge_detections of its patch fails with one line, every other patch is made."""
-    import re
-
-    from snakedrp.repo.butler import Butler
-    from snakedrp.repo.dataid import patch_id
-
     repo = tmp_path / "repo"
     shutil.copytree(reference, repo, symlinks=True)
     butler = Butler(repo, rerun="ci")
